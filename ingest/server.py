@@ -1,0 +1,454 @@
+"""The gRPC ingest server (grpc.aio): vehicles stream DriveChunks, the server validates them, produces one Kafka record
+per chunk (idempotent producer, acks=all, key = drive id) and acknowledges each chunk with the highest sequence
+number Kafka has durably accepted.
+
+Per stream a reader task validates chunks and hands them to the producer in order, while the handler awaits the
+produce results in the same order and yields acks. A rejected chunk ends the stream with a precise status only after
+the acks of every chunk accepted before it, so a vehicle always knows exactly what is safe.
+
+Bounded memory: a global budget of chunk bytes accepted but not yet durable; a stream that cannot get room within
+`inflight_wait_s` (Kafka slow or down) ends with UNAVAILABLE and a retry hint, and while it waits it stops reading,
+so HTTP/2 flow control pushes back on the vehicle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from ingest.auth import TokenStore, bearer
+from ingest.config import KafkaConfig, ServerConfig
+from ingest.contract import ChunkRejected, RejectReason, check_id, decode_chunk, parse_chunk
+from ingest.wire import drive_pb2 as pb
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["DriveIngest"].full_name
+
+FRAMES_ACCEPTED = Counter("flywheel_ingest_frames_accepted_total", "frames durably accepted by Kafka")
+CHUNKS_ACCEPTED = Counter("flywheel_ingest_chunks_accepted_total", "chunks durably accepted by Kafka")
+BYTES_ACCEPTED = Counter("flywheel_ingest_bytes_accepted_total", "chunk bytes durably accepted by Kafka")
+REJECTED = Counter("flywheel_ingest_chunks_rejected_total", "chunks or streams refused", ["reason"])
+PRODUCE_LATENCY = Histogram("flywheel_ingest_produce_latency_seconds", "chunk handed to the producer -> durable",
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+INFLIGHT = Gauge("flywheel_ingest_inflight_bytes", "chunk bytes accepted but not yet durable in Kafka")
+STREAMS = Gauge("flywheel_ingest_active_streams", "open StreamDrive calls")
+
+STATUS_OF = {
+    RejectReason.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.CHECKSUM: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.COLUMN_LENGTH: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.NON_FINITE: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.OUT_OF_RANGE: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.BAD_ENUM: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.TIMESTAMPS: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.TOO_MANY_AGENTS: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.BAD_ID: grpc.StatusCode.INVALID_ARGUMENT,
+    RejectReason.SCHEMA_VERSION: grpc.StatusCode.FAILED_PRECONDITION,
+    RejectReason.SEQUENCE_GAP: grpc.StatusCode.FAILED_PRECONDITION,
+    RejectReason.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectReason.VEHICLE_MISMATCH: grpc.StatusCode.PERMISSION_DENIED,
+    RejectReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    RejectReason.DRIVE_BUSY: grpc.StatusCode.ABORTED,
+}
+
+
+class Unavailable(Exception):
+    """Kafka is slow or down; the vehicle should retry after the hint."""
+
+
+@dataclass
+class DriveState:
+    vehicle_id: str
+    committed_seq: int = -1
+    complete: bool = False
+    streaming: bool = False
+
+
+@dataclass
+class _Pending:
+    chunk: pb.DriveChunk
+    last_seq: int
+    frames: int
+    size: int
+    produced: asyncio.Future | None  # None: an already-committed resend, acknowledged without producing
+    started: float = field(default_factory=time.perf_counter)
+
+
+class ByteBudget:
+    """Counting semaphore over bytes: at most `limit` bytes held at once across all streams."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int, timeout: float) -> None:
+        n = min(n, self.limit)  # a single chunk larger than the budget may still pass alone
+        async with self._cond:
+            try:
+                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit), timeout)
+            except TimeoutError:
+                raise Unavailable(f"ingest is at its in-flight limit ({self.limit} bytes) for {timeout:.1f}s; "
+                                  "Kafka is slow or unavailable") from None
+            self.used += n
+            INFLIGHT.set(self.used)
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= min(n, self.limit)
+            INFLIGHT.set(self.used)
+            self._cond.notify_all()
+
+
+class KafkaBridge:
+    """kafka-python's threaded producer bridged into asyncio futures, order preserved."""
+
+    def __init__(self, kafka: KafkaConfig, cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.kafka = kafka
+        self.loop = loop
+        self.producer = KafkaProducer(
+            **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=cfg.linger_ms,
+            batch_size=cfg.producer_batch_bytes, max_request_size=cfg.max_chunk_bytes + 4096,
+            max_block_ms=int(cfg.produce_timeout_s * 1000),
+            request_timeout_ms=int(cfg.produce_timeout_s * 1000),
+            delivery_timeout_ms=int(cfg.produce_timeout_s * 1000) + 1000,
+        )
+        # One thread: send() may block on metadata when Kafka is down, and one thread keeps per-drive order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="produce")
+
+    def send(self, topic: str, key: bytes, value: bytes, on_done) -> asyncio.Future:
+        """Produce; the returned future resolves with the record metadata once Kafka has it durably (acks=all).
+
+        `on_done(metadata_or_exception)` runs on the event loop before the future resolves, in produce order.
+        """
+        fut = self.loop.create_future()
+
+        def settle(result, exc) -> None:
+            on_done(exc if exc is not None else result)
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        def submit() -> None:
+            try:
+                f = self.producer.send(topic, key=key, value=value)
+            except Exception as exc:  # KafkaTimeoutError when metadata is unavailable, buffer exhaustion
+                self.loop.call_soon_threadsafe(settle, None, exc)
+                return
+            f.add_callback(lambda md: self.loop.call_soon_threadsafe(settle, md, None))
+            f.add_errback(lambda e: self.loop.call_soon_threadsafe(settle, None, e))
+
+        self._executor.submit(submit)
+        return fut
+
+    def send_nowait(self, topic: str, key: bytes, value: bytes) -> None:
+        self._executor.submit(self.producer.send, topic, key=key, value=value)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._executor.shutdown(wait=True)
+        try:
+            self.producer.flush(timeout)
+        finally:
+            self.producer.close(timeout)
+
+
+def load_progress(kafka: KafkaConfig, timeout_s: float = 10.0) -> dict[str, DriveState]:
+    """Rebuild drive progress from the compacted progress topic (the server may have restarted)."""
+    consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, consumer_timeout_ms=1000)
+    states: dict[str, DriveState] = {}
+    try:
+        parts = consumer.partitions_for_topic(kafka.progress_topic) or set()
+        tps = [TopicPartition(kafka.progress_topic, p) for p in parts]
+        if not tps:
+            return states
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                for r in records:
+                    try:
+                        doc = json.loads(r.value)
+                        st = states.setdefault(r.key.decode(), DriveState(doc["vehicle_id"]))
+                        st.committed_seq = max(st.committed_seq, int(doc["committed_seq"]))
+                        st.complete = st.complete or bool(doc.get("complete"))
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        log.warning("ignoring malformed progress record at %s:%d", r.topic, r.offset)
+    finally:
+        consumer.close()
+    return states
+
+
+class IngestService:
+    """The DriveIngest service; `start()` builds the grpc.aio server around it."""
+
+    def __init__(self, kafka: KafkaConfig, cfg: ServerConfig) -> None:
+        self.kafka = kafka
+        self.cfg = cfg
+        self.tokens = TokenStore.load(cfg.token_file) if cfg.token_file else None
+        self.drives: dict[str, DriveState] = {}
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.bridge: KafkaBridge | None = None
+        self.budget: ByteBudget | None = None
+        self.port: int | None = None
+        self.kafka_healthy = True
+        if self.tokens is None and cfg.tls_client_ca is None:
+            log.warning("ingest server runs WITHOUT vehicle authentication (no token_file, no mTLS)")
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.drives = await loop.run_in_executor(None, load_progress, self.kafka)
+        self.bridge = KafkaBridge(self.kafka, self.cfg, loop)
+        self.budget = ByteBudget(self.cfg.max_inflight_bytes)
+        options = [("grpc.max_receive_message_length", self.cfg.max_chunk_bytes * 2),
+                   ("grpc.max_send_message_length", 1 << 20)]
+        self.server = grpc.aio.server(options=options)
+        handlers = {
+            "StreamDrive": grpc.stream_stream_rpc_method_handler(
+                self.stream_drive, request_deserializer=None, response_serializer=pb.ChunkAck.SerializeToString),
+            "GetDriveStatus": grpc.unary_unary_rpc_method_handler(
+                self.get_drive_status, request_deserializer=pb.DriveStatusRequest.FromString,
+                response_serializer=pb.DriveStatus.SerializeToString),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        self.port = self._bind(self.server)
+        await self.server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ingest server listening on %s (port %d)", self.cfg.listen, self.port)
+        return self.port
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        if self.cfg.tls_cert is None:
+            return server.add_insecure_port(self.cfg.listen)
+        creds = grpc.ssl_server_credentials(
+            [(self.cfg.tls_key.read_bytes(), self.cfg.tls_cert.read_bytes())],
+            root_certificates=self.cfg.tls_client_ca.read_bytes() if self.cfg.tls_client_ca else None,
+            require_client_auth=self.cfg.tls_client_ca is not None)
+        return server.add_secure_port(self.cfg.listen, creds)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let open streams finish within the grace, flush Kafka."""
+        if self.server is None:
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.cfg.drain_grace_s if grace is None else grace)
+        if self.bridge is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.bridge.close)
+        self.server = None
+
+    # ------------------------------------------------------------------------------------------------------ auth
+
+    async def _identity(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The authenticated vehicle id (None when authentication is disabled); aborts UNAUTHENTICATED otherwise."""
+        identities: list[str] = []
+        if self.tokens is not None:
+            token = bearer(context.invocation_metadata())
+            vehicle = self.tokens.vehicle_for(token) if token else None
+            if vehicle is None:
+                REJECTED.labels(RejectReason.UNAUTHENTICATED.value).inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing bearer token" if not token else "unknown or revoked bearer token")
+            identities.append(vehicle)
+        if self.cfg.tls_client_ca is not None:
+            names = context.auth_context().get("x509_common_name") or []
+            if not names:
+                REJECTED.labels(RejectReason.UNAUTHENTICATED.value).inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate has no common name")
+            identities.append(names[0].decode())
+        if len(set(identities)) > 1:
+            REJECTED.labels(RejectReason.VEHICLE_MISMATCH.value).inc()
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"token and certificate name different vehicles: {sorted(set(identities))}")
+        return identities[0] if identities else None
+
+    # ---------------------------------------------------------------------------------------------------- status
+
+    async def get_drive_status(self, request: pb.DriveStatusRequest, context) -> pb.DriveStatus:
+        identity = await self._identity(context)
+        try:
+            check_id("drive_id", request.drive_id)
+        except ChunkRejected as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        state = self.drives.get(request.drive_id)
+        owner = state.vehicle_id if state else request.vehicle_id
+        if identity is not None and owner and owner != identity:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"drive {request.drive_id} belongs to another vehicle")
+        if state is None:
+            return pb.DriveStatus(drive_id=request.drive_id, committed_seq=-1)
+        return pb.DriveStatus(drive_id=request.drive_id, committed_seq=state.committed_seq,
+                              drive_complete=state.complete)
+
+    # ---------------------------------------------------------------------------------------------------- stream
+
+    async def stream_drive(self, requests, context):
+        identity = await self._identity(context)
+        STREAMS.inc()
+        queue: asyncio.Queue = asyncio.Queue()
+        claimed: list[str] = []
+        reader = asyncio.create_task(self._read(requests, identity, queue, claimed))
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, _Pending):
+                    yield await self._settle(item, context)  # releases the item's budget, also when cancelled
+                elif item is None:
+                    return
+                else:
+                    await self._abort(context, item)
+        finally:
+            STREAMS.dec()
+            reader.cancel()
+            while not queue.empty():  # a stream torn down early still returns its budget
+                item = queue.get_nowait()
+                if isinstance(item, _Pending):
+                    await self.budget.release(item.size)
+            for drive_id in claimed:
+                self.drives[drive_id].streaming = False
+
+    async def _settle(self, item: _Pending, context) -> pb.ChunkAck:
+        try:
+            if item.produced is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(item.produced), self.cfg.produce_timeout_s)
+                except Exception as exc:  # timeout or a Kafka error: the vehicle must resume from status
+                    self.kafka_healthy = False
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+                    await self._abort(context, Unavailable(f"Kafka did not accept chunk at seq {item.chunk.first_seq} "
+                                                           f"of drive {item.chunk.drive_id}: {exc!r}"))
+            state = self.drives[item.chunk.drive_id]
+            return pb.ChunkAck(drive_id=item.chunk.drive_id, committed_seq=state.committed_seq,
+                               drive_complete=state.complete)
+        finally:
+            await self.budget.release(item.size)
+
+    async def _abort(self, context, error: Exception) -> None:
+        if isinstance(error, ChunkRejected):
+            REJECTED.labels(error.reason.value).inc()
+            context.set_trailing_metadata((("flywheel-reason", error.reason.value),))
+            await context.abort(STATUS_OF[error.reason], str(error))
+        if isinstance(error, Unavailable):
+            REJECTED.labels("unavailable").inc()
+            context.set_trailing_metadata((("flywheel-reason", "unavailable"),
+                                           ("retry-after-ms", str(self.cfg.retry_after_ms)),
+                                           ("grpc-retry-pushback-ms", str(self.cfg.retry_after_ms))))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; retry after {self.cfg.retry_after_ms} ms")
+        log.exception("unexpected error in StreamDrive", exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+    async def _read(self, requests, identity: str | None, queue: asyncio.Queue, claimed: list[str]) -> None:
+        """Validate chunks in arrival order and hand them to Kafka; the handler turns results into acks."""
+        next_seq: dict[str, int] = {}
+        try:
+            async for data in requests:
+                if len(data) > self.cfg.max_chunk_bytes:
+                    raise ChunkRejected(RejectReason.TOO_LARGE,
+                                        f"chunk of {len(data)} bytes; limit {self.cfg.max_chunk_bytes}")
+                chunk = parse_chunk(data)
+                if identity is not None and chunk.vehicle_id != identity:
+                    raise ChunkRejected(RejectReason.VEHICLE_MISMATCH,
+                                        f"authenticated as {identity!r}, chunk claims vehicle {chunk.vehicle_id!r}")
+                frames = decode_chunk(chunk, self.cfg.max_frames_per_chunk)
+                drive_id = chunk.drive_id
+                if drive_id not in next_seq:
+                    state = self._claim(chunk, claimed)
+                    next_seq[drive_id] = state.committed_seq + 1
+                state = self.drives[drive_id]
+                last_seq = chunk.first_seq + frames.num_frames - 1
+                if last_seq < next_seq[drive_id] and last_seq <= state.committed_seq:
+                    # a resend of frames Kafka already holds: acknowledge, do not store twice
+                    await queue.put(_Pending(chunk, last_seq, frames.num_frames, 0, None))
+                    continue
+                if chunk.first_seq != next_seq[drive_id]:
+                    raise ChunkRejected(RejectReason.SEQUENCE_GAP,
+                                        f"drive {drive_id}: chunk starts at seq {chunk.first_seq}, expected "
+                                        f"{next_seq[drive_id]} (committed {state.committed_seq}); resume from status")
+                await self.budget.acquire(len(data), self.cfg.inflight_wait_s)
+                next_seq[drive_id] = last_seq + 1
+                item = _Pending(chunk, last_seq, frames.num_frames, len(data), None)
+                item.produced = self.bridge.send(self.kafka.frames_topic, drive_id.encode(), data,
+                                                 lambda result, it=item: self._on_produced(it, result))
+                await queue.put(item)
+            await queue.put(None)
+        except (ChunkRejected, Unavailable) as exc:
+            await queue.put(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken client stream: end this call only, never the server
+            await queue.put(exc)
+
+    def _claim(self, chunk: pb.DriveChunk, claimed: list[str]) -> DriveState:
+        state = self.drives.get(chunk.drive_id)
+        if state is None:
+            state = self.drives[chunk.drive_id] = DriveState(chunk.vehicle_id)
+        if state.vehicle_id != chunk.vehicle_id:
+            raise ChunkRejected(RejectReason.VEHICLE_MISMATCH,
+                                f"drive {chunk.drive_id} belongs to vehicle {state.vehicle_id!r}")
+        if state.streaming:
+            raise ChunkRejected(RejectReason.DRIVE_BUSY, f"drive {chunk.drive_id} is being uploaded on another stream")
+        state.streaming = True
+        claimed.append(chunk.drive_id)
+        return state
+
+    def _on_produced(self, item: _Pending, result) -> None:
+        """Runs on the event loop, in produce order: advance the drive's committed seq on success."""
+        if isinstance(result, BaseException):
+            log.warning("produce failed for drive %s seq %d: %r", item.chunk.drive_id, item.chunk.first_seq, result)
+            return
+        PRODUCE_LATENCY.observe(time.perf_counter() - item.started)
+        state = self.drives[item.chunk.drive_id]
+        # only a contiguous extension is committed: after a failed chunk, later ones do not count
+        if item.chunk.first_seq == state.committed_seq + 1:
+            state.committed_seq = item.last_seq
+            state.complete = state.complete or item.chunk.final
+            FRAMES_ACCEPTED.inc(item.frames)
+            CHUNKS_ACCEPTED.inc()
+            BYTES_ACCEPTED.inc(item.size)
+            progress = json.dumps({"vehicle_id": state.vehicle_id, "committed_seq": state.committed_seq,
+                                   "complete": state.complete}).encode()
+            self.bridge.send_nowait(self.kafka.progress_topic, item.chunk.drive_id.encode(), progress)
+        if not self.kafka_healthy:
+            self.kafka_healthy = True
+            asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+
+
+async def serve(kafka: KafkaConfig, cfg: ServerConfig, ready=None) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully. `ready(port)` is called once the server listens."""
+    if cfg.metrics_port:
+        start_http_server(cfg.metrics_port)
+    service = IngestService(kafka, cfg)
+    port = await service.start()
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining ingest server (grace %.1fs)", cfg.drain_grace_s)
+    await service.stop()
