@@ -81,3 +81,6 @@ def broker() -> None:
                       "Ctrl-C stops it")
         typer.echo(b.bootstrap)
         wait_for_stop()
+
+
+from flywheel import cli_ingest  # noqa: E402,F401  (registers the ingest subcommands)

@@ -133,6 +133,8 @@ class KafkaBridge:
         `on_done(metadata_or_exception)` runs on the event loop before the future resolves, in produce order.
         """
         fut = self.loop.create_future()
+        # a stream torn down early stops awaiting; the outcome is still logged by on_done
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         def settle(result, exc) -> None:
             on_done(exc if exc is not None else result)

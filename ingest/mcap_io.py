@@ -1,0 +1,135 @@
+"""MCAP interop: import robotics logs of `flywheel.v1.Frame` messages into the drive directory, and export drives.
+
+An MCAP file may hold several drives on any channel whose schema is `flywheel.v1.Frame` with protobuf encoding; other
+channels (camera, lidar, ...) are ignored. Frames are grouped by drive id, ordered by seq, checked for contiguity
+from 0 and against the frame contract, and written with `ingest.lake.write_drive`. Import is an offline tool, so it
+converts message by message; everything downstream works on columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from google.protobuf import descriptor_pb2
+from google.protobuf.message import DecodeError
+from mcap.reader import make_reader
+from mcap.writer import Writer
+
+from ingest.contract import COLUMNS, ChunkRejected, Frames, frames_to_arrow, validate
+from ingest.lake import read_drive, write_drive
+from ingest.wire import drive_pb2 as pb
+
+log = logging.getLogger(__name__)
+SCHEMA_NAME = "flywheel.v1.Frame"
+TOPIC = "/flywheel/frames"
+
+_AGENT_FIELDS = {"agent_id": "id", "agent_class": "agent_class", "agent_x": "x", "agent_y": "y", "agent_vx": "vx",
+                 "agent_vy": "vy", "agent_heading": "heading", "agent_length": "length", "agent_width": "width",
+                 "agent_confidence": "confidence"}
+
+
+def _file_descriptor_set() -> bytes:
+    fds = descriptor_pb2.FileDescriptorSet()
+    pb.DESCRIPTOR.CopyToProto(fds.file.add())
+    return fds.SerializeToString()
+
+
+def frames_to_messages(frames: Frames, drive_id: str, vehicle_id: str) -> list[pb.Frame]:
+    """Columns -> one `Frame` message per frame."""
+    c = frames.cols
+    a_off, p_off, t_off = (np.concatenate([[0], np.cumsum(c[k], dtype=np.int64)]).tolist()
+                           for k in ("agent_count", "plan_count", "tag_count"))
+    scalars = [col.name for col in COLUMNS
+               if col.level == "frame" and col.name not in ("agent_count", "plan_count", "tag_count")]
+    out = []
+    for i in range(frames.num_frames):
+        msg = pb.Frame(drive_id=drive_id, vehicle_id=vehicle_id, seq=i, plan_dt_s=frames.plan_dt_s,
+                       **{name: c[name][i].item() for name in scalars})
+        for j in range(a_off[i], a_off[i + 1]):
+            msg.agents.add(**{short: c[long][j].item() for long, short in _AGENT_FIELDS.items()})
+        msg.plan_x.extend(c["plan_x"][p_off[i]:p_off[i + 1]].tolist())
+        msg.plan_y.extend(c["plan_y"][p_off[i]:p_off[i + 1]].tolist())
+        msg.tags.extend(c["tag"][t_off[i]:t_off[i + 1]].tolist())
+        out.append(msg)
+    return out
+
+
+def messages_to_frames(msgs: list[pb.Frame]) -> Frames:
+    """`Frame` messages of one drive, in seq order -> columns."""
+    cols: dict[str, list] = {col.name: [] for col in COLUMNS}
+    for m in msgs:
+        for col in COLUMNS:
+            if col.level == "frame" and col.name not in ("agent_count", "plan_count", "tag_count"):
+                cols[col.name].append(getattr(m, col.name))
+        cols["agent_count"].append(len(m.agents))
+        for long, short in _AGENT_FIELDS.items():
+            cols[long].extend(getattr(a, short) for a in m.agents)
+        cols["plan_count"].append(len(m.plan_x))
+        if len(m.plan_y) != len(m.plan_x):
+            raise ValueError(f"drive {m.drive_id} seq {m.seq}: plan_x and plan_y lengths differ")
+        cols["plan_x"].extend(m.plan_x)
+        cols["plan_y"].extend(m.plan_y)
+        cols["tag_count"].append(len(m.tags))
+        cols["tag"].extend(m.tags)
+    dts = {m.plan_dt_s for m in msgs}
+    frames = Frames({col.name: np.array(cols[col.name], dtype=col.dtype) for col in COLUMNS},
+                    msgs[0].plan_dt_s if msgs else 0.1)
+    if len(dts) > 1:
+        raise ValueError(f"plan_dt_s changes within the drive: {sorted(dts)}")
+    return frames
+
+
+def export_mcap(drive_files: list[Path], out: Path) -> Path:
+    """Write drives as `flywheel.v1.Frame` protobuf messages on one MCAP channel (log time = frame timestamp)."""
+    with open(out, "wb") as fh:
+        writer = Writer(fh)
+        writer.start(profile="", library="flywheel")
+        schema_id = writer.register_schema(name=SCHEMA_NAME, encoding="protobuf", data=_file_descriptor_set())
+        channel = writer.register_channel(topic=TOPIC, message_encoding="protobuf", schema_id=schema_id)
+        for path in drive_files:
+            drive = read_drive(path)
+            for msg in frames_to_messages(drive.frames, drive.drive_id, drive.vehicle_id):
+                writer.add_message(channel, log_time=msg.timestamp_ns, data=msg.SerializeToString(),
+                                   publish_time=msg.timestamp_ns, sequence=msg.seq)
+        writer.finish()
+    return out
+
+
+def import_mcap(path: Path, drives_dir: Path) -> list[Path]:
+    """Convert every drive in an MCAP file into the drive directory; returns the written drive files.
+
+    Raises ValueError naming the drive and the rule when a drive is incomplete or breaks the frame contract; no drive
+    file is written for it (and drives already converted stay as they are).
+    """
+    by_drive: dict[str, list[pb.Frame]] = {}
+    with open(path, "rb") as fh:
+        reader = make_reader(fh)
+        for schema, channel, message in reader.iter_messages():
+            if schema is None or schema.name != SCHEMA_NAME or channel.message_encoding != "protobuf":
+                continue
+            try:
+                msg = pb.Frame.FromString(message.data)
+            except DecodeError as exc:
+                raise ValueError(f"{path}: undecodable {SCHEMA_NAME} message at log time {message.log_time}: {exc}") from None
+            by_drive.setdefault(msg.drive_id, []).append(msg)
+    written = []
+    for drive_id, msgs in sorted(by_drive.items()):
+        msgs.sort(key=lambda m: m.seq)
+        seqs = np.array([m.seq for m in msgs])
+        if not np.array_equal(seqs, np.arange(len(msgs))):
+            raise ValueError(f"{path}: drive {drive_id} does not hold seq 0..{len(msgs) - 1} exactly once")
+        vehicles = {m.vehicle_id for m in msgs}
+        if len(vehicles) != 1:
+            raise ValueError(f"{path}: drive {drive_id} names several vehicles {sorted(vehicles)}")
+        frames = messages_to_frames(msgs)
+        try:
+            validate(frames)
+        except ChunkRejected as exc:
+            raise ValueError(f"{path}: drive {drive_id}: {exc}") from None
+        table = frames_to_arrow(frames, drive_id, vehicles.pop(), 0)
+        written.append(write_drive(drives_dir, pa.Table.from_batches([table])))
+        log.info("imported drive %s (%d frames) from %s", drive_id, len(msgs), path)
+    return written

@@ -1,0 +1,82 @@
+"""Test helpers for the ingest path: an in-process server, raw streams, and reading what reached Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+import grpc
+from kafka import KafkaConsumer, TopicPartition
+
+from ingest.config import KafkaConfig, ServerConfig
+from ingest.server import IngestService
+from ingest.wire import drive_pb2 as pb
+
+STREAM = "/flywheel.v1.DriveIngest/StreamDrive"
+
+
+@contextlib.asynccontextmanager
+async def running_server(kafka: KafkaConfig, **cfg):
+    service = IngestService(kafka, ServerConfig(**{"listen": "127.0.0.1:0", "metrics_port": 0, **cfg}))
+    port = await service.start()
+    try:
+        yield service, port
+    finally:
+        await service.stop(0.5)
+
+
+@dataclass
+class StreamOutcome:
+    acks: list[pb.ChunkAck]
+    code: grpc.StatusCode
+    details: str
+    trailers: dict
+
+
+async def send_raw(port: int, payloads: list[bytes], metadata=(), credentials=None, target=None) -> StreamOutcome:
+    """Stream raw request bytes, collect acks until the call ends; never raises for a status."""
+    target = target or f"127.0.0.1:{port}"
+    channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+    async with channel:
+        call = channel.stream_stream(STREAM, request_serializer=lambda b: b,
+                                     response_deserializer=pb.ChunkAck.FromString)(metadata=metadata, timeout=30)
+        acks = []
+        try:
+            for p in payloads:
+                await call.write(p)
+            await call.done_writing()
+            async for ack in call:
+                acks.append(ack)
+        except grpc.aio.AioRpcError:
+            pass
+        return StreamOutcome(acks, await call.code(), await call.details(),
+                             dict(await call.trailing_metadata() or ()))
+
+
+def kafka_records(kafka: KafkaConfig, topic: str | None = None) -> list:
+    """Every record currently in a topic (all partitions), read without a consumer group."""
+    topic = topic or kafka.frames_topic
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out = []
+        for _ in range(100):
+            if all(consumer.position(tp) >= end[tp] for tp in tps):
+                break
+            for recs in consumer.poll(timeout_ms=200).values():
+                out.extend(recs)
+        return out
+    finally:
+        consumer.close()
+
+
+def chunk_records(kafka: KafkaConfig) -> list[pb.DriveChunk]:
+    return [pb.DriveChunk.FromString(r.value) for r in kafka_records(kafka)]
+
+
+def run(coro):
+    return asyncio.run(coro)
