@@ -89,3 +89,12 @@ def token_issue(vehicle_id: str,
 def start_metrics(port: int) -> None:
     if port:
         start_http_server(port)
+
+
+@app.command()
+def topics() -> None:
+    """Create the frames, dead-letter and progress topics on the configured Kafka cluster (idempotent)."""
+    from ingest.broker import ensure_topics
+
+    created = ensure_topics(settings().kafka)
+    typer.echo(f"created: {', '.join(created) or 'nothing (all exist)'}")
