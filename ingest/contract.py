@@ -346,8 +346,11 @@ _FRAME_FIELDS = [
 FRAME_SCHEMA = pa.schema(_FRAME_FIELDS, metadata={"flywheel.schema_version": str(SCHEMA_VERSION)})
 
 
+_DICTIONARIES = {name: pa.array(names, pa.string()) for name, (_, names) in ENUMS.items()}
+
+
 def _dict_array(codes: np.ndarray, enum_col: str) -> pa.DictionaryArray:
-    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8)), pa.array(ENUMS[enum_col][1]))
+    return pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int8)), _DICTIONARIES[enum_col])
 
 
 def _list_array(counts: np.ndarray, values: pa.Array) -> pa.ListArray:
@@ -382,8 +385,7 @@ def frames_to_arrow(frames: Frames, drive_id: str, vehicle_id: str, first_seq: i
 
 
 def _enum_codes(array: pa.Array | pa.ChunkedArray, enum_col: str) -> np.ndarray:
-    names = pa.array(ENUMS[enum_col][1])
-    codes = pc.index_in(array.cast(pa.string()), value_set=names)
+    codes = pc.index_in(array.cast(pa.string()), value_set=_DICTIONARIES[enum_col])
     if codes.null_count:
         raise ChunkRejected(RejectReason.BAD_ENUM, f"{enum_col} holds a value outside {ENUMS[enum_col][1]}")
     return codes.to_numpy(zero_copy_only=False).astype(np.int32)

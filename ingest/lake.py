@@ -133,6 +133,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Parquet paths of the string and enum leaves: the only columns worth dictionary-encoding.
+
+    Trying dictionaries on float columns costs 3x the write time and makes files larger (measured on frames).
+    """
+    out: list[str] = []
+
+    def walk(path: str, t: pa.DataType) -> None:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            walk(f"{path}.list.element", t.value_type)
+        elif pa.types.is_struct(t):
+            for f in t:
+                walk(f"{path}.{f.name}", f.type)
+        elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+            out.append(path)
+
+    for f in schema:
+        walk(f.name, f.type)
+    return out
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 << 17,
                          metadata: dict[str, str] | None = None) -> Path:
     """Write `table` to `path` so that no reader ever sees a partial file: hidden temp name, fsync, rename, fsync dir.
@@ -146,7 +167,8 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, row_group_size=row_group_size, compression=PARQUET_COMPRESSION)
+            pq.write_table(table, fh, row_group_size=row_group_size, compression=PARQUET_COMPRESSION,
+                           use_dictionary=dictionary_columns(table.schema))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
