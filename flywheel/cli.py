@@ -83,4 +83,38 @@ def broker() -> None:
         wait_for_stop()
 
 
+
+@app.command()
+def demo() -> None:
+    """The pipeline on embedded defaults: simulated fleet -> gRPC -> Kafka -> lake -> SQL summary."""
+    from flywheel.demo import run_demo
+
+    run_demo(settings(), Console())
+
+
+fleet_app = typer.Typer(help="The reference fleet: drives from the highway-env simulator.", no_args_is_help=True)
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("simulate")
+def fleet_simulate(out: Annotated[Path, typer.Option(help="drive directory to write")] = Path("data/drives"),
+                   vehicles: Annotated[Optional[int], typer.Option(help="vehicles; overrides the config")] = None,
+                   drives: Annotated[Optional[int], typer.Option(help="drives per vehicle")] = None,
+                   seed: Annotated[Optional[int], typer.Option(help="root seed")] = None) -> None:
+    """Simulate logged drives (cached: drives already simulated with the same settings are kept)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ingest.fleet import simulate_fleet
+
+    update = {k: v for k, v in {"vehicles": vehicles, "drives_per_vehicle": drives, "seed": seed}.items()
+              if v is not None}
+    cfg = settings().fleet.model_copy(update=update)
+    cfg = type(cfg).model_validate(cfg.model_dump())  # re-validate the overrides
+    with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("sim", total=None)
+        summary = simulate_fleet(cfg, out, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    Console().print(summary)
+
+
 from flywheel import cli_ingest  # noqa: E402,F401  (registers the ingest subcommands)

@@ -98,3 +98,34 @@ def topics() -> None:
 
     created = ensure_topics(settings().kafka)
     typer.echo(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+@app.command()
+def sink(lake: Annotated[Optional[Path], typer.Option(help="lake directory; overrides the config")] = None) -> None:
+    """Consume the frames topic into the Parquet lake (exactly once) until SIGTERM/Ctrl-C."""
+    import signal
+    import threading
+
+    from ingest.sink import run_sink
+
+    s = settings()
+    cfg = s.sink.model_copy(update={"lake_dir": lake} if lake else {})
+    start_metrics(cfg.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = run_sink(s.kafka, cfg, stop)
+    console.print(f"sink stopped: {stats.rows_written} rows in {stats.files_written} files; "
+                  f"{stats.duplicate_frames} duplicate frames dropped; dead-lettered {stats.dead_lettered or 'none'}")
+
+
+@app.command()
+def compact(lake: Annotated[Optional[Path], typer.Option(help="lake directory; overrides the config")] = None,
+            table: Annotated[str, typer.Option(help="lake table")] = "frames",
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="only show what would be merged")] = False) -> None:
+    """Merge runs of small lake files into large row groups, atomically for readers."""
+    from ingest.compact import compact as run_compact
+
+    s = settings()
+    report = run_compact(lake or s.sink.lake_dir, table=table, target_rows=s.sink.compact_target_rows, dry_run=dry_run)
+    console.print(report)

@@ -8,12 +8,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
+from ingest.fleet.config import FleetConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("data/demo"), description="where the demo keeps drives, lake and models between runs")
+    fleet: FleetConfig = Field(default_factory=lambda: FleetConfig(vehicles=8, drives_per_vehicle=3, drive_duration_s=40.0),
+                               description="the simulated fleet of the demo")
 
 
 class Settings(BaseSettings):
@@ -24,15 +33,14 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=ServerConfig, description="gRPC ingest server")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="vehicle agent")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Kafka -> Parquet sink")
+    fleet: FleetConfig = Field(default_factory=FleetConfig, description="`flywheel fleet simulate`")
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="`flywheel demo`")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
-        toml = getattr(cls, "_toml_file", None)
-        if toml is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
-        return tuple(sources)
+        # TOML below the environment; the file comes from model_config["toml_file"] (see load_settings)
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 def config_file(path: Path | None = None) -> Path | None:
@@ -49,5 +57,7 @@ def config_file(path: Path | None = None) -> Path | None:
 def load_settings(path: Path | None = None, **overrides) -> Settings:
     """Effective settings; raises pydantic.ValidationError naming the offending key on bad values."""
     toml = config_file(path)
-    cls = type("FileSettings", (Settings,), {"_toml_file": toml}) if toml else Settings
-    return cls(**overrides)
+    if toml is None:
+        return Settings(**overrides)
+    with_file = type("FileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml}})
+    return with_file(**overrides)

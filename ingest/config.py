@@ -91,6 +91,7 @@ class AgentConfig(_Model):
 
 class SinkConfig(_Model):
     lake_dir: Path = Field(Path("data/lake"), description="root of the Parquet lake")
+    metrics_port: int = Field(9465, ge=0, le=65535, description="Prometheus metrics port of `flywheel sink`; 0 disables")
     group_id: str = Field("flywheel-sink", description="consumer group of the sink workers")
     max_rows: int = Field(200_000, ge=1, description="rotate a partition's file at this many rows")
     max_bytes: int = Field(128 << 20, ge=1024, description="rotate at this many buffered record bytes")
