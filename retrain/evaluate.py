@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ingest.contract import ENUMS
-from shadow.featurize import Features, featurize_drive_files
+from shadow.featurize import HORIZON, NUM_MANEUVERS, Features, featurize_drive_files
 from shadow.spec import model_file, read_spec
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def predict(model: ort.InferenceSession | Path, feats: Features, batch_size: int
         trajs.append(t)
         logits.append(m)
     if not trajs:
-        return np.zeros((0, *feats.traj.shape[1:]) if feats.traj is not None else (0, 8, 3), np.float32), \
-            np.zeros((0, 6), np.float32)
+        return np.zeros((0, HORIZON, 3), np.float32), np.zeros((0, NUM_MANEUVERS), np.float32)
     return np.concatenate(trajs), np.concatenate(logits)
 
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -173,8 +174,6 @@ def quantize(fp32_dir: Path, int8_dir: Path, calib: Features, cfg: QuantConfig) 
     int8_dir.mkdir(parents=True, exist_ok=True)
     pre = int8_dir / ".preprocessed.onnx"
     quant_pre_process(str(model_file(fp32_dir)), str(pre))  # shape inference + graph optimisation first, as advised
-    import onnx
-
     nodes = [n.name for n in onnx.load(str(pre)).graph.node]
     exclude = [n for n in nodes if n.startswith(IO_LAYERS)] if cfg.keep_io_fp32 else []
     out = int8_dir / MODEL_FILE

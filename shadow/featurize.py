@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -230,8 +230,13 @@ def featurize(source: Frames | pa.Table | pa.RecordBatch, segments: np.ndarray |
     return out
 
 
-def _future(ex, ey, psi, ts, idx, seg_end, to_ego) -> tuple[np.ndarray, np.ndarray]:
-    """Future ego poses (N, T, 3) in the current ego frame and their validity (N, T); see the module docstring."""
+def _future(ex: np.ndarray, ey: np.ndarray, psi: np.ndarray, ts: np.ndarray, idx: np.ndarray, seg_end: np.ndarray,
+            to_ego: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Future ego poses (N, T, 3) in the current ego frame and their validity (N, T); see the module docstring.
+
+    ex, ey (N,) world metres, psi (N,) rad, ts (N,) ns, idx = arange(N), seg_end (N,) last frame of each frame's drive.
+    """
     n = idx.shape[0]
     if n < 2:
         return np.zeros((n, HORIZON, 3), np.float32), np.zeros((n, HORIZON), bool)
