@@ -40,6 +40,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
+from ingest.compact import DRIVE_SEQ_KEY
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
 from ingest.lake import FRAMES_LAKE_SCHEMA, file_name, live_files, partition_dir, remove_stale_temporaries, \
@@ -48,7 +49,6 @@ from ingest.lake import FRAMES_LAKE_SCHEMA, file_name, live_files, partition_dir
 log = logging.getLogger(__name__)
 
 TABLE = "frames"
-DRIVE_SEQ_KEY = "flywheel.drive_seq"
 # The sink stores whatever the ingest server may accept: the upper bound of ServerConfig.max_frames_per_chunk.
 MAX_FRAMES_PER_CHUNK = 100_000
 DLQ_FLUSH_TIMEOUT_S = 30.0
