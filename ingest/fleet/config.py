@@ -60,6 +60,13 @@ class ConditionRates(_Model):
             raise ValueError(f"condition rates sum to {self.night + self.rain + self.glare:.3f} > 1")
         return self
 
+    @classmethod
+    def only(cls, condition: str) -> "ConditionRates":
+        """Every segment under `condition` (one of `CONDITIONS`; "nominal" turns all degradation off)."""
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown condition {condition!r}; known: {list(CONDITIONS)}")
+        return cls(**{c: float(c == condition) for c in CONDITIONS[1:]})
+
     def probabilities(self) -> list[float]:
         """Probabilities in the order of `CONDITIONS` (nominal first, the remainder)."""
         rest = max(0.0, 1.0 - self.night - self.rain - self.glare)

@@ -2,8 +2,9 @@
 
 How the expert drives (highway-env 1.12.1): every scenario builds its ego as the action type's vehicle class
 (`MDPVehicle`, which only moves when an agent sends it discrete meta-actions). After each reset we replace that
-vehicle, in `road.vehicles` and as `env.vehicle`, by `IDMVehicle.create_from(ego)`: same pose, speed, target lane,
-target speed and route, but `IDMVehicle.act()` ignores its argument and decides by itself, IDM for the longitudinal
+vehicle, in `road.vehicles` and as `env.vehicle`, by `ExpertVehicle.create_from(ego)` (an `IDMVehicle` that does not
+roll backwards at a stop): same pose, speed, target lane, target speed and route, but `IDMVehicle.act()` ignores
+its argument and decides by itself, IDM for the longitudinal
 acceleration and MOBIL for lane changes, then steers with highway-env's lane-following controller. The env is then
 stepped with `env.step(None)`: no action reaches the action type, `road.act()` lets every vehicle (ego included)
 choose its own command and `road.step()` integrates the kinematic bicycle model. So the ego is the same rule-based
@@ -92,10 +93,24 @@ def reset_env(env: AbstractEnv, seed: int, expert: bool = True, lightweight: boo
         env._info = lambda obs, action=None: {"crashed": bool(env.vehicle.crashed)}
 
 
+class ExpertVehicle(IDMVehicle):
+    """highway-env's IDM/MOBIL driver that brakes to a standstill instead of rolling backwards.
+
+    IDM keeps commanding deceleration at a stop line; integrated at 10 Hz that overshoots zero speed and the
+    vehicle reverses (highway-env allows speeds down to -40 m/s). A driver stops; the last step's deceleration is
+    capped at what reaches exactly zero.
+    """
+
+    def step(self, dt: float) -> None:
+        if not self.crashed and self.speed >= 0 and self.speed + float(self.action["acceleration"]) * dt < 0:
+            self.action["acceleration"] = -self.speed / dt
+        super().step(dt)
+
+
 def install_expert(env: AbstractEnv) -> IDMVehicle:
-    """Swap the ego for an `IDMVehicle` in the same state, so it drives itself (IDM + MOBIL)."""
+    """Swap the ego for an `ExpertVehicle` (an `IDMVehicle`) in the same state, so it drives itself."""
     old = env.vehicle
-    ego = IDMVehicle.create_from(old)
+    ego = ExpertVehicle.create_from(old)
     ego.route = list(old.route) if old.route else old.route  # next_lane pops from the route: do not share it
     env.road.vehicles[env.road.vehicles.index(old)] = ego
     env.vehicle = ego

@@ -89,7 +89,7 @@ def perceive(truth_count: np.ndarray, truth: dict[str, np.ndarray], ego: dict[st
         "length": cand["length"],
         "width": cand["width"],
         # far agents are seen less surely; the condition scales everything down
-        "confidence": np.clip(scale * (0.98 - 0.3 * dist / rng_m + 0.03 * noise[5]), 0.01, 1.0),
+        "confidence": scale * np.clip(0.98 - 0.3 * dist / rng_m + 0.03 * noise[5], 0.01, 1.0),
     }
     tp = {k: v[seen] for k, v in tp.items()}
     tp_frame, tp_dist = out_frame[seen], dist[seen]
