@@ -9,6 +9,9 @@ between the rename and the deletes leaves readers with the merged file only; the
 leftovers first.
 
 One compactor per lake at a time; sinks may keep writing meanwhile (they only add files past the merged offsets).
+
+Also here, shared with the sink: what the files' `flywheel.drive_seq` footers say about Kafka positions
+(`lake_positions`), read from footers only.
 """
 
 from __future__ import annotations
@@ -54,6 +57,48 @@ class CompactionReport:
     small_files_removed: int = 0
     rows_merged: int = 0
     runs: list[MergedRun] = field(default_factory=list)
+
+
+@dataclass
+class PartitionPosition:
+    """What the lake says about one Kafka partition: where to resume and the highest seq stored per drive."""
+
+    next_offset: int = 0  # last offset in a live file + 1; 0 when the lake holds nothing of the partition
+    drive_max_seq: dict[str, int] = field(default_factory=dict)
+    files: int = 0
+
+
+def read_drive_seq(path: Path) -> dict[str, tuple[int, int]]:
+    """drive_id -> (min seq, max seq) of a lake file, from its footer; scans the two columns if the key is missing."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(DRIVE_SEQ_KEY.encode())
+    if raw is not None:
+        return {d: (int(lo), int(hi)) for d, (lo, hi) in json.loads(raw).items()}
+    log.warning("%s has no %s footer; reading its drive_id and seq columns", path, DRIVE_SEQ_KEY)
+    t = pq.read_table(path, columns=["drive_id", "seq"]).group_by("drive_id").aggregate([("seq", "min"), ("seq", "max")])
+    return {d: (lo, hi) for d, lo, hi in zip(t["drive_id"].to_pylist(), t["seq_min"].to_pylist(), t["seq_max"].to_pylist())}
+
+
+def lake_positions(lake: Path, topic: str, partitions: set[int]) -> dict[int, PartitionPosition]:
+    """Resume offset and per-drive max seq of each partition, from the live files of the lake (footers only)."""
+    attempt = 0
+    while True:
+        out = {p: PartitionPosition() for p in partitions}
+        try:
+            for f in live_files(lake, "frames", topic):
+                pos = out.get(f.partition)
+                if pos is None:
+                    continue
+                pos.next_offset = max(pos.next_offset, f.last + 1)
+                pos.files += 1
+                for drive, (_, hi) in read_drive_seq(f.path).items():
+                    pos.drive_max_seq[drive] = max(pos.drive_max_seq.get(drive, -1), hi)
+            return out
+        except FileNotFoundError:
+            # a compaction removed a file between listing and reading; its merged file is there now: list again
+            attempt += 1
+            if attempt == 3:
+                raise
 
 
 @dataclass(frozen=True)

@@ -33,18 +33,16 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
-from ingest.compact import DRIVE_SEQ_KEY
+from ingest.compact import DRIVE_SEQ_KEY, lake_positions
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import FRAMES_LAKE_SCHEMA, file_name, live_files, partition_dir, remove_stale_temporaries, \
-    write_parquet_atomic
+from ingest.lake import FRAMES_LAKE_SCHEMA, file_name, partition_dir, remove_stale_temporaries, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +94,6 @@ class FlushResult:
 
 
 @dataclass
-class PartitionPosition:
-    """What the lake says about one Kafka partition: where to resume and the highest seq stored per drive."""
-
-    next_offset: int = 0  # last offset in a live file + 1; 0 when the lake holds nothing of the partition
-    drive_max_seq: dict[str, int] = field(default_factory=dict)
-    files: int = 0
-
-
-@dataclass
 class _Buffer:
     date: str  # hive partition: UTC date of the Kafka record timestamps
     first: int  # Kafka offset of the first record, bad and duplicate records included
@@ -135,39 +124,6 @@ def to_lake_batch(frames: Frames, drive_id: str, vehicle_id: str, first_seq: int
     ]
     # from_arrays with an explicit schema fails on any type drift instead of inferring a new schema
     return pa.RecordBatch.from_arrays([*batch.columns, *lake_cols], schema=FRAMES_LAKE_SCHEMA)
-
-
-def read_drive_seq(path: Path) -> dict[str, tuple[int, int]]:
-    """drive_id -> (min seq, max seq) of a lake file, from its footer; scans the two columns if the key is missing."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(DRIVE_SEQ_KEY.encode())
-    if raw is not None:
-        return {d: (int(lo), int(hi)) for d, (lo, hi) in json.loads(raw).items()}
-    log.warning("%s has no %s footer; reading its drive_id and seq columns", path, DRIVE_SEQ_KEY)
-    t = pq.read_table(path, columns=["drive_id", "seq"]).group_by("drive_id").aggregate([("seq", "min"), ("seq", "max")])
-    return {d: (lo, hi) for d, lo, hi in zip(t["drive_id"].to_pylist(), t["seq_min"].to_pylist(), t["seq_max"].to_pylist())}
-
-
-def lake_positions(lake: Path, topic: str, partitions: set[int]) -> dict[int, PartitionPosition]:
-    """Resume offset and per-drive max seq of each partition, from the live files of the lake (footers only)."""
-    attempt = 0
-    while True:
-        out = {p: PartitionPosition() for p in partitions}
-        try:
-            for f in live_files(lake, TABLE, topic):
-                pos = out.get(f.partition)
-                if pos is None:
-                    continue
-                pos.next_offset = max(pos.next_offset, f.last + 1)
-                pos.files += 1
-                for drive, (_, hi) in read_drive_seq(f.path).items():
-                    pos.drive_max_seq[drive] = max(pos.drive_max_seq.get(drive, -1), hi)
-            return out
-        except FileNotFoundError:
-            # a compaction removed a file between listing and reading; its merged file is there now: list again
-            attempt += 1
-            if attempt == 3:
-                raise
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -450,6 +406,11 @@ def run_sink(kafka: KafkaConfig, sink: SinkConfig, stop: threading.Event | None 
     return Sink(kafka, sink, on_flush).run(stop)
 
 
+def given(**options) -> dict:
+    """The options set on the command line; the others keep SinkConfig's and KafkaConfig's defaults."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ingest.sink", description=__doc__.split("\n")[0])
     parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap HOST:PORT[,HOST:PORT...]")
@@ -462,7 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731  (defaults live in config)
     kafka = KafkaConfig(bootstrap_servers=args.bootstrap, **given(frames_topic=args.topic, dead_letter_topic=args.dlq_topic))
     sink = SinkConfig(lake_dir=args.lake, **given(group_id=args.group, max_rows=args.max_rows, max_age_s=args.max_age_s))
     stop = threading.Event()

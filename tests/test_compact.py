@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.compact import DRIVE_SEQ_KEY, compact, merge_run
+from ingest.compact import DRIVE_SEQ_KEY, compact, lake_positions, merge_run
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, partition_dir, write_parquet_atomic
-from ingest.sink import lake_positions, to_lake_batch
+from ingest.sink import to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,9 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
-from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, live_files, parse_file, write_parquet_atomic
-from ingest.sink import DRIVE_SEQ_KEY, Sink, SinkStats, ingest_date, lake_positions
+from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
+from ingest.compact import DRIVE_SEQ_KEY, lake_positions
+from ingest.sink import Sink, SinkStats, ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,10 +236,8 @@ def test_lake_positions_read_footers_only(tmp_path):
     frames = synthetic_frames(10, agents=2, waypoints=2, seed=1)
 
     def put(partition, first, last, drive, seq0, footer=True):
-        batch = pa.Table.from_batches([__import__("ingest.sink").sink.to_lake_batch(
-            frames, drive, "v", seq0, 1, T0_MS, partition, first)])
+        batch = pa.Table.from_batches([to_lake_batch(frames, drive, "v", seq0, 1, T0_MS, partition, first)])
         meta = {DRIVE_SEQ_KEY: json.dumps({drive: [seq0, seq0 + 9]})} if footer else None
-        from ingest.lake import file_name, partition_dir
         write_parquet_atomic(batch, partition_dir(lake, "frames", "2026-01-01") / file_name(topic, partition, first, last),
                              metadata=meta)
 
