@@ -233,7 +233,7 @@ class FleetSummary:
     frames_by_condition: dict[str, int] = field(default_factory=lambda: {c: 0 for c in CONDITIONS})
     frames_by_scenario_condition: dict[str, dict[str, int]] = field(
         default_factory=lambda: {s: {c: 0 for c in CONDITIONS} for s in SCENARIOS})
-    drive_files: list[Path] = field(default_factory=list)
+    drive_files: list[Path] = field(default_factory=list, repr=False)
 
     def add(self, stats: dict, path: Path, cached: bool) -> None:
         """Count one drive from its statistics (as stored in its truth footer)."""
@@ -254,6 +254,35 @@ class FleetSummary:
         """(scenario, drives, frames, frames per condition) per scenario, for a table."""
         return [(s, self.drives_by_scenario[s], self.frames_by_scenario[s], dict(self.frames_by_scenario_condition[s]))
                 for s in SCENARIOS]
+
+    def _table_rows(self) -> list[list[str]]:
+        rows = [[s, str(d), str(f), *(str(k[c]) for c in CONDITIONS)] for s, d, f, k in self.rows()]
+        rows.append(["total", str(self.drives), str(self.frames), *(str(self.frames_by_condition[c]) for c in CONDITIONS)])
+        return rows
+
+    def _caption(self) -> str:
+        speed = f", {self.sim_frames_per_s:.0f} frames/s" if self.simulated else ""
+        return (f"{self.out_dir}: {self.simulated} drives simulated, {self.cached} cached, "
+                f"{self.expert_collisions} expert collisions, {self.wall_s:.1f} s{speed} (config {self.config_hash})")
+
+    def __str__(self) -> str:
+        head = ["scenario", "drives", "frames", *CONDITIONS]
+        rows = [head, *self._table_rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        return "\n".join([*lines, self._caption()])
+
+    def __rich__(self):
+        """A table when printed with rich (the CLI prints the summary as is)."""
+        from rich.table import Table
+
+        table = Table(title="reference fleet (frames per condition)", caption=self._caption())
+        for i, name in enumerate(["scenario", "drives", "frames", *CONDITIONS]):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for row in self._table_rows():
+            table.add_row(*row)
+        return table
 
 
 def _cached_stats(drive_file: Path, config_hash: str) -> dict | None:
