@@ -36,7 +36,7 @@ from ingest.fleet.config import CONDITIONS, SCENARIOS, FleetConfig
 from ingest.fleet.env import ROAD_TYPES, SceneLog, make_env, record_scene, reset_env, to_world
 from ingest.fleet.perception import perceive
 from ingest.fleet.truth import truth_footer, truth_path, truth_table, write_truth
-from ingest.lake import drive_path, write_drive
+from ingest.lake import drive_path, list_drive_files, write_drive
 from ingest.wire import drive_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -360,11 +360,20 @@ def simulate_fleet(config: FleetConfig, out_dir: Path,
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(config.workers, len(todo)), mp_context=ctx) as pool:
             futures = {pool.submit(_simulate_to_disk, config_json, v, d, str(out_dir)): path for v, d, path in todo}
-            for fut in as_completed(futures):
-                finished(futures[fut], fut.result())
+            try:
+                for fut in as_completed(futures):
+                    finished(futures[fut], fut.result())
+            except BaseException:
+                # fail fast (a broken drive, Ctrl-C): do not wait for the rest of the fleet; finished drives stay
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     for path in sorted(stats_by_path):
         stats, cached = stats_by_path[path]
         summary.add(stats, path, cached)
+    foreign = set(list_drive_files(out_dir)) - set(stats_by_path)
+    if foreign:  # an agent would upload them too; deleting what someone else wrote is not ours to do
+        logger.warning("%s holds %d drive files that are not part of this fleet (other seed or size), e.g. %s",
+                       out_dir, len(foreign), min(foreign).name)
     summary.wall_s = time.perf_counter() - t0
     sim_frames = sum(s["frames"] for s, cached in stats_by_path.values() if not cached)
     summary.sim_frames_per_s = sim_frames / summary.wall_s if sim_frames else 0.0
