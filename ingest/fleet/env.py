@@ -4,9 +4,9 @@ How the expert drives (highway-env 1.12.1): every scenario builds its ego as the
 (`MDPVehicle`, which only moves when an agent sends it discrete meta-actions). After each reset we replace that
 vehicle, in `road.vehicles` and as `env.vehicle`, by `ExpertVehicle.create_from(ego)` (an `IDMVehicle` that does not
 roll backwards at a stop): same pose, speed, target lane, target speed and route, but `IDMVehicle.act()` ignores
-its argument and decides by itself, IDM for the longitudinal
-acceleration and MOBIL for lane changes, then steers with highway-env's lane-following controller. The env is then
-stepped with `env.step(None)`: no action reaches the action type, `road.act()` lets every vehicle (ego included)
+its argument and decides by itself, IDM for the longitudinal acceleration and MOBIL for lane changes, then steers
+with highway-env's lane-following controller. In the roundabout the expert's exit is drawn (right, straight, left);
+in the intersection the env draws it (`destination=None`). The env is then stepped with `env.step(None)`: no action reaches the action type, `road.act()` lets every vehicle (ego included)
 choose its own command and `road.step()` integrates the kinematic bicycle model. So the ego is the same rule-based
 driver highway-env uses for all traffic, and the other vehicles are what the ego's perception tracks.
 
