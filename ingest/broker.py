@@ -102,6 +102,8 @@ class EmbeddedBroker:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with code {self.proc.returncode} before serving")
             try:
+                # the port first: a Kafka client polling a closed port logs an error per attempt
+                socket.create_connection((self.config.host, self.port), timeout=0.5).close()
                 admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=2000)
                 admin.list_topics()
                 admin.close()

@@ -9,9 +9,6 @@ between the rename and the deletes leaves readers with the merged file only; the
 leftovers first.
 
 One compactor per lake at a time; sinks may keep writing meanwhile (they only add files past the merged offsets).
-
-Also here, shared with the sink: what the files' `flywheel.drive_seq` footers say about Kafka positions
-(`lake_positions`), read from footers only.
 """
 
 from __future__ import annotations
@@ -27,11 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
-from ingest.lake import TABLES, LakeFile, file_name, live_files, superseded_files, write_parquet_atomic
+from ingest.lake import (DRIVE_SEQ_KEY, TABLES, LakeFile, SeqRanges, encode_drive_seq, file_name, live_files,
+                         read_drive_seq, superseded_files, write_parquet_atomic)
 
 log = logging.getLogger(__name__)
 
-DRIVE_SEQ_KEY = "flywheel.drive_seq"  # the sink's footer: {drive_id: [min seq, max seq]} of the file's rows
 DEFAULT_TARGET_ROWS: int = SinkConfig.model_fields["compact_target_rows"].default
 DEFAULT_MAX_RUN_BYTES = 512 << 20  # uncompressed bytes read into memory for one merge
 
@@ -57,48 +54,6 @@ class CompactionReport:
     small_files_removed: int = 0
     rows_merged: int = 0
     runs: list[MergedRun] = field(default_factory=list)
-
-
-@dataclass
-class PartitionPosition:
-    """What the lake says about one Kafka partition: where to resume and the highest seq stored per drive."""
-
-    next_offset: int = 0  # last offset in a live file + 1; 0 when the lake holds nothing of the partition
-    drive_max_seq: dict[str, int] = field(default_factory=dict)
-    files: int = 0
-
-
-def read_drive_seq(path: Path) -> dict[str, tuple[int, int]]:
-    """drive_id -> (min seq, max seq) of a lake file, from its footer; scans the two columns if the key is missing."""
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(DRIVE_SEQ_KEY.encode())
-    if raw is not None:
-        return {d: (int(lo), int(hi)) for d, (lo, hi) in json.loads(raw).items()}
-    log.warning("%s has no %s footer; reading its drive_id and seq columns", path, DRIVE_SEQ_KEY)
-    t = pq.read_table(path, columns=["drive_id", "seq"]).group_by("drive_id").aggregate([("seq", "min"), ("seq", "max")])
-    return {d: (lo, hi) for d, lo, hi in zip(t["drive_id"].to_pylist(), t["seq_min"].to_pylist(), t["seq_max"].to_pylist())}
-
-
-def lake_positions(lake: Path, topic: str, partitions: set[int]) -> dict[int, PartitionPosition]:
-    """Resume offset and per-drive max seq of each partition, from the live files of the lake (footers only)."""
-    attempt = 0
-    while True:
-        out = {p: PartitionPosition() for p in partitions}
-        try:
-            for f in live_files(lake, "frames", topic):
-                pos = out.get(f.partition)
-                if pos is None:
-                    continue
-                pos.next_offset = max(pos.next_offset, f.last + 1)
-                pos.files += 1
-                for drive, (_, hi) in read_drive_seq(f.path).items():
-                    pos.drive_max_seq[drive] = max(pos.drive_max_seq.get(drive, -1), hi)
-            return out
-        except FileNotFoundError:
-            # a compaction removed a file between listing and reading; its merged file is there now: list again
-            attempt += 1
-            if attempt == 3:
-                raise
 
 
 @dataclass(frozen=True)
@@ -133,11 +88,6 @@ def plan_runs(files: list[_FileInfo], target_rows: int, max_run_bytes: int) -> l
     return [r for r in runs if len(r) >= 2]
 
 
-def _drive_seq(schema: pa.Schema) -> dict[str, list[int]] | None:
-    raw = (schema.metadata or {}).get(DRIVE_SEQ_KEY.encode())
-    return None if raw is None else json.loads(raw)
-
-
 def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = DEFAULT_TARGET_ROWS) -> MergedRun:
     """Write the merged file of `run` (consecutive files of one directory/topic/partition); deletes nothing.
 
@@ -148,17 +98,18 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
         raise ValueError("a run is two or more files of one directory, topic and partition")
     run = sorted(run)
     parts: list[pa.Table] = []
-    seqs: dict[str, list[int]] = {}
+    seqs: dict[str, SeqRanges] = {}
     have_seqs = True
     for f in run:
         t = pq.ParquetFile(f.path).read()
-        got = _drive_seq(t.schema)
+        got = read_drive_seq(f.path)
         if got is None:
             have_seqs = False
         else:
-            for drive, (lo, hi) in got.items():
-                cur = seqs.setdefault(drive, [lo, hi])
-                cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
+            for drive, ranges in got.items():
+                union = seqs.setdefault(drive, SeqRanges())
+                for lo, hi in ranges.ranges:
+                    union.add(lo, hi)
         parts.append(t.select(spec.schema.names).cast(spec.schema))
     merged = pa.concat_tables(parts)
     if "kafka_offset" in merged.column_names:
@@ -168,7 +119,7 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
     out = run[0].path.parent / file_name(run[0].topic, run[0].partition, run[0].first, max(f.last for f in run))
     meta = {"flywheel.compacted_from": str(len(run))}
     if have_seqs:  # a partial union would let the sink take stored frames for new ones: then leave the key out
-        meta[DRIVE_SEQ_KEY] = json.dumps(seqs, sort_keys=True, separators=(",", ":"))
+        meta[DRIVE_SEQ_KEY] = encode_drive_seq(seqs)
     merged = merged.replace_schema_metadata(spec.schema.metadata)
     write_parquet_atomic(merged, out, row_group_size=row_group_rows, metadata=meta)
     return MergedRun(out, tuple(f.path for f in run), merged.num_rows)

@@ -39,10 +39,10 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
-from ingest.compact import DRIVE_SEQ_KEY, lake_positions
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import FRAMES_LAKE_SCHEMA, file_name, partition_dir, remove_stale_temporaries, write_parquet_atomic
+from ingest.lake import (DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, SeqRanges, encode_drive_seq, file_name, lake_positions,
+                         partition_dir, remove_stale_temporaries, write_parquet_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class _Buffer:
     batches: list[pa.RecordBatch] = field(default_factory=list)
     rows: int = 0
     nbytes: int = 0  # record value bytes
-    drive_seq: dict[str, list[int]] = field(default_factory=dict)  # drive_id -> [min seq, max seq] in this buffer
+    drive_seq: dict[str, SeqRanges] = field(default_factory=dict)  # drive_id -> seq ranges in this buffer
     dead_letters: list = field(default_factory=list)  # producer futures, awaited before the commit
 
 
@@ -166,7 +166,7 @@ class Sink:
         self.on_flush = on_flush
         self.stats = SinkStats()
         self._buffers: dict[int, _Buffer] = {}
-        self._max_seq: dict[int, dict[str, int]] = {}  # partition -> drive_id -> highest seq stored or buffered
+        self._seen: dict[int, dict[str, SeqRanges]] = {}  # partition -> drive_id -> seqs stored or buffered
         self._next_offset: dict[int, int] = {}  # partition -> next offset to take; older records are stale
         self._pending: set[TopicPartition] = set()
         self._failed = False
@@ -222,7 +222,7 @@ class Sink:
     def _forget(self, partitions: set[int]) -> None:
         for p in partitions:
             self._buffers.pop(p, None)
-            self._max_seq.pop(p, None)
+            self._seen.pop(p, None)
             self._next_offset.pop(p, None)
         self._pending = {tp for tp in self._pending if tp.partition not in partitions}
         BUFFERED_ROWS.set(sum(b.rows for b in self._buffers.values()))
@@ -236,7 +236,7 @@ class Sink:
         for tp in sorted(pending):
             pos = positions[tp.partition]
             committed = self._consumer.committed(tp, timeout_ms=KAFKA_CALL_TIMEOUT_MS)
-            self._max_seq[tp.partition] = dict(pos.drive_max_seq)
+            self._seen[tp.partition] = pos.drive_seq
             if committed is None and pos.next_offset == 0:
                 target = None  # nothing stored, nothing committed: auto_offset_reset (earliest) decides
             else:
@@ -244,7 +244,7 @@ class Sink:
                 self._consumer.seek(tp, target)
             self._next_offset[tp.partition] = target or 0
             log.info("partition %d: committed %s, lake next %d (%d files, %d drives) -> start at %s", tp.partition,
-                     committed, pos.next_offset, pos.files, len(pos.drive_max_seq), target if target is not None else "earliest")
+                     committed, pos.next_offset, pos.files, len(pos.drive_seq), target if target is not None else "earliest")
             self._consumer.resume(tp)
 
     # ------------------------------------------------------------------------------------------------- records
@@ -273,23 +273,25 @@ class Sink:
                 raise ChunkRejected(RejectReason.BAD_ID, f"record key {record.key[:128]!r} is not the chunk's "
                                     f"drive_id {chunk.drive_id!r}" if record.key is not None else "record has no key")
             first = chunk.first_seq
-            known = self._max_seq.setdefault(partition, {}).get(chunk.drive_id, -1)
             last = first + frames.num_frames - 1
-            if last <= known:
-                self.stats.duplicate_records += 1
-                self._count_duplicates(frames.num_frames)
-                return
-            if first <= known:  # overlaps what is stored: keep only the new frames
-                self._count_duplicates(known + 1 - first)
-                frames = frames.slice(known + 1 - first, frames.num_frames)
-                first = known + 1
-            elif first > known + 1:
+            seen = self._seen.setdefault(partition, {}).setdefault(chunk.drive_id, SeqRanges())
+            # only the frames not stored yet: a resent chunk is dropped, an overlapping one is cut, and a chunk that
+            # fills an earlier gap is kept (ranges, not a high-water mark)
+            pieces = seen.missing(first, last)
+            new = sum(hi - lo + 1 for lo, hi in pieces)
+            if new < frames.num_frames:
+                self._count_duplicates(frames.num_frames - new)
+                if not pieces:
+                    self.stats.duplicate_records += 1
+                    return
+            if first > seen.max + 1:
                 GAPS.inc()
                 self.stats.gaps += 1
                 log.warning("drive %s: chunk at seq %d, expected %d (partition %d offset %d); storing it anyway",
-                            chunk.drive_id, first, known + 1, partition, record.offset)
-            batch = to_lake_batch(frames, chunk.drive_id, chunk.vehicle_id, first, chunk.schema_version, ts,
-                                  partition, record.offset)
+                            chunk.drive_id, first, seen.max + 1, partition, record.offset)
+            batches = [to_lake_batch(frames.slice(lo - first, hi - first + 1) if new < frames.num_frames else frames,
+                                     chunk.drive_id, chunk.vehicle_id, lo, chunk.schema_version, ts, partition,
+                                     record.offset) for lo, hi in pieces]
         except ChunkRejected as exc:
             self._dead_letter(buf, record, exc.reason.value, exc.detail)
             return
@@ -297,12 +299,13 @@ class Sink:
             log.exception("unexpected error decoding partition %d offset %d", partition, record.offset)
             self._dead_letter(buf, record, RejectReason.MALFORMED.value, f"unexpected {type(exc).__name__}: {exc}")
             return
-        self._max_seq[partition][chunk.drive_id] = last
-        buf.batches.append(batch)
-        buf.rows += batch.num_rows
-        BUFFERED_ROWS.inc(batch.num_rows)
-        rng = buf.drive_seq.setdefault(chunk.drive_id, [first, last])
-        rng[0], rng[1] = min(rng[0], first), max(rng[1], last)
+        in_buffer = buf.drive_seq.setdefault(chunk.drive_id, SeqRanges())
+        for (lo, hi), batch in zip(pieces, batches):
+            seen.add(lo, hi)
+            in_buffer.add(lo, hi)
+            buf.batches.append(batch)
+            buf.rows += batch.num_rows
+            BUFFERED_ROWS.inc(batch.num_rows)
         if buf.rows >= self.config.max_rows:
             self._flush({partition}, "rows")
         elif buf.nbytes >= self.config.max_bytes:
@@ -380,7 +383,7 @@ class Sink:
         table = pa.Table.from_batches(buf.batches, schema=FRAMES_LAKE_SCHEMA)
         path = partition_dir(Path(self.config.lake_dir), TABLE, buf.date) / file_name(
             self.kafka.frames_topic, partition, buf.first, buf.last)
-        meta = {DRIVE_SEQ_KEY: json.dumps(buf.drive_seq, sort_keys=True, separators=(",", ":")),
+        meta = {DRIVE_SEQ_KEY: encode_drive_seq(buf.drive_seq),
                 "flywheel.kafka_topic": self.kafka.frames_topic, "flywheel.kafka_partition": str(partition),
                 "flywheel.first_offset": str(buf.first), "flywheel.last_offset": str(buf.last)}
         try:

@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.compact import DRIVE_SEQ_KEY, compact, lake_positions, merge_run
+from ingest.compact import compact, merge_run
+from ingest.lake import DRIVE_SEQ_KEY, lake_positions
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.sink import to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
@@ -30,7 +31,7 @@ def put_files(lake: Path, date: str, partition: int, first_offset: int, sizes: l
         batch = to_lake_batch(frames.slice(seq, seq + n), drive, "veh-1", seq, 1, T0_MS + offset, partition, offset)
         write_parquet_atomic(pa.Table.from_batches([batch]),
                              partition_dir(lake, "frames", date) / file_name(TOPIC, partition, offset, offset),
-                             metadata={DRIVE_SEQ_KEY: json.dumps({drive: [seq, seq + n - 1]})})
+                             metadata={DRIVE_SEQ_KEY: json.dumps({drive: [[seq, seq + n - 1]]})})
         seq += n
 
 
@@ -76,11 +77,12 @@ def test_small_files_are_merged_with_every_row_kept(lake):
         offsets = t["kafka_offset"].to_pylist()
         assert offsets == sorted(offsets) and f.first == offsets[0] and f.last == offsets[-1]
         seq = t["seq"].to_pylist()
-        assert json.loads(pf.schema_arrow.metadata[DRIVE_SEQ_KEY.encode()]) == {t["drive_id"][0].as_py(): [min(seq), max(seq)]}
+        assert json.loads(pf.schema_arrow.metadata[DRIVE_SEQ_KEY.encode()]) == {t["drive_id"][0].as_py(): [[min(seq), max(seq)]]}
     # the sink resumes at the same place, with the same dedup knowledge, from the merged footers
     now = lake_positions(lake, TOPIC, {0, 1})
-    assert {p: (x.next_offset, x.drive_max_seq) for p, x in now.items()} == \
-        {p: (x.next_offset, x.drive_max_seq) for p, x in positions.items()}
+    def summary(pos):
+        return {p: (x.next_offset, {d: r.to_json() for d, r in x.drive_seq.items()}) for p, x in pos.items()}
+    assert summary(now) == summary(positions)
     assert compact(lake, target_rows=100).runs == []  # nothing left to do
 
 

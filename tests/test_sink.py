@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
-from ingest.compact import DRIVE_SEQ_KEY, lake_positions
+from ingest.lake import DRIVE_SEQ_KEY, lake_positions
 from ingest.sink import Sink, SinkStats, ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 
@@ -147,7 +147,7 @@ def check_files(lake: Path, topic: str) -> None:
         meta = pf.schema_arrow.metadata
         footer = json.loads(meta[DRIVE_SEQ_KEY.encode()])
         agg = t.group_by("drive_id").aggregate([("seq", "min"), ("seq", "max")])
-        assert footer == {d: [lo, hi] for d, lo, hi in zip(*(agg[c].to_pylist() for c in ("drive_id", "seq_min", "seq_max")))}
+        assert footer == {d: [[lo, hi]] for d, lo, hi in zip(*(agg[c].to_pylist() for c in ("drive_id", "seq_min", "seq_max")))}
         dates = {ingest_date(int(ms)) for ms in t["ingest_time"].cast(pa.int64()).to_numpy()}
         assert dates == {f.path.parent.name.removeprefix("date=")}
 
@@ -203,6 +203,28 @@ def test_resent_and_rechunked_frames_are_stored_once(kafka_config, group_id, tmp
     check_files(cfg.lake_dir, kafka_config.frames_topic)
 
 
+def test_a_chunk_filling_an_earlier_gap_is_kept(kafka_config, group_id, tmp_path):
+    """Kafka may hold a later chunk before an earlier one (a produce failed, the vehicle resent from its status):
+    the earlier frames are new, not duplicates, also for a sink restarted in between."""
+    ref, chunks = make_drive("drive-gap", 100, 25, seed=9)
+    key = b"drive-gap"
+    produce(kafka_config, [(key, chunks[0][1]), (key, chunks[2][1])])  # 0..24, then 50..74: a gap
+    cfg = sink_config(tmp_path, group_id)
+    with SinkThread(kafka_config, cfg) as st:
+        wait_until(lambda: lake_rows(cfg.lake_dir) >= 50, 15, "50 rows")
+    assert st.stats.gaps == 1
+    footer = {d: r.to_json() for d, r in lake_positions(cfg.lake_dir, kafka_config.frames_topic, {0, 1, 2})[
+        next(f.partition for f in live_files(cfg.lake_dir, "frames"))].drive_seq.items()}
+    assert footer == {"drive-gap": [[0, 24], [50, 74]]}
+    # the resend: 25..49 fills the gap, 50..74 is a duplicate, 75..99 is new
+    produce(kafka_config, [(key, chunks[1][1]), (key, chunks[2][1]), (key, chunks[3][1])])
+    with SinkThread(kafka_config, cfg) as st2:
+        wait_until(lambda: lake_rows(cfg.lake_dir) >= 100, 15, "100 rows")
+        wait_until(lambda: st2.stats.records >= 3, 5, "all records read")
+    assert st2.stats.duplicate_frames == 25
+    assert frame_rows(read_lake(cfg.lake_dir)) == frame_rows(ref)
+
+
 def test_lake_beyond_committed_offset_is_not_written_again(kafka_config, group_id, tmp_path):
     """A crash after a file's rename but before the commit: the restarted sink resumes after the lake's last file."""
     ref, chunks = make_drive("drive-c", 150, 25, seed=3)
@@ -237,7 +259,7 @@ def test_lake_positions_read_footers_only(tmp_path):
 
     def put(partition, first, last, drive, seq0, footer=True):
         batch = pa.Table.from_batches([to_lake_batch(frames, drive, "v", seq0, 1, T0_MS, partition, first)])
-        meta = {DRIVE_SEQ_KEY: json.dumps({drive: [seq0, seq0 + 9]})} if footer else None
+        meta = {DRIVE_SEQ_KEY: json.dumps({drive: [[seq0, seq0 + 9]]})} if footer else None
         write_parquet_atomic(batch, partition_dir(lake, "frames", "2026-01-01") / file_name(topic, partition, first, last),
                              metadata=meta)
 
@@ -247,9 +269,10 @@ def test_lake_positions_read_footers_only(tmp_path):
     put(0, 0, 9, "a", 0)  # a compacted file covering the first two; its footer says less, the live files decide
     put(1, 3, 3, "c", 40)
     pos = lake_positions(lake, topic, {0, 1, 2})
-    assert pos[0].next_offset == 13 and pos[0].drive_max_seq == {"a": 9, "b": 9} and pos[0].files == 2
-    assert pos[1].next_offset == 4 and pos[1].drive_max_seq == {"c": 49}
-    assert pos[2].next_offset == 0 and pos[2].drive_max_seq == {}
+    ranges = {p: {d: r.to_json() for d, r in x.drive_seq.items()} for p, x in pos.items()}
+    assert pos[0].next_offset == 13 and ranges[0] == {"a": [[0, 9]], "b": [[0, 9]]} and pos[0].files == 2
+    assert pos[1].next_offset == 4 and ranges[1] == {"c": [[40, 49]]}
+    assert pos[2].next_offset == 0 and ranges[2] == {}
 
 
 def test_bad_records_go_to_dead_letter_topic_with_reason(kafka_config, group_id, tmp_path):
