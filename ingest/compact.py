@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
-from ingest.lake import (DRIVE_SEQ_KEY, TABLES, LakeFile, SeqRanges, encode_drive_seq, file_name, live_files,
-                         read_drive_seq, superseded_files, write_parquet_atomic)
+from ingest.lake import (DRIVE_SEQ_KEY, TABLES, LakeFile, file_name, live_files, superseded_files,
+                         write_parquet_atomic)
+from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
 
 log = logging.getLogger(__name__)
 

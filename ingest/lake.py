@@ -1,8 +1,16 @@
 """The storage contract: every path template and on-disk schema of the project, each format with a version.
 
-Lake layout (hive-partitioned Parquet, one directory per table):
+Lake layout (hive-partitioned Parquet, one directory per table; the partition keys of each table in `TABLES`):
 
-    <lake>/<table>/date=<YYYY-MM-DD>/<topic>-p<partition:05d>-<first offset:020d>-<last offset:020d>.parquet
+    <lake>/frames/date=<YYYY-MM-DD>/<topic>-p<partition:05d>-<first offset:020d>-<last offset:020d>.parquet
+    <lake>/decisions/model=<model id>/date=<YYYY-MM-DD>/<same name as the frames it was computed from>
+    <lake>/divergences/pair=<pair id>/date=<YYYY-MM-DD>/<same>
+    <lake>/scenarios/pair=<pair id>/date=<YYYY-MM-DD>/<same>
+    <lake>/noise_floor/model=<model id>/date=<YYYY-MM-DD>/<same>
+
+Shadow tables name their files from the Kafka offsets of the frames they were computed from, so which frames a
+model or pair has replayed is simply which offsets its live files cover: a replay writes only what is not covered
+yet, a new student version (a new pair id) replays the history, and a crash leaves no state to repair.
 
 A file's name is derived from the Kafka offsets it holds, so re-writing the same offsets overwrites instead of
 duplicating. Files are written under a hidden temporary name, fsynced and renamed; readers never see a partial file.
@@ -19,12 +27,11 @@ Vehicle-side drive directory (what the agent uploads and the fleet simulator wri
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +40,6 @@ import pyarrow.parquet as pq
 
 from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, Frames, arrow_to_frames
 
-log = logging.getLogger(__name__)
 DRIVE_FORMAT_VERSION = 1
 DRIVE_SUFFIX = ".drive.parquet"
 UPLOADED_SUFFIX = ".uploaded.json"
@@ -59,10 +65,111 @@ FRAMES_LAKE_SCHEMA = pa.schema(
     metadata={"flywheel.table": "frames", "flywheel.schema_version": str(SCHEMA_VERSION)},
 )
 
+SHADOW_SCHEMA_VERSION = 1
+DIVERGENCE_HORIZONS_S = (1, 2, 4)
+"""Horizons (s) of the per-frame divergence metrics: columns ade_1s, fde_1s, ahe_1s, fhe_1s, miss_1s, ..."""
+
+
+def _f(name: str, t: pa.DataType, nullable: bool = False, doc: str | None = None) -> pa.Field:
+    return pa.field(name, t, nullable=nullable, metadata={"doc": doc} if doc else None)
+
+
+def _enum(name: str) -> pa.Field:
+    return _f(name, pa.dictionary(pa.int8(), pa.string()))
+
+
+def _shadow_schema(table: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"flywheel.table": table, "flywheel.schema_version": str(SHADOW_SCHEMA_VERSION)})
+
+
+_FRAME_KEY = [_f("drive_id", pa.string()), _f("vehicle_id", pa.string()), _f("seq", pa.int64()),
+              _f("timestamp", pa.timestamp("ns", tz="UTC"))]
+_LINEAGE = [_f("kafka_partition", pa.int32(), doc="Kafka partition of the source frame"),
+            _f("kafka_offset", pa.int64(), doc="Kafka offset of the chunk the source frame came in"),
+            _f("replay_id", pa.string(), doc="the replay run that wrote the row"),
+            _f("schema_version", pa.int16())]
+_PAIR = [_f("teacher_name", pa.string()), _f("teacher_version", pa.string()),
+         _f("student_name", pa.string()), _f("student_version", pa.string())]
+_CONDITIONS = [_enum("road_type"), _enum("lighting"), _enum("weather"),
+               _f("tags", pa.list_(pa.field("item", pa.string(), nullable=False)))]
+_F32_LIST = pa.list_(pa.field("item", pa.float32(), nullable=False))
+
+
+def _horizon_fields() -> list[pa.Field]:
+    out = []
+    for h in DIVERGENCE_HORIZONS_S:
+        out += [_f(f"ade_{h}s", pa.float32(), doc=f"mean L2 between teacher and student waypoints up to {h} s [m]"),
+                _f(f"fde_{h}s", pa.float32(), doc=f"L2 at {h} s [m]"),
+                _f(f"ahe_{h}s", pa.float32(), doc=f"mean absolute heading difference up to {h} s [rad]"),
+                _f(f"fhe_{h}s", pa.float32(), doc=f"absolute heading difference at {h} s [rad]"),
+                _f(f"miss_{h}s", pa.bool_(), doc=f"largest L2 up to {h} s above the miss threshold")]
+    return out
+
+
+DECISIONS_SCHEMA = _shadow_schema("decisions", [
+    *_FRAME_KEY,
+    _f("model_name", pa.string()), _f("model_version", pa.string()), _f("featurizer_version", pa.string()),
+    _f("traj_x", _F32_LIST, doc="planned waypoints, ego frame x forward [m], spaced by the featurizer's horizon dt"),
+    _f("traj_y", _F32_LIST, doc="ego frame y left [m]"),
+    _f("traj_yaw", _F32_LIST, doc="heading change [rad]"),
+    _enum("maneuver"),
+    _f("maneuver_probs", _F32_LIST, doc="softmax of the maneuver head, in Maneuver enum order"),
+    *_LINEAGE,
+])
+
+DIVERGENCES_SCHEMA = _shadow_schema("divergences", [
+    *_FRAME_KEY, *_PAIR, *_CONDITIONS, *_horizon_fields(),
+    _enum("maneuver_teacher"), _enum("maneuver_student"),
+    _f("maneuver_disagree", pa.bool_()),
+    _f("maneuver_jsd", pa.float32(), doc="Jensen-Shannon divergence of the maneuver distributions [bits, 0..1]"),
+    _f("ttc_teacher", pa.float32(), nullable=True, doc="time to collision of the teacher's plan with the logged "
+       "agents [s]; null when none within the horizon"),
+    _f("ttc_student", pa.float32(), nullable=True, doc="the same for the student's plan"),
+    _f("teacher_ade_driver", pa.float32(), nullable=True, doc="teacher vs the logged future, over the horizon [m]; "
+       "null when the drive ends too soon"),
+    _f("teacher_fde_driver", pa.float32(), nullable=True),
+    _f("student_ade_driver", pa.float32(), nullable=True),
+    _f("student_fde_driver", pa.float32(), nullable=True),
+    _f("score", pa.float32(), doc="combined divergence score (see shadow.metrics)"),
+    *_LINEAGE,
+])
+
+SCENARIOS_SCHEMA = _shadow_schema("scenarios", [
+    _f("drive_id", pa.string()), _f("vehicle_id", pa.string()),
+    _f("window_start_seq", pa.int64()), _f("window_end_seq", pa.int64()),
+    _f("start_time", pa.timestamp("ns", tz="UTC")), _f("end_time", pa.timestamp("ns", tz="UTC")),
+    *_PAIR, *_CONDITIONS,
+    _f("frames", pa.int32()),
+    _f("mean_ade_4s", pa.float32()), _f("max_fde_4s", pa.float32()), _f("miss_rate_4s", pa.float32()),
+    _f("disagree_rate", pa.float32()), _f("mean_jsd", pa.float32()),
+    _f("min_ttc_teacher", pa.float32(), nullable=True), _f("min_ttc_student", pa.float32(), nullable=True),
+    _f("mean_score", pa.float32()), _f("max_score", pa.float32()),
+    _f("passed", pa.bool_()),
+    _f("failed_criteria", pa.list_(pa.field("item", pa.string(), nullable=False)),
+       doc="names of the criteria the window failed; empty when passed"),
+    _f("criteria_version", pa.string(), doc="content hash of the criteria file"),
+    *_LINEAGE,
+])
+
+NOISE_FLOOR_SCHEMA = _shadow_schema("noise_floor", [
+    *_FRAME_KEY,
+    _f("model_name", pa.string()), _f("model_version", pa.string()),
+    _f("runtime_a", pa.string(), doc="onnxruntime configuration of the reference run"),
+    _f("runtime_b", pa.string(), doc="the second configuration"),
+    *_horizon_fields(),
+    _f("maneuver_jsd", pa.float32()), _f("score", pa.float32()),
+    *_LINEAGE,
+])
+
 TABLES: dict[str, TableSpec] = {
     "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION),
+    "decisions": TableSpec("decisions", DECISIONS_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
+    "divergences": TableSpec("divergences", DIVERGENCES_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
+    "scenarios": TableSpec("scenarios", SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
+    "noise_floor": TableSpec("noise_floor", NOISE_FLOOR_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
 }
 
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FILE_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)-p(?P<partition>\d{5})-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$")
 
 
@@ -81,8 +188,32 @@ def table_dir(lake: Path, table: str) -> Path:
     return Path(lake) / table
 
 
-def partition_dir(lake: Path, table: str, date: str) -> Path:
-    return table_dir(lake, table) / f"date={date}"
+def partition_dir(lake: Path, table: str, date: str, **keys: str) -> Path:
+    """<lake>/<table>/<key>=<value>/.../date=<date>, keys in the order of the table's partitioning."""
+    spec = TABLES[table]
+    values = {**keys, "date": date}
+    if set(values) != set(spec.partitioning):
+        raise ValueError(f"{table} is partitioned by {spec.partitioning}, got {sorted(values)}")
+    path = table_dir(lake, table)
+    for key in spec.partitioning:
+        value = str(values[key])
+        if not _ID_RE.match(value):
+            raise ValueError(f"partition value {key}={value!r} must match {_ID_RE.pattern}")
+        path = path / f"{key}={value}"
+    return path
+
+
+def model_id(name: str, version: str) -> str:
+    """Directory-safe id of a model version: `<name>-<version>`."""
+    out = f"{name}-{version}"
+    if not _ID_RE.match(out):
+        raise ValueError(f"model name and version must be letters, digits, '.', '_' or '-': {out!r}")
+    return out
+
+
+def pair_id(teacher: str, student: str) -> str:
+    """Id of a (teacher model id, student model id) pair: `<teacher>__<student>`."""
+    return f"{teacher}__{student}"
 
 
 def file_name(topic: str, partition: int, first: int, last: int) -> str:
@@ -101,7 +232,7 @@ def all_files(lake: Path, table: str) -> list[LakeFile]:
     root = table_dir(lake, table)
     if not root.exists():
         return []
-    found = (parse_file(p) for p in root.glob("*=*/*.parquet"))
+    found = (parse_file(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
     return sorted(f for f in found if f is not None)
 
 
@@ -190,7 +321,7 @@ def remove_stale_temporaries(lake: Path, table: str, min_age_s: float = 600.0) -
     root = table_dir(lake, table)
     now = time.time()
     removed = 0
-    for p in root.glob("*=*/.*.tmp") if root.exists() else ():
+    for p in root.rglob(".*.tmp") if root.exists() else ():
         try:
             if now - p.stat().st_mtime >= min_age_s:
                 p.unlink()
@@ -274,115 +405,3 @@ def is_uploaded(drive_file: Path) -> bool:
 
 DRIVE_SEQ_KEY = "flywheel.drive_seq"
 """Footer of every frames file: {drive_id: [[lo, hi], ...]}, the sorted disjoint seq ranges of the drive's rows."""
-
-
-class SeqRanges:
-    """Sorted disjoint closed ranges of sequence numbers: what is stored of one drive.
-
-    Usually one range (drives arrive in order); more only after a gap that a later chunk fills.
-    """
-
-    __slots__ = ("ranges",)
-
-    def __init__(self, ranges=()) -> None:
-        self.ranges: list[list[int]] = []
-        for lo, hi in ranges:
-            self.add(int(lo), int(hi))
-
-    def add(self, lo: int, hi: int) -> None:
-        merged = [lo, hi]
-        keep = []
-        for r in self.ranges:
-            if r[1] + 1 < merged[0] or merged[1] + 1 < r[0]:
-                keep.append(r)
-            else:
-                merged = [min(r[0], merged[0]), max(r[1], merged[1])]
-        keep.append(merged)
-        keep.sort()
-        self.ranges = keep
-
-    def missing(self, lo: int, hi: int) -> list[tuple[int, int]]:
-        """The parts of [lo, hi] not yet covered, in order."""
-        out = []
-        cur = lo
-        for a, b in self.ranges:
-            if b < cur:
-                continue
-            if a > hi:
-                break
-            if a > cur:
-                out.append((cur, a - 1))
-            cur = max(cur, b + 1)
-            if cur > hi:
-                break
-        if cur <= hi:
-            out.append((cur, hi))
-        return out
-
-    @property
-    def max(self) -> int:
-        return self.ranges[-1][1] if self.ranges else -1
-
-    def to_json(self) -> list[list[int]]:
-        return [list(r) for r in self.ranges]
-
-
-def encode_drive_seq(seqs: dict[str, SeqRanges]) -> str:
-    return json.dumps({d: r.to_json() for d, r in seqs.items()}, sort_keys=True, separators=(",", ":"))
-
-
-def read_drive_seq(path: Path) -> dict[str, SeqRanges] | None:
-    """drive_id -> stored seq ranges of a frames file, from its footer only; None when the footer lacks the key."""
-    raw = (pq.read_schema(path).metadata or {}).get(DRIVE_SEQ_KEY.encode())
-    if raw is None:
-        return None
-    return {d: SeqRanges(ranges) for d, ranges in json.loads(raw).items()}
-
-
-def scan_drive_seq(path: Path) -> dict[str, SeqRanges]:
-    """The same from the file's drive_id and seq columns (for files written without the footer)."""
-    t = pq.read_table(path, columns=["drive_id", "seq"])
-    out: dict[str, SeqRanges] = {}
-    for drive in t["drive_id"].unique().to_pylist():
-        seq = np.sort(t.filter(pa.compute.equal(t["drive_id"], drive))["seq"].to_numpy())
-        breaks = np.flatnonzero(np.diff(seq) != 1)
-        starts = np.concatenate([[seq[0]], seq[breaks + 1]])
-        ends = np.concatenate([seq[breaks], [seq[-1]]])
-        out[drive] = SeqRanges(zip(starts.tolist(), ends.tolist()))
-    return out
-
-
-@dataclass
-class PartitionPosition:
-    """What the lake says about one Kafka partition: where to resume and which seqs of each drive it holds."""
-
-    next_offset: int = 0  # last offset in a live file + 1; 0 when the lake holds nothing of the partition
-    drive_seq: dict[str, SeqRanges] = field(default_factory=dict)
-    files: int = 0
-
-
-def lake_positions(lake: Path, topic: str, partitions: set[int], table: str = "frames") -> dict[int, PartitionPosition]:
-    """Resume offset and stored seq ranges of each partition, from the footers of the table's live files."""
-    for attempt in range(3):
-        out = {p: PartitionPosition() for p in partitions}
-        try:
-            for f in live_files(lake, table, topic):
-                pos = out.get(f.partition)
-                if pos is None:
-                    continue
-                pos.next_offset = max(pos.next_offset, f.last + 1)
-                pos.files += 1
-                seqs = read_drive_seq(f.path)
-                if seqs is None:
-                    log.warning("%s has no %s footer; reading its drive_id and seq columns", f.path, DRIVE_SEQ_KEY)
-                    seqs = scan_drive_seq(f.path)
-                for drive, ranges in seqs.items():
-                    known = pos.drive_seq.setdefault(drive, SeqRanges())
-                    for lo, hi in ranges.ranges:
-                        known.add(lo, hi)
-            return out
-        except FileNotFoundError:
-            # a compaction removed a file between listing and reading; its merged file is there now: list again
-            if attempt == 2:
-                raise
-    return {}  # not reached: the last attempt re-raises

@@ -41,8 +41,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import (DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, SeqRanges, encode_drive_seq, file_name, lake_positions,
-                         partition_dir, remove_stale_temporaries, write_parquet_atomic)
+from ingest.lake import (DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, partition_dir, remove_stale_temporaries,
+                         write_parquet_atomic)
+from ingest.lake_index import SeqRanges, encode_drive_seq, lake_positions
 
 log = logging.getLogger(__name__)
 

@@ -54,21 +54,24 @@ async def send_raw(port: int, payloads: list[bytes], metadata=(), credentials=No
                              dict(await call.trailing_metadata() or ()))
 
 
-def kafka_records(kafka: KafkaConfig, topic: str | None = None) -> list:
-    """Every record currently in a topic (all partitions), read without a consumer group."""
+def kafka_records(kafka: KafkaConfig, topic: str | None = None, quiet_polls: int = 3) -> list:
+    """Every record currently in a topic (all partitions), read without a consumer group.
+
+    Reads until `quiet_polls` polls in a row bring nothing: Tansu's end_offsets() reports the start of the last
+    batch + 1, not the log end, so it cannot tell when everything was read.
+    """
     topic = topic or kafka.frames_topic
     consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     try:
         tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out = []
-        for _ in range(100):
-            if all(consumer.position(tp) >= end[tp] for tp in tps):
-                break
-            for recs in consumer.poll(timeout_ms=200).values():
-                out.extend(recs)
+        out: list = []
+        quiet = 0
+        while quiet < quiet_polls:
+            got = [r for recs in consumer.poll(timeout_ms=300).values() for r in recs]
+            out.extend(got)
+            quiet = 0 if got else quiet + 1
         return out
     finally:
         consumer.close()

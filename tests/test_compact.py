@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.compact import compact, merge_run
-from ingest.lake import DRIVE_SEQ_KEY, lake_positions
+from ingest.lake import DRIVE_SEQ_KEY
+from ingest.lake_index import lake_positions
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.sink import to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames

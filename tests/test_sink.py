@@ -21,7 +21,8 @@ from kafka.structs import OffsetAndMetadata
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
-from ingest.lake import DRIVE_SEQ_KEY, lake_positions
+from ingest.lake import DRIVE_SEQ_KEY
+from ingest.lake_index import lake_positions
 from ingest.sink import Sink, SinkStats, ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 
