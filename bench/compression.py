@@ -45,8 +45,8 @@ def median_latency_ms(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
     return statistics.median(times) * 1e3
 
 
-def measure(path: Path, threads: int, runs_b1: int, runs_b256: int) -> dict:
-    """Size, weights and latencies of one model (a directory with spec.json or a .onnx file)."""
+def measure(path: Path, threads: list[int], runs_b1: int, runs_b256: int) -> dict:
+    """Size, weights and latencies of one model (a directory with spec.json or a .onnx file) at each thread count."""
     onnx_path = model_file(path)
     try:
         spec = read_spec(onnx_path)
@@ -54,11 +54,17 @@ def measure(path: Path, threads: int, runs_b1: int, runs_b256: int) -> dict:
     except FileNotFoundError:
         params, precision = 0, "?"
     frames = featurize(synthetic_frames(256, agents=30, seed=1), with_targets=False).inputs()
-    sess = session(onnx_path, threads)
     b1 = {k: v[:1] for k, v in frames.items()}
-    return {"path": str(onnx_path), "bytes": onnx_path.stat().st_size, "parameters": params, "precision": precision,
-            "latency_b1_ms": median_latency_ms(sess, b1, runs_b1, max(20, runs_b1 // 10)),
-            "latency_b256_ms": median_latency_ms(sess, frames, runs_b256, 3)}
+    row: dict = {"path": str(onnx_path), "bytes": onnx_path.stat().st_size, "parameters": params,
+                 "precision": precision, "b1_ms": {}, "b256_ms": {}}
+    for t in threads:
+        sess = session(onnx_path, t)
+        row["b1_ms"][t] = median_latency_ms(sess, b1, runs_b1, max(20, runs_b1 // 10))
+        row["b256_ms"][t] = median_latency_ms(sess, frames, runs_b256, 3)
+    # A deployment runs a model at the thread count that serves it best: that is the headline figure.
+    row["latency_b1_ms"] = min(row["b1_ms"].values())
+    row["latency_b256_ms"] = min(row["b256_ms"].values())
+    return row
 
 
 def build_quick(root: Path) -> tuple[Path, Path, Path]:
@@ -109,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--student-fp32", type=Path, help="FP32 student model directory or .onnx")
     ap.add_argument("--student-int8", type=Path, help="INT8 student model directory or .onnx")
     ap.add_argument("--quick", action="store_true", help="build tiny models with the recipes first (smoke run)")
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="onnxruntime intra-op thread counts to time; each model is reported at its fastest")
     ap.add_argument("--runs", type=int, default=500, help="timed runs at batch 1 (batch 256: runs / 10)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -140,14 +147,20 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["meets_size"] = result["size_ratio"] >= SIZE_TARGET
     result["meets_latency"] = result["latency_ratio_b1"] >= LATENCY_TARGET
-    print(f"{'model':<14} {'precision':<9} {'weights':>10} {'bytes':>11} {'b1 ms':>8} {'b256 ms':>9} {'frames/s':>9}")
+    for t in args.threads:
+        result[f"latency_ratio_b1_threads{t}"] = rows["teacher_fp32"]["b1_ms"][t] / s8["b1_ms"][t]
+    cols = "".join(f" {f'b1 ms/{t}t':>10} {f'b256 ms/{t}t':>12}" for t in args.threads)
+    print(f"{'model':<14} {'precision':<9} {'weights':>10} {'bytes':>11}{cols} {'best b1':>8} {'frames/s':>9}")
     for name, r in rows.items():
-        print(f"{name:<14} {r['precision']:<9} {r['parameters']:>10,d} {r['bytes']:>11,d} {r['latency_b1_ms']:>8.3f} "
-              f"{r['latency_b256_ms']:>9.2f} {256e3 / r['latency_b256_ms']:>9.0f}")
+        cells = "".join(f" {r['b1_ms'][t]:>10.3f} {r['b256_ms'][t]:>12.2f}" for t in args.threads)
+        print(f"{name:<14} {r['precision']:<9} {r['parameters']:>10,d} {r['bytes']:>11,d}{cells} "
+              f"{r['latency_b1_ms']:>8.3f} {256e3 / r['latency_b256_ms']:>9.0f}")
     print(f"size ratio teacher/student-int8: {result['size_ratio']:.1f}x (target >= {SIZE_TARGET:.0f}x) "
           f"{'OK' if result['meets_size'] else 'MISSED'}")
     print(f"batch-1 latency ratio: {result['latency_ratio_b1']:.1f}x (target >= {LATENCY_TARGET:.0f}x) "
-          f"{'OK' if result['meets_latency'] else 'MISSED'}; batch-256 ratio {result['latency_ratio_b256']:.1f}x")
+          f"{'OK' if result['meets_latency'] else 'MISSED'} (each model at its fastest thread count; at equal threads: "
+          + ", ".join(f"{t}t {result[f'latency_ratio_b1_threads{t}']:.1f}x" for t in args.threads)
+          + f"); batch-256 ratio {result['latency_ratio_b256']:.1f}x")
     print(json.dumps(result, sort_keys=True))
     return result
 

@@ -1,7 +1,7 @@
 """The transformer planner shared by teacher and student, its structured pruning, and its ONNX export.
 
 Tokens (B = batch): one ego token embedded from the whole ego history (B, H*Fe), K agent tokens (B, K, Fa) and one
-lane token (B, Fl), each with a learned token-type embedding, so a sequence of S = K + 2 tokens of width d. Pre-norm
+lane token (B, Fl), each from its own embedding MLP, so a sequence of S = K + 2 tokens of width d. Pre-norm
 encoder layers attend over them with padding agents masked out; the heads read the ego token after a final norm:
 
 - trajectory (B, T, 3): future x, y in metres and yaw in rad in the current ego frame (see shadow.featurize);
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _MASK_NEG = -1e4
 # Output scales: the trajectory head predicts roughly unit-sized numbers that these turn into metres and radians.
 _TRAJ_SCALE = (40.0, 4.0, 0.2)
+TOKENS = fz.MAX_AGENTS + 2  # ego, agents, lane
 
 
 class PlannerConfig(BaseModel):
@@ -65,27 +66,26 @@ class PlannerConfig(BaseModel):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v projections so whole heads can be cut out.
+    """Multi-head self-attention over a fixed number of tokens; whole heads can be cut out of it.
 
-    x (B, S, d), bias (B, 1, 1, S) additive mask -> (B, S, d).
+    x (B, S, d), bias (B, 1, 1, S) additive mask -> (B, S, d). One fused q|k|v projection and reshapes with constant
+    shapes keep the exported graph small: at batch 1 a runtime's cost is mostly per node.
     """
 
-    def __init__(self, width: int, heads: int, head_dim: int) -> None:
+    def __init__(self, width: int, heads: int, head_dim: int, tokens: int) -> None:
         super().__init__()
-        self.heads, self.head_dim = heads, head_dim
+        self.heads, self.head_dim, self.tokens = heads, head_dim, tokens
         inner = heads * head_dim
-        self.q, self.k, self.v = (nn.Linear(width, inner) for _ in range(3))
+        self.qkv = nn.Linear(width, 3 * inner)
         self.out = nn.Linear(inner, width)
         self.record = False  # keep the per-head context and its gradient for importance scores
         self.context: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).reshape(-1, self.tokens, 3 * self.heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.heads, dim=1)  # (B, h, S, hd) each; split, not unbind: no squeeze nodes
         att = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + bias, dim=-1)
-        ctx = (att @ v).transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
+        ctx = (att @ v).transpose(1, 2).reshape(-1, self.tokens, self.heads * self.head_dim)
         if self.record and ctx.requires_grad:
             ctx.retain_grad()
             self.context = ctx
@@ -95,10 +95,10 @@ class Attention(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm transformer layer: x + attn(norm(x)), then x + ffn(norm(x)). Shapes (B, S, d) -> (B, S, d)."""
 
-    def __init__(self, width: int, heads: int, head_dim: int, ffn: int, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, head_dim: int, ffn: int, dropout: float, tokens: int) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = Attention(width, heads, head_dim)
+        self.attn = Attention(width, heads, head_dim, tokens)
         self.fc1, self.fc2 = nn.Linear(width, ffn), nn.Linear(ffn, width)
         self.drop = nn.Dropout(dropout)
         self.record = False
@@ -127,32 +127,26 @@ class Planner(nn.Module):
         d = config.width
         self.ego_embed = _mlp(fz.HISTORY * fz.EGO_FEATURES, d)
         self.agent_embed = _mlp(fz.AGENT_FEATURES, d)
-        self.lane_embed = _mlp(fz.LANE_FEATURES, d)
-        self.type_embed = nn.Parameter(torch.zeros(3, d))
+        self.lane_embed = _mlp(fz.LANE_FEATURES, d)  # the last bias of each embedding doubles as token-type code
         self.layers = nn.ModuleList(
-            EncoderLayer(d, config.heads_of(i), config.head_dim, config.ffn_of(i), config.dropout)
+            EncoderLayer(d, config.heads_of(i), config.head_dim, config.ffn_of(i), config.dropout, TOKENS)
             for i in range(config.depth))
         self.norm = nn.LayerNorm(d)
         self.traj_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, fz.HORIZON * 3))
         self.maneuver_head = nn.Linear(d, fz.NUM_MANEUVERS)
         self.register_buffer("traj_scale", torch.tensor(_TRAJ_SCALE, dtype=torch.float32), persistent=False)
-        nn.init.normal_(self.type_embed, std=0.02)
 
     def forward(self, ego_hist: torch.Tensor, agents: torch.Tensor, agent_mask: torch.Tensor,
                 lane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b = ego_hist.shape[0]
-        tokens = torch.cat([
-            self.ego_embed(ego_hist.reshape(b, -1)).unsqueeze(1) + self.type_embed[0],
-            self.agent_embed(agents) + self.type_embed[1],
-            self.lane_embed(lane).unsqueeze(1) + self.type_embed[2]], dim=1)
-        ones = torch.ones_like(agent_mask[:, :1])
-        valid = torch.cat([ones, agent_mask, ones], dim=1)
-        bias = ((1.0 - valid) * _MASK_NEG).reshape(b, 1, 1, -1)
+        tokens = torch.cat([self.ego_embed(ego_hist.flatten(1)).unsqueeze(1), self.agent_embed(agents),
+                            self.lane_embed(lane).unsqueeze(1)], dim=1)
+        valid = F.pad(agent_mask, (1, 1), value=1.0)  # the ego and lane tokens are always there
+        bias = ((1.0 - valid) * _MASK_NEG).reshape(-1, 1, 1, TOKENS)
         x = tokens
         for layer in self.layers:
             x = layer(x, bias)
         ego = self.norm(x[:, 0])
-        traj = self.traj_head(ego).reshape(b, fz.HORIZON, 3) * self.traj_scale
+        traj = self.traj_head(ego).reshape(-1, fz.HORIZON, 3) * self.traj_scale
         return traj, self.maneuver_head(ego)
 
     def num_parameters(self) -> int:
@@ -227,9 +221,9 @@ def prune(model: Planner, importance: Importance, keep_heads: float, keep_ffn: f
         cols = (hk[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
         fk = _keep(importance.ffn[i], ffns[i])
         p = f"layers.{i}."
-        for name in ("q", "k", "v"):
-            state[p + f"attn.{name}.weight"] = layer.attn.get_submodule(name).weight[cols]
-            state[p + f"attn.{name}.bias"] = layer.attn.get_submodule(name).bias[cols]
+        inner = layer.attn.heads * hd
+        rows = torch.cat([cols, inner + cols, 2 * inner + cols])  # the kept heads' rows of q, of k and of v
+        state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"] = layer.attn.qkv.weight[rows], layer.attn.qkv.bias[rows]
         state[p + "attn.out.weight"] = layer.attn.out.weight[:, cols]
         state[p + "fc1.weight"], state[p + "fc1.bias"] = layer.fc1.weight[fk], layer.fc1.bias[fk]
         state[p + "fc2.weight"] = layer.fc2.weight[:, fk]

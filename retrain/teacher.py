@@ -158,8 +158,8 @@ def fit(model: Planner, data: dict[str, np.ndarray], loss_fn: BatchLoss, cfg: Op
     if n == 0:
         raise ValueError("no training frames")
     rng = np.random.default_rng(seed)
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "type_embed" not in name]
-    rest = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "type_embed" not in name)]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norms do not
+    rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
                             lr=cfg.lr)
     model.train()
