@@ -80,7 +80,7 @@ class AgentConfig(_Model):
     tls_ca: Path | None = Field(None, description="CA that signed the server certificate; enables TLS")
     tls_cert: Path | None = Field(None, description="vehicle certificate for mTLS")
     tls_key: Path | None = Field(None, description="vehicle private key for mTLS")
-    frames_per_chunk: int = Field(100, ge=1, le=100_000, description="frames per DriveChunk (10 s at 10 Hz)")
+    frames_per_chunk: int = Field(250, ge=1, le=100_000, description="frames per DriveChunk (25 s at 10 Hz, ~350 KB with 30 agents)")
     window: int = Field(8, ge=1, le=1024, description="chunks sent ahead of the last ack per stream")
     concurrency: int = Field(16, ge=1, le=4096, description="drives uploaded at once")
     max_attempts: int = Field(12, ge=1, description="attempts per drive before giving up on it")

@@ -124,8 +124,20 @@ class KafkaBridge:
             request_timeout_ms=int(cfg.produce_timeout_s * 1000),
             delivery_timeout_ms=int(cfg.produce_timeout_s * 1000) + 1000,
         )
-        # One thread: send() may block on metadata when Kafka is down, and one thread keeps per-drive order.
+        # send() blocks only while a topic's metadata is unknown: those sends go through one thread (in order) and
+        # everything else is sent inline once nothing is queued there, so the produce order is the send order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="produce")
+        self._warm: set[str] = set()
+        self._backlog = 0
+
+    def warm(self, topics: list[str]) -> None:
+        """Fetch the topics' metadata (blocking); afterwards send() to them never blocks the event loop."""
+        for topic in topics:
+            try:
+                self.producer.partitions_for(topic)
+                self._warm.add(topic)
+            except Exception as exc:  # Kafka down at start: those sends go through the thread until it answers
+                log.warning("no metadata for %s yet (%r); producing through a thread until there is", topic, exc)
 
     def send(self, topic: str, key: bytes, value: bytes, on_done) -> asyncio.Future:
         """Produce; the returned future resolves with the record metadata once Kafka has it durably (acks=all).
@@ -148,17 +160,35 @@ class KafkaBridge:
         def submit() -> None:
             try:
                 f = self.producer.send(topic, key=key, value=value)
-            except Exception as exc:  # KafkaTimeoutError when metadata is unavailable, buffer exhaustion
+            except Exception as exc:  # KafkaTimeoutError when metadata is unavailable
                 self.loop.call_soon_threadsafe(settle, None, exc)
                 return
             f.add_callback(lambda md: self.loop.call_soon_threadsafe(settle, md, None))
             f.add_errback(lambda e: self.loop.call_soon_threadsafe(settle, None, e))
 
-        self._executor.submit(submit)
+        if topic in self._warm and not self._backlog:
+            submit()  # appends to the accumulator: no I/O, no blocking once the topic's partitions are known
+        else:
+            # metadata may block: off the loop, and one thread keeps the order of everything sent this way
+            self._backlog += 1
+            self._executor.submit(self._run_then_warm, submit, topic)
         return fut
 
+    def _run_then_warm(self, submit, topic: str) -> None:
+        try:
+            submit()
+            if self.producer.partitions_for(topic):
+                self._warm.add(topic)
+        except Exception:
+            pass
+        finally:
+            self.loop.call_soon_threadsafe(self._drained)
+
+    def _drained(self) -> None:
+        self._backlog -= 1
+
     def send_nowait(self, topic: str, key: bytes, value: bytes) -> None:
-        self._executor.submit(self.producer.send, topic, key=key, value=value)
+        self.send(topic, key, value, lambda _: None)
 
     def close(self, timeout: float = 10.0) -> None:
         self._executor.shutdown(wait=True)
@@ -219,6 +249,7 @@ class IngestService:
         loop = asyncio.get_running_loop()
         self.drives = await loop.run_in_executor(None, load_progress, self.kafka)
         self.bridge = KafkaBridge(self.kafka, self.cfg, loop)
+        await loop.run_in_executor(None, self.bridge.warm, [self.kafka.frames_topic, self.kafka.progress_topic])
         self.budget = ByteBudget(self.cfg.max_inflight_bytes)
         options = [("grpc.max_receive_message_length", self.cfg.max_chunk_bytes * 2),
                    ("grpc.max_send_message_length", 1 << 20)]
