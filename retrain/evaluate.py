@@ -134,3 +134,25 @@ def report(student_path: Path, teacher_path: Path, drive_paths: Sequence[Path], 
     s = predict(session(student_path, threads), feats, batch_size)
     t = predict(session(teacher_path, threads), feats, batch_size)
     return compare(s, t, feats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m retrain.evaluate STUDENT TEACHER DRIVE_FILE_OR_DIR... : the table, then the records as JSON."""
+    import argparse
+    import json
+
+    from ingest.lake import list_drive_files
+
+    ap = argparse.ArgumentParser(description="Student vs teacher on drives, per condition and road type.")
+    ap.add_argument("student", type=Path)
+    ap.add_argument("teacher", type=Path)
+    ap.add_argument("drives", type=Path, nargs="+", help="drive files or drive directories")
+    args = ap.parse_args(argv)
+    paths = [q for p in args.drives for q in (list_drive_files(p) if p.is_dir() else [p])]
+    records = report(args.student, args.teacher, paths)
+    print(format_table(records))
+    print(json.dumps(records))
+
+
+if __name__ == "__main__":
+    main()

@@ -286,3 +286,32 @@ def _register(config: StudentConfig, result: StudentResult, teacher_spec: ModelS
     reg.register(config.name, config.version, result.out_dir / "int8",
                  parents=[f"{config.name}-fp32:{config.version}", *parents], recipe="retrain.student",
                  dataset_sha256=ds_hash, metrics={**overall, "size_ratio_vs_teacher": result.size_ratio_int8_vs_teacher})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m retrain.student DRIVES TEACHER OUT [--registry DIR] [--seed N] [--config JSON-FILE]"""
+    import argparse
+
+    from retrain.evaluate import format_table
+
+    ap = argparse.ArgumentParser(description="Distil, prune and quantize student v0 from a teacher.")
+    ap.add_argument("drives_dir", type=Path)
+    ap.add_argument("teacher", type=Path, help="teacher model directory (model.onnx + spec.json)")
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--registry", type=Path)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--config", type=Path, help="JSON file with StudentConfig fields (command-line values win)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    fields = json.loads(args.config.read_text()) if args.config else {}
+    fields.update(drives_dir=args.drives_dir, teacher=args.teacher, out_dir=args.out_dir)
+    for key in ("registry", "seed"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    result = run(StudentConfig.model_validate(fields))
+    print(result.model_dump_json(indent=2, exclude={"heldout_fp32", "heldout_int8"}))
+    print(format_table(result.heldout_int8))
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.lake import list_drive_files
 from retrain.architectures import Planner, PlannerConfig, export_onnx, tensors
 from retrain.evaluate import predict, session, split_drives, vs_expert
-from shadow.featurize import INPUT_NAMES, Features, featurize_drive_files
+from shadow.featurize import Features, featurize_drive_files
 from shadow.spec import MODEL_FILE, ModelSpec, read_spec, write_spec
 
 log = logging.getLogger(__name__)
@@ -268,3 +268,30 @@ def run(config: TeacherConfig) -> TeacherResult:
         Registry(config.registry).register(config.name, config.version, out, parents=[], recipe="retrain.teacher",
                                            dataset_sha256=ds_hash, metrics=metrics)
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m retrain.teacher DRIVES OUT [--registry DIR] [--seed N] [--steps N] [--config JSON-FILE]"""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Train the teacher planner on a drives directory.")
+    ap.add_argument("drives_dir", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--registry", type=Path)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--config", type=Path, help="JSON file with TeacherConfig fields (command-line values win)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    fields = json.loads(args.config.read_text()) if args.config else {}
+    fields.update(drives_dir=args.drives_dir, out_dir=args.out_dir)
+    for key in ("registry", "seed"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if args.steps is not None:
+        fields.setdefault("optim", {})["steps"] = args.steps
+    print(run(TeacherConfig.model_validate(fields)).model_dump_json(indent=2))
+
+
+if __name__ == "__main__":
+    main()
