@@ -1,0 +1,429 @@
+"""Batch shadow replay over the lake: teacher and student on every logged frame not yet replayed for their pair.
+
+    report = replay("data/lake", "artifacts/teacher", "artifacts/student/int8", ReplayConfig())
+
+Incremental by offset coverage (see shadow.outputs): for each Kafka partition, the live `frames` files are cut into
+units, the parts of each file's offset range that the pair's live `divergences` files do not cover. Replaying twice
+does nothing the second time; new frames files are the only new units; a new student version is a new pair id and
+replays the whole history; a crash leaves at most some files without their divergences marker, which the rerun
+overwrites under the same names. No state lives outside the lake.
+
+Context. A frame's features need the ego history (9 frames before it), its driver metrics the logged future (4 s =
+40 frames after it), and a scenario window it opens the rest of its window (W - 1 frames). All chunks of a drive are
+in one Kafka partition, so the partition's files hold the context; which file holds which seqs of which drive comes
+from the `flywheel.drive_seq` footers alone, and only those rows are read (tables cached per group). A unit is
+replayed once its context is in the lake: every drive in it has its frames up to `context_after` frames past its
+last frame stored, or has been quiet for `drive_end_idle_s` (it ended; its last frames get null driver metrics).
+Otherwise the unit is deferred to a later run (counted in the report).
+
+Scenario windows are frames seq // W of a drive. A window's row is written with the unit holding the window's first
+stored frame, aggregated over all of its frames (later ones come from the loaded context).
+
+Coexistence with the streaming worker (shadow.stream): both write the same tables with the same naming, so
+whatever offsets one covered the other skips. The batch refreshes the pair's coverage before each group; do not
+run both on the same pair and partition at the same moment (their files could overlap by a few offsets).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from ingest.contract import ENUMS
+from ingest.lake import LakeFile, live_files, remove_stale_temporaries
+from ingest.lake_index import SeqRanges, read_drive_seq, scan_drive_seq
+from shadow import featurize as fz
+from shadow.criteria import pass_rates
+from shadow.outputs import CONTEXT_OFFSET_KEY, Coverage, Output, write_unit
+from shadow.pipeline import WINDOW_META, PipelineConfig, Shadow
+from shadow.stream import StreamConfig
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class ReplayConfig(PipelineConfig):
+    """The batch replayer: what it computes (PipelineConfig) and how it walks the lake."""
+
+    group_frames: int = Field(16384, ge=1, description="frames loaded, featurized and run together (several "
+                              "units of a partition); larger amortises per-call costs, costs memory")
+    drive_end_idle_s: float = Field(120.0, ge=0, description="a drive whose newest stored frame arrived this long "
+                                    "ago has ended: replay its last frames without waiting for their future")
+    topic: str | None = Field(None, description="only frames files of this Kafka topic (None: all)")
+    partitions: list[int] | None = Field(None, description="only these Kafka partitions (None: all)")
+    row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
+
+
+class ShadowConfig(BaseModel):
+    """Settings of `flywheel shadow` (nested as [shadow] in flywheel.settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lake_dir: Path = Field(Path("data/lake"), description="root of the Parquet lake")
+    teacher: Path | None = Field(None, description="teacher model directory or .onnx (with spec.json beside it)")
+    student: Path | None = Field(None, description="student model directory or .onnx")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="batch replay")
+    stream: StreamConfig = Field(default_factory=StreamConfig, description="streaming worker")
+
+
+class ReplayReport(BaseModel):
+    """What one replay run did; records are plain dicts for printing or JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replay_id: str
+    pair: str
+    teacher: str
+    student: str
+    frames_replayed: int = 0
+    frames_computed: int = Field(0, description="replayed frames plus window context computed with them")
+    units: int = Field(0, description="offset ranges replayed")
+    units_deferred: int = Field(0, description="offset ranges whose context is not in the lake yet")
+    files_covered: int = Field(0, description="frames files the pair had replayed already")
+    files_written: int = 0
+    windows: int = 0
+    noise_frames: int = 0
+    seconds: float = 0.0
+    frames_per_s: float = 0.0
+    by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value")
+    pass_rates: list[dict] = Field(default_factory=list, description="criteria pass rates vs required")
+    noise_floor: dict = Field(default_factory=dict, description="teacher vs itself across runtimes")
+
+
+# ------------------------------------------------------------------------------------------------ partition index
+
+
+@dataclass
+class _File:
+    lake_file: LakeFile
+    date: str
+    drive_seq: dict[str, SeqRanges]
+    rows: int
+    max_ingest_s: float
+
+
+def _file_info(f: LakeFile) -> _File:
+    md = pq.read_metadata(f.path)
+    seqs = read_drive_seq(f.path)
+    if seqs is None:
+        seqs = scan_drive_seq(f.path)
+    ingest = None
+    leaves = [md.schema.column(j).path for j in range(md.num_columns)]
+    if md.num_row_groups and "ingest_time" in leaves:
+        j = leaves.index("ingest_time")
+        stats = [md.row_group(i).column(j).statistics for i in range(md.num_row_groups)]
+        if all(s is not None and s.has_min_max for s in stats):
+            ingest = max(s.max for s in stats).timestamp()  # from the footer: no column read
+    if ingest is None:
+        t = pq.read_table(f.path, columns=["ingest_time"])["ingest_time"]
+        ingest = pc.max(t).as_py().timestamp() if len(t) else 0.0
+    date = f.path.parent.name.split("=", 1)[-1]
+    return _File(f, date, seqs, md.num_rows, ingest)
+
+
+class PartitionIndex:
+    """What one partition's live frames files hold, from their footers: per drive, the seq ranges and where."""
+
+    def __init__(self, files: list[LakeFile]) -> None:
+        self.files = [_file_info(f) for f in files]
+        self.ranges: dict[str, SeqRanges] = {}
+        self.where: dict[str, list[tuple[int, int, int]]] = {}  # drive -> (lo, hi, file index)
+        self.last_ingest: dict[str, float] = {}
+        for i, info in enumerate(self.files):
+            for d, r in info.drive_seq.items():
+                known = self.ranges.setdefault(d, SeqRanges())
+                for lo, hi in r.ranges:
+                    known.add(lo, hi)
+                    self.where.setdefault(d, []).append((lo, hi, i))
+                self.last_ingest[d] = max(self.last_ingest.get(d, 0.0), info.max_ingest_s)
+
+    def files_for(self, drive: str, lo: int, hi: int) -> set[int]:
+        return {i for a, b, i in self.where.get(drive, ()) if a <= hi and b >= lo}
+
+    def first_stored(self, drive: str, lo: int, hi: int) -> int | None:
+        """Smallest stored seq of `drive` in [lo, hi], None if none."""
+        for a, b in self.ranges.get(drive, SeqRanges()).ranges:
+            if b >= lo and a <= hi:
+                return max(a, lo)
+        return None
+
+
+@dataclass
+class _Unit:
+    file: int  # index into PartitionIndex.files
+    lo: int
+    hi: int
+    frames: int  # estimate, for progress
+
+
+@dataclass
+class _Totals:
+    cond: dict = field(default_factory=dict)  # (group, value) -> [frames, ade, miss, disagree, score]
+    windows: dict = field(default_factory=lambda: {"road_type": [], "lighting": [], "weather": [], "passed": []})
+    noise: list = field(default_factory=lambda: [0, 0.0, 0.0, 0.0])  # frames, sum ade_4s, max fde_4s, sum jsd
+
+
+# ------------------------------------------------------------------------------------------------------- replay
+
+
+def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayConfig | None = None,
+           progress: Progress | None = None, shadow: Shadow | None = None) -> ReplayReport:
+    """Replay every frame of the lake the pair has not replayed yet; see the module docstring.
+
+    `progress(done, total)` is called with estimated frame counts after each unit is written. `shadow` reuses
+    models already loaded (it must have been built with the same config).
+    """
+    config = config or ReplayConfig()
+    lake = Path(lake)
+    t0 = time.perf_counter()
+    shadow = shadow or Shadow(teacher_path, student_path, config)
+    report = ReplayReport(replay_id=uuid.uuid4().hex, pair=shadow.pair, teacher=shadow.teacher_id,
+                          student=shadow.student_id)
+    for table in ("decisions", "divergences", "scenarios", "noise_floor"):
+        remove_stale_temporaries(lake, table)
+    coverage = Coverage(lake)
+    parts: dict[tuple[str, int], list[LakeFile]] = {}
+    for f in live_files(lake, "frames", config.topic):
+        if config.partitions is None or f.partition in config.partitions:
+            parts.setdefault((f.topic, f.partition), []).append(f)
+    plans = []
+    for (topic, partition), files in sorted(parts.items()):
+        index = PartitionIndex(files)
+        done = coverage.get("divergences", "pair", shadow.pair, topic, partition)
+        units = []
+        for i, info in enumerate(index.files):
+            f = info.lake_file
+            todo = done.missing(f.first, f.last)
+            if not todo:
+                report.files_covered += 1
+                continue
+            if not _settled(info, index, config):
+                report.units_deferred += len(todo)
+                continue
+            span = f.last - f.first + 1
+            units += [_Unit(i, a, b, max(1, info.rows * (b - a + 1) // span)) for a, b in todo]
+        plans.append((topic, partition, index, units))
+    total = sum(u.frames for *_, units in plans for u in units)
+    done_frames = 0
+    totals = _Totals()
+    if progress:
+        progress(0, total)
+    for topic, partition, index, units in plans:
+        cache: OrderedDict[int, pa.Table] = OrderedDict()
+        for group in _groups(units, config.group_frames):
+            coverage.refresh(topic, partition)  # the streaming worker may have covered some offsets meanwhile
+            have = coverage.get("divergences", "pair", shadow.pair, topic, partition)
+            group = [_Unit(u.file, a, b, u.frames) for u in group for a, b in have.missing(u.lo, u.hi)]
+            if not group:
+                continue
+            for u, n in _replay_group(shadow, coverage, topic, partition, index, group, cache, config, report,
+                                      totals):
+                done_frames += u.frames
+                if progress:
+                    progress(min(done_frames, total), total)
+    report.seconds = time.perf_counter() - t0
+    report.frames_per_s = report.frames_replayed / report.seconds if report.seconds else 0.0
+    _summarise(report, totals, shadow)
+    log.info("replay %s of %s: %d frames in %d units (%d deferred, %d files already covered), %.0f frames/s",
+             report.replay_id, report.pair, report.frames_replayed, report.units, report.units_deferred,
+             report.files_covered, report.frames_per_s)
+    return report
+
+
+def _settled(info: _File, index: PartitionIndex, config: ReplayConfig) -> bool:
+    """Whether every drive of a frames file has its context after it in the lake, or has ended."""
+    need = config.context_after()
+    now = time.time()
+    for d, r in info.drive_seq.items():
+        if index.ranges[d].max >= r.max + need:
+            continue
+        if now - index.last_ingest.get(d, 0.0) >= config.drive_end_idle_s:
+            continue
+        return False
+    return True
+
+
+def _groups(units: list[_Unit], frames: int):
+    group, n = [], 0
+    for u in units:
+        group.append(u)
+        n += u.frames
+        if n >= frames:
+            yield group
+            group, n = [], 0
+    if group:
+        yield group
+
+
+def _read(index: PartitionIndex, i: int, cache: OrderedDict, keep: int = 6) -> pa.Table:
+    if i in cache:
+        cache.move_to_end(i)
+        return cache[i]
+    t = pq.read_table(index.files[i].lake_file.path)
+    cache[i] = t
+    while len(cache) > keep:
+        cache.popitem(last=False)
+    return t
+
+
+def _load(index: PartitionIndex, group: list[_Unit], cache: OrderedDict, config: ReplayConfig
+          ) -> tuple[pa.Table, np.ndarray]:
+    """Rows the group needs (its units' frames and their context), sorted by (drive_id, seq); and the file
+    index each row came from (N,)."""
+    before, after = config.history_frames(), config.context_after()
+    need: dict[str, list[int]] = {}
+    for u in group:
+        for d, r in index.files[u.file].drive_seq.items():
+            lo, hi = r.ranges[0][0] - before, r.max + after
+            cur = need.setdefault(d, [lo, hi])
+            cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
+    files: set[int] = set()
+    for d, (lo, hi) in need.items():
+        files |= index.files_for(d, lo, hi)
+    drives = pa.array(list(need), pa.string())
+    lo_a = np.array([v[0] for v in need.values()], np.int64)
+    hi_a = np.array([v[1] for v in need.values()], np.int64)
+    parts, src = [], []
+    for i in sorted(files):
+        t = _read(index, i, cache)
+        di = pc.index_in(t["drive_id"], value_set=drives).fill_null(-1).to_numpy(zero_copy_only=False)
+        seq = t["seq"].to_numpy()
+        d = np.maximum(di, 0)
+        mask = (di >= 0) & (seq >= lo_a[d]) & (seq <= hi_a[d])
+        if mask.any():
+            parts.append(t.filter(pa.array(mask)))
+            src.append(np.full(int(mask.sum()), i))
+    table = pa.concat_tables(parts)
+    src_a = np.concatenate(src)
+    order = pc.sort_indices(table, [("drive_id", "ascending"), ("seq", "ascending")]).to_numpy()
+    return table.take(pa.array(order)), src_a[order]
+
+
+def _windows(table: pa.Table, unit_of: np.ndarray, index: PartitionIndex, w_frames: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Scenario windows the group's units write: (window id per row (N,), -1 for none; emitting unit per id)."""
+    drive = table["drive_id"].to_numpy(zero_copy_only=False)
+    seq = table["seq"].to_numpy()
+    names, dcode = np.unique(drive, return_inverse=True)
+    w = seq // w_frames
+    key = dcode.astype(np.int64) * (int(w.max(initial=0)) + 1) + w
+    mine = unit_of >= 0
+    window = np.full(len(seq), -1, np.int64)
+    emitters = []
+    row_of = {(int(dcode[r]), int(seq[r])): r for r in np.flatnonzero(mine)}
+    for k in np.unique(key[mine]):
+        r0 = int(np.flatnonzero(key == k)[0])
+        d, wi = int(dcode[r0]), int(w[r0])
+        first = index.first_stored(str(names[d]), wi * w_frames, wi * w_frames + w_frames - 1)
+        r = row_of.get((d, first)) if first is not None else None
+        if r is None:
+            continue  # the window's first frame is in another unit (or already replayed): that one writes it
+        window[key == k] = len(emitters)
+        emitters.append(int(unit_of[r]))
+    return window, np.array(emitters, np.int64)
+
+
+def _replay_group(shadow: Shadow, coverage: Coverage, topic: str, partition: int, index: PartitionIndex,
+                  group: list[_Unit], cache: OrderedDict, config: ReplayConfig, report: ReplayReport,
+                  totals: _Totals):
+    table, src = _load(index, group, cache, config)
+    off = table["kafka_offset"].to_numpy()
+    seq = table["seq"].to_numpy()
+    unit_of = np.full(table.num_rows, -1, np.int64)
+    for k, u in enumerate(group):
+        unit_of[(src == u.file) & (off >= u.lo) & (off <= u.hi)] = k
+    window, emitter = _windows(table, unit_of, index, config.window_frames)
+    mine = unit_of >= 0
+    c = shadow.compute(table, mine | (window >= 0), mine & (seq % config.noise_every == 0))
+    rid = report.replay_id
+    dec_t = shadow.decisions(table, c, "teacher", rid)
+    dec_s = shadow.decisions(table, c, "student", rid)
+    div = shadow.divergences(table, c, rid)
+    noise = shadow.noise_floor(table, c, rid)
+    meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
+    scen = shadow.scenarios(meta, c.metrics, c.conditions, window[c.rows], rid)
+    c_unit = unit_of[c.rows]
+    n_unit = c_unit[c.noise_pos]
+    drive = table["drive_id"].to_numpy(zero_copy_only=False)
+    _accumulate(totals, c, c_unit >= 0, scen)
+    report.frames_computed += int(c.rows.shape[0])
+    for k, u in enumerate(group):
+        sel = c_unit == k
+        rows = c.rows[sel]
+        outputs = [Output("decisions", "model", shadow.teacher_id, dec_t.filter(pa.array(sel))),
+                   Output("decisions", "model", shadow.student_id, dec_s.filter(pa.array(sel))),
+                   Output("noise_floor", "model", shadow.teacher_id, noise.filter(pa.array(n_unit == k))),
+                   Output("scenarios", "pair", shadow.pair, scen.filter(pa.array(emitter == k))),
+                   Output("divergences", "pair", shadow.pair, div.filter(pa.array(sel)))]
+        footer = {CONTEXT_OFFSET_KEY: str(_context_offset(drive[rows], seq[rows], off[rows], u.hi + 1)),
+                  "flywheel.shadow.replay_id": rid}
+        res = write_unit(coverage, index.files[u.file].date, topic, partition, u.lo, u.hi, outputs, footer,
+                         config.row_group_rows)
+        report.units += 1
+        report.files_written += len(res.files)
+        report.frames_replayed += int(sel.sum())
+        report.windows += int((emitter == k).sum())
+        report.noise_frames += int((n_unit == k).sum())
+        yield u, int(sel.sum())
+
+
+def _context_offset(drive: np.ndarray, seq: np.ndarray, offset: np.ndarray, default: int) -> int:
+    """Smallest Kafka offset among the last HISTORY - 1 frames of each drive: where a consumer resuming after these
+    rows must start reading to have every continuing drive's ego history."""
+    if drive.shape[0] == 0:
+        return default
+    names, code = np.unique(drive, return_inverse=True)
+    hi = np.full(names.shape[0], -1, np.int64)
+    np.maximum.at(hi, code, seq)
+    recent = seq > hi[code] - (fz.HISTORY - 1)
+    return int(offset[recent].min())
+
+
+def _accumulate(totals: _Totals, c, written: np.ndarray, scen: pa.Table) -> None:
+    m = c.metrics
+    for group in ("road_type", "lighting", "weather"):
+        codes = c.conditions[group]
+        for code in np.unique(codes[written]):
+            sel = written & (codes == code)
+            acc = totals.cond.setdefault((group, ENUMS[group][1][int(code)]), [0, 0.0, 0, 0, 0.0])
+            acc[0] += int(sel.sum())
+            acc[1] += float(m["ade_4s"][sel].sum())
+            acc[2] += int(m["miss_4s"][sel].sum())
+            acc[3] += int(m["maneuver_disagree"][sel].sum())
+            acc[4] += float(m["score"][sel].sum())
+    for k in ("road_type", "lighting", "weather"):
+        totals.windows[k] += scen[k].cast(pa.string()).to_pylist()
+    totals.windows["passed"] += scen["passed"].to_pylist()
+    if c.noise:
+        n = totals.noise
+        n[0] += len(c.noise["ade_4s"])
+        n[1] += float(c.noise["ade_4s"].sum())
+        n[2] = max(n[2], float(c.noise["fde_4s"].max(initial=0.0)))
+        n[3] += float(c.noise["maneuver_jsd"].sum())
+
+
+def _summarise(report: ReplayReport, totals: _Totals, shadow: Shadow) -> None:
+    report.by_condition = [{"group": g, "value": v, "frames": a[0], "mean_ade_4s": a[1] / a[0],
+                            "miss_rate_4s": a[2] / a[0], "disagree_rate": a[3] / a[0], "mean_score": a[4] / a[0]}
+                           for (g, v), a in sorted(totals.cond.items()) if a[0]]
+    w = totals.windows
+    if w["passed"]:
+        report.pass_rates = pass_rates({k: np.array(v, object) for k, v in w.items() if k != "passed"},
+                                       np.array(w["passed"]), shadow.criteria)
+    n = totals.noise
+    if n[0]:
+        report.noise_floor = {"frames": n[0], "mean_ade_4s": n[1] / n[0], "max_fde_4s": n[2],
+                              "mean_jsd": n[3] / n[0], "runtime_a": shadow.teacher.runtime.label(),
+                              "runtime_b": shadow.noise_teacher.runtime.label()}
