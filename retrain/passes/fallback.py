@@ -127,7 +127,7 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
                    "final_error": err, "met": err <= config.tolerance, "reverted": reverted,
                    "sensitivity": sensitivity, "steps": steps, "builds": len(builds),
                    "measured_on": f"{len(self.frames)} frames, onnxruntime on this CPU"}
-        if not summary["met"]:
+        if config.enabled and not summary["met"]:
             log.warning("%s fallback: %s %.4f still above tolerance %.4f", self.target.chip, config.metric, err,
                         config.tolerance)
         return self.derive(best, config, path=final, spec=read_spec(final), plan=dict(plan), reference=reference,
