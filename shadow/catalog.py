@@ -331,11 +331,11 @@ class Catalog:
             settings["memory_limit"] = self.config.memory_limit
         self._con = duckdb.connect(":memory:", config=settings)
         # DuckDB adds its temp directory (default ./.tmp) to the allowed directories: give it a private one, or none
-        spill_dir = tempfile.mkdtemp(prefix="flywheel-sql-spill-") if self.config.spill else ""
-        if spill_dir:
-            weakref.finalize(self, shutil.rmtree, spill_dir, True)
+        self.spill_dir = tempfile.mkdtemp(prefix="flywheel-sql-spill-") if self.config.spill else ""
+        if self.spill_dir:
+            weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         for setting in ("SET TimeZone = 'UTC'", "SET parquet_metadata_cache = true",
-                        f"SET temp_directory = {_literal(spill_dir)}",
+                        f"SET temp_directory = {_literal(self.spill_dir)}",
                         f"SET allowed_directories = [{_literal(str(self.lake) + '/')}]",
                         "SET enable_external_access = false",
                         "SET lock_configuration = true"):  # last: from here on nothing above can be changed
