@@ -175,27 +175,42 @@ class _Log:
                 for v in env.road.vehicles if v is not ego and np.hypot(*(v.position - ego.position)) <= self.range]
         self.agents.append(np.array(rows, dtype=np.float64).reshape(-1, 8))
 
-    def window(self) -> SceneLog:
+    def window(self) -> tuple[SceneLog, tuple[float, float] | None]:
+        """The last HISTORY frames as a scene, and (speed, heading) of the frame before them (None at the start)."""
         k = min(HISTORY, len(self.ego))
         e = np.array(self.ego[-k:])
         a = self.agents[-k:]
         flat = np.concatenate(a) if a else np.zeros((0, 8))
         keys = ("id", "x", "y", "vx", "vy", "heading", "length", "width")
+        prev = (self.ego[-k - 1][3], self.ego[-k - 1][2]) if len(self.ego) > k else None
         return SceneLog(ego={key: e[:, i] for i, key in enumerate(self.EGO)},
                         agent_count=np.array([len(x) for x in a], np.int64),
-                        agents={key: flat[:, i] for i, key in enumerate(keys)})
+                        agents={key: flat[:, i] for i, key in enumerate(keys)}), prev
+
+    def command(self, steer: float, accel: float) -> None:
+        """The command applied from the last logged frame (logged with it, as the fleet does)."""
+        self.ego[-1][11:13] = [steer, accel]
 
 
-def _frames(scene: SceneLog, scenario: str, condition: int, cfg: FleetConfig, rng: np.random.Generator) -> Frames:
-    """The fleet's frame columns for a window of the episode (world frame, perceived agents)."""
+def _frames(scene: SceneLog, prev: tuple[float, float] | None, scenario: str, condition: int, cfg: FleetConfig,
+            rng: np.random.Generator) -> Frames:
+    """The fleet's frame columns for a window of the episode (world frame, perceived agents).
+
+    Acceleration and yaw rate are backward differences as the fleet logs them; `prev` is (speed, heading) of the
+    frame before the window, and at an episode's first frame the commanded acceleration and zero yaw rate stand in.
+    """
     w = to_world(scene, None)
     e, n = w.ego, scene.num_frames
     cond = np.full(n, condition)
     p = perceive(scene.agent_count, w.agents, e, cond, np.zeros(n, np.int64), cfg.perception.by_condition(), rng,
                  first_false_positive_id=10**6)
     dt = cfg.dt_s
-    accel = np.diff(e["speed"], prepend=e["speed"][:1]) / dt
-    yaw = (np.diff(e["heading"], prepend=e["heading"][:1]) + np.pi) % (2 * np.pi) - np.pi
+    # world headings are mirrored (to_world): the previous frame's goes through the same sign change
+    p_speed, p_heading = (e["speed"][0], e["heading"][0]) if prev is None else (prev[0], -prev[1])
+    accel = np.diff(e["speed"], prepend=p_speed) / dt
+    yaw = (np.diff(e["heading"], prepend=p_heading) + np.pi) % (2 * np.pi) - np.pi
+    if prev is None:
+        accel[0] = e["accel_cmd"][0]
     a = p.agents
     cols = {"timestamp_ns": 1_767_225_600 * 10**9 + np.arange(n, dtype=np.int64) * int(round(1e9 * dt)),
             "ego_x": e["x"], "ego_y": e["y"], "ego_heading": e["heading"], "ego_speed": e["speed"],
@@ -302,13 +317,14 @@ def run_episode(policy: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig,
         track.record(env)
         min_ttc = min(min_ttc, _ttc(env, cfg.ttc_cap_s))
         if policy.model is not None:
-            feats = featurize(_frames(track.window(), scenario, cond, cfg.fleet, rng), with_targets=False)
+            feats = featurize(_frames(*track.window(), scenario, cond, cfg.fleet, rng), with_targets=False)
             traj = sess.run(["trajectory"], {k: v[-1:] for k, v in feats.inputs().items()})[0][0]
             env.vehicle.command = dict(zip(("acceleration", "steering"), control_from_trajectory(
                 traj, env.vehicle.speed, env.vehicle.LENGTH, cfg.controller)))
         elif policy.accel is not None:
             env.vehicle.command = {"acceleration": policy.accel, "steering": policy.steer}
         crashed = step_env(env, cfg.fleet.sim_radius_m)
+        track.command(float(env.vehicle.action["steering"]), float(env.vehicle.action["acceleration"]))
         still = still + 1 if abs(env.vehicle.speed) < 0.1 else 0
         if crashed:
             reason = "collision"

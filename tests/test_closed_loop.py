@@ -87,12 +87,15 @@ def test_logged_state_matches_the_fleet_logger():
     for _ in range(12):
         log.record(env_b)
         env_b.step(None)
-    window = log.window()
+    window, prev = log.window()
+    assert prev is not None  # 12 frames logged, 10 in the window
     for key in ("x", "y", "heading", "speed", "lane_count", "lane_rank", "lane_width", "lane_offset",
                 "lane_heading", "lane_curvature", "speed_limit"):
         np.testing.assert_allclose(window.ego[key], scene.ego[key][-10:], err_msg=key)
-    frames = _frames(window, "highway", 0, fleet, np.random.default_rng(0))
+    frames = _frames(window, prev, "highway", 0, fleet, np.random.default_rng(0))
     np.testing.assert_allclose(frames.cols["ego_x"], to_world(scene, None).ego["x"][-10:])
+    speed = scene.ego["speed"]
+    np.testing.assert_allclose(frames.cols["ego_accel"], np.diff(speed[-11:]) / fleet.dt_s, rtol=1e-5, atol=1e-5)
     feats = featurize(frames, with_targets=False)
     assert feats.ego_hist.shape == (10, 10, 9) and feats.agent_mask[-1].sum() > 0
 
