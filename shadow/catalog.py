@@ -1,35 +1,27 @@
 """The lake as SQL: a locked-down, read-only DuckDB catalog over the live files of every lake table.
 
-`Catalog(lake)` opens an in-memory DuckDB database with one view per table of `ingest.lake.TABLES` (`frames`,
-`decisions`, `divergences`, `scenarios`, `noise_floor`), each over that table's LIVE files only (`live_files`: a file
-covered by a compacted one is hidden), with the hive partition keys as columns (`date` DATE, `model`, `pair`). An
-empty table still has its view, with the fixed schema and no rows. Saved queries (`shadow/queries/*.sql`) run by
-name with named parameters.
+`Catalog(lake)` is an in-memory DuckDB database with one view per table of `ingest.lake.TABLES` (frames, decisions,
+divergences, scenarios, noise_floor) over that table's LIVE files only (`live_files`: a file covered by a compacted
+one is hidden), with the hive partition keys as columns (`date` DATE, `model`, `pair`). An empty table still has its
+view: the fixed schema, no rows. `refresh()` re-resolves the live files. Saved queries (`shadow/queries/*.sql`) run
+by name with named parameters. `divergence_summary` and `divergence_by_condition` answer from a per-file rollup of
+the divergences (sums and counts, so every rollup of it is exact), built on first use and kept incremental by
+`refresh()`: aggregating 20 M frame rows takes about a second on two cores, the rollup answers in milliseconds.
 
-`divergence_summary` (per pair, day, road type, lighting, weather: frame counts and metric sums) and
-`divergence_by_condition` (means and rates per pair and condition) are backed by a per-file rollup of the
-frame-level divergences, built on first use and kept incremental by `refresh()` (only new live files are aggregated;
-files hidden by compaction drop out). Aggregating 20 M frame rows costs about a second on two cores; the rollup
-answers in milliseconds, and stays exact: sums and counts add up over files.
+SQL from users is read-only and cannot reach files outside the lake, each rule enforced by DuckDB itself:
 
-SQL from users is read-only and cannot reach files outside the lake. Each protection is enforced by DuckDB itself:
+* statement types come from DuckDB's parser (`duckdb.extract_statements`), never a regex: only SELECT-type statements
+  (SELECT, WITH, VALUES, FROM, TABLE, DESCRIBE, SHOW, SUMMARIZE, PIVOT, UNPIVOT) and EXPLAIN of one pass (EXPLAIN
+  ANALYZE runs its statement, so that is checked too); every statement of a string is checked before any runs;
+* each user statement runs in `BEGIN TRANSACTION READ ONLY`: the engine refuses writes to the views' database;
+* `enable_external_access=false`, `allowed_directories=[<lake>/]`: read_csv('/etc/passwd'), read_text, glob, ATTACH or
+  COPY of outside files, `..` and symlinks out of the lake fail in the engine; extensions cannot be installed or
+  loaded (auto-install/auto-load and community extensions off too); Python replacement scans are off;
+* `lock_configuration=true`, set last: no SET/RESET undoes any of it.
 
-* statements are classified by DuckDB's own parser (`duckdb.extract_statements`), never by regex: only SELECT-type
-  statements (SELECT, WITH, VALUES, FROM, TABLE, DESCRIBE, SHOW, SUMMARIZE, PIVOT, UNPIVOT) and EXPLAIN of one
-  (EXPLAIN ANALYZE executes its statement, so the explained statement is checked too) pass; every statement of a
-  multi-statement string is checked before anything runs;
-* every user statement runs inside `BEGIN TRANSACTION READ ONLY`, so the engine refuses writes to the database that
-  holds the views even if a write slipped past the parser check;
-* `enable_external_access=false` with `allowed_directories=[<lake>/]`: read_csv('/etc/passwd'), read_text, glob,
-  ATTACH of a file, COPY to a file outside the lake, `..` and symlinks out of the lake all fail in the engine;
-* `lock_configuration=true` (set last): no SET/RESET can undo the above;
-* extensions: auto-install/auto-load off, community extensions off, and loading is refused with external access off;
-* Python replacement scans off: a query cannot read the caller's Python variables.
-
-What DuckDB cannot enforce on its own: `allowed_directories` grants writes inside the lake as well as reads (COPY ... TO
-'<lake>/x' passes the engine), and temporary objects stay writable in a read-only transaction; both are closed by the
-statement check. The `DuckDBPyRelation` objects handed to Python callers are not a sandbox (their methods can run
-arbitrary SQL on the connection); the sandbox is for SQL text, which is what the CLI and the service API take.
+DuckDB alone cannot keep `COPY ... TO '<lake>/x'` out (allowed directories are writable) nor temporary objects (they
+stay writable in a read-only transaction): the statement check does. The relations handed to Python callers are not a
+sandbox (their methods run SQL of their own); the sandbox is for SQL text, what the CLI and the service API take.
 """
 
 from __future__ import annotations
@@ -60,33 +52,28 @@ QUERIES_DIR = Path(__file__).with_name("queries")
 HIVE_TYPES = {"date": "DATE", "model": "VARCHAR", "pair": "VARCHAR"}
 READ_ONLY_HINT = ("the lake's SQL interface is read-only: only SELECT, WITH, VALUES, FROM, TABLE, DESCRIBE, SHOW, "
                   "SUMMARIZE, PIVOT, UNPIVOT and EXPLAIN are allowed")
-_ST = duckdb.StatementType
+_ST, _TOK = duckdb.StatementType, duckdb.token_type
 
-# Per-file rollup of the divergences: sums and counts, so that every rollup of it is exact. Each aggregate over the
-# frame-level rows costs about 5 ns per row on one core (20 M rows at 10 M frames and two pairs).
-_SUMMARY_COLUMNS = """
-    count(*)::BIGINT AS frames, sum(score) AS sum_score, max(score) AS max_score,
+# Per-file rollup of the divergences. An aggregate over the frame rows costs about 5 ns per row and column on a core.
+_SUMMARY_KEYS = "pair, date, road_type, lighting, weather"
+_SUMMARY_COLUMNS = """count(*)::BIGINT AS frames, sum(score) AS sum_score, max(score) AS max_score,
     sum(ade_4s) AS sum_ade_4s, sum(fde_4s) AS sum_fde_4s,
     count_if(miss_4s)::BIGINT AS miss_4s, count_if(maneuver_disagree)::BIGINT AS disagree,
     count(teacher_ade_driver)::BIGINT AS driver_frames,
     sum(teacher_ade_driver) AS sum_teacher_ade_driver, sum(student_ade_driver) AS sum_student_ade_driver,
     count_if(ttc_student < coalesce(ttc_teacher, 'inf'::FLOAT))::BIGINT AS student_ttc_worse"""
-_SUMMARY_KEYS = "pair, date, road_type, lighting, weather"
 SUMMARY_TABLE = "_divergence_files"
 SUMMARY_VIEWS = {
-    "divergence_summary": f"""
-        SELECT {_SUMMARY_KEYS}, sum(frames)::BIGINT AS frames, sum(sum_score) AS sum_score, max(max_score) AS max_score,
-               sum(sum_ade_4s) AS sum_ade_4s, sum(sum_fde_4s) AS sum_fde_4s, sum(miss_4s)::BIGINT AS miss_4s,
-               sum(disagree)::BIGINT AS disagree, sum(driver_frames)::BIGINT AS driver_frames,
-               sum(sum_teacher_ade_driver) AS sum_teacher_ade_driver,
-               sum(sum_student_ade_driver) AS sum_student_ade_driver,
-               sum(student_ttc_worse)::BIGINT AS student_ttc_worse
+    "divergence_summary": f"""SELECT {_SUMMARY_KEYS}, sum(frames)::BIGINT AS frames, sum(sum_score) AS sum_score,
+        max(max_score) AS max_score, sum(sum_ade_4s) AS sum_ade_4s, sum(sum_fde_4s) AS sum_fde_4s,
+        sum(miss_4s)::BIGINT AS miss_4s, sum(disagree)::BIGINT AS disagree, sum(driver_frames)::BIGINT AS driver_frames,
+        sum(sum_teacher_ade_driver) AS sum_teacher_ade_driver, sum(sum_student_ade_driver) AS sum_student_ade_driver,
+        sum(student_ttc_worse)::BIGINT AS student_ttc_worse
         FROM {SUMMARY_TABLE} GROUP BY ALL""",
-    "divergence_by_condition": """
-        SELECT pair, road_type, lighting, weather, sum(frames)::BIGINT AS frames,
-               sum(sum_score) / sum(frames) AS mean_score, max(max_score) AS max_score,
-               sum(sum_ade_4s) / sum(frames) AS mean_ade_4s, sum(sum_fde_4s) / sum(frames) AS mean_fde_4s,
-               sum(miss_4s) / sum(frames) AS miss_rate_4s, sum(disagree) / sum(frames) AS disagree_rate
+    "divergence_by_condition": """SELECT pair, road_type, lighting, weather, sum(frames)::BIGINT AS frames,
+        sum(sum_score) / sum(frames) AS mean_score, max(max_score) AS max_score,
+        sum(sum_ade_4s) / sum(frames) AS mean_ade_4s, sum(sum_fde_4s) / sum(frames) AS mean_fde_4s,
+        sum(miss_4s) / sum(frames) AS miss_rate_4s, sum(disagree) / sum(frames) AS disagree_rate
         FROM divergence_summary GROUP BY ALL""",
 }
 
@@ -99,7 +86,7 @@ class CatalogConfig(BaseModel):
     threads: int | None = Field(None, ge=1, le=512, description="DuckDB worker threads; None: one per core")
     memory_limit: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
                                      description="DuckDB memory limit, e.g. '4GB'; None: DuckDB's default")
-    timeout_s: float | None = Field(None, gt=0, description="interrupt a query running longer (arrow/saved)")
+    timeout_s: float | None = Field(None, gt=0, description="interrupt a query running longer (arrow, saved)")
     spill: bool = Field(True, description="let large operators spill to a private temporary directory")
 
 
@@ -114,30 +101,16 @@ class QueryRefused(QueryError):
 # ---------------------------------------------------------------------------------------------- statement checks
 
 
-def _tokens(text: str) -> list[tuple[str, duckdb.token_type, int]]:
+def _tokens(text: str) -> list[tuple[str, Any, int]]:
     """DuckDB's tokens of `text` as (text, type, position), comments dropped."""
     raw = duckdb.tokenize(text)
-    out = []
-    for i, (pos, kind) in enumerate(raw):
-        end = raw[i + 1][0] if i + 1 < len(raw) else len(text)
-        if kind != duckdb.token_type.comment:
-            out.append((text[pos:end].strip(), kind, pos))
-    return out
-
-
-def _leading_keywords(text: str, n: int = 2) -> str:
-    words = []
-    for tok, kind, _ in _tokens(text):
-        if kind != duckdb.token_type.keyword or len(words) == n:
-            break
-        words.append(tok.upper())
-    return " ".join(words) or "statement"
+    ends = [p for p, _ in raw[1:]] + [len(text)]
+    return [(text[p:e].strip(), k, p) for (p, k), e in zip(raw, ends) if k != _TOK.comment]
 
 
 def _explained(text: str) -> str:
-    """The statement an EXPLAIN statement explains: skip EXPLAIN, ANALYZE and a parenthesised option list."""
-    toks = _tokens(text)
-    i = 1  # toks[0] is EXPLAIN
+    """The statement an EXPLAIN explains: EXPLAIN, ANALYZE and a parenthesised option list skipped."""
+    toks, i = _tokens(text), 1
     if i < len(toks) and toks[i][0].lower() == "analyze":
         i += 1
     if i < len(toks) and toks[i][0] == "(":
@@ -158,16 +131,18 @@ def check_statement(stmt: duckdb.Statement, depth: int = 0) -> None:
     if kind == _ST.SELECT:
         return
     if kind == _ST.EXPLAIN and depth == 0:
-        inner = parse(_explained(stmt.query))
-        for s in inner:
-            check_statement(s, depth + 1)
+        for inner in parse(_explained(stmt.query)):
+            check_statement(inner, depth + 1)
         return
-    # DuckDB turns a PIVOT without an IN list into a MULTI statement (a temporary enum type, then the SELECT);
-    # it is the only source of MULTI statements, and the type lands in the temp catalog.
-    if kind == _ST.MULTI and any(t.lower() == "pivot" for t, k, _ in _tokens(stmt.query) if k == duckdb.token_type.keyword):
+    # A PIVOT without an IN list is DuckDB's only MULTI statement (a temporary enum type, then the SELECT)
+    if kind == _ST.MULTI and any(t.lower() == "pivot" for t, k, _ in _tokens(stmt.query) if k == _TOK.keyword):
         return
-    what = _leading_keywords(stmt.query)
-    raise QueryRefused(f"{what} refused ({kind.name} statement): {READ_ONLY_HINT}")
+    words = []
+    for tok, k, _ in _tokens(stmt.query):
+        if k != _TOK.keyword or len(words) == 2:
+            break
+        words.append(tok.upper())
+    raise QueryRefused(f"{' '.join(words) or 'statement'} refused ({kind.name} statement): {READ_ONLY_HINT}")
 
 
 def parse(query: str) -> list[duckdb.Statement]:
@@ -195,10 +170,10 @@ def checked(query: str) -> list[duckdb.Statement]:
 
 @functools.cache
 def duckdb_columns(table: str) -> tuple[tuple[str, str], ...]:
-    """(name, DuckDB type) of a lake table as DuckDB reads its Parquet files, partition keys last.
+    """(name, DuckDB type) of a lake table as DuckDB reads its files, partition keys last.
 
-    Found by writing an empty file of the fixed Arrow schema and letting DuckDB describe it, so the view of an empty
-    table has exactly the types the view over real files has.
+    Found by letting DuckDB describe an empty file of the fixed Arrow schema, so that the view of an empty table has
+    exactly the types of the view over real files.
     """
     spec = TABLES[table]
     with tempfile.TemporaryDirectory(prefix="flywheel-schema-") as tmp:
@@ -220,19 +195,21 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _read_parquet(files: list[str], keys: tuple[str, ...], extra: str = "") -> str:
+    hive = ", ".join(f"{_literal(k)}: {HIVE_TYPES[k]}" for k in keys)
+    return (f"read_parquet([{', '.join(_literal(f) for f in files)}], hive_partitioning = true, "
+            f"hive_types = {{{hive}}}, hive_types_autocast = false{extra})")
+
+
 def view_sql(table: str, files: list[Path]) -> str:
     """CREATE VIEW statement of one lake table over `files` (none: the fixed schema with no rows)."""
     cols = duckdb_columns(table)
     if not files:
         select = ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in cols)
         return f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {select} WHERE false"
-    keys = TABLES[table].partitioning
-    hive = ", ".join(f"{_literal(k)}: {HIVE_TYPES[k]}" for k in keys)
-    listing = ", ".join(_literal(str(p)) for p in files)
-    select = ", ".join(_ident(n) for n, _ in cols)
-    # explicit column list: the view's schema is the contract's, whatever order the reader appends hive keys in
-    return (f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {select} FROM read_parquet([{listing}], "
-            f"hive_partitioning = true, hive_types = {{{hive}}}, hive_types_autocast = false)")
+    # explicit columns: the view's schema is the contract's, whatever order the reader appends hive keys in
+    return (f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {', '.join(_ident(n) for n, _ in cols)} "
+            f"FROM {_read_parquet([str(p) for p in files], TABLES[table].partitioning)}")
 
 
 # ------------------------------------------------------------------------------------------------ saved queries
@@ -240,12 +217,12 @@ def view_sql(table: str, files: list[Path]) -> str:
 _PARAM_RE = re.compile(r"^@param\s+(?P<name>[a-z_][a-z0-9_]*)\s+(?P<type>INTEGER|DOUBLE|VARCHAR|DATE|BOOLEAN)"
                        r"\s*=\s*(?P<default>'[^']*'|\S+)\s*(?P<doc>.*)$")
 _CONVERT = {"INTEGER": int, "DOUBLE": float, "VARCHAR": str, "DATE": date.fromisoformat,
-            "BOOLEAN": lambda v: {"true": True, "false": False}[str(v).lower()]}
+            "BOOLEAN": lambda v: {"true": True, "false": False}[v.lower()]}
 
 
 @dataclass(frozen=True)
 class SavedParam:
-    """A named parameter of a saved query (`$name` in its SQL)."""
+    """A named parameter of a saved query: `$name` in its SQL, `-- @param name TYPE = default doc` in its header."""
 
     name: str
     type: str
@@ -254,25 +231,25 @@ class SavedParam:
 
     def convert(self, value: Any) -> Any:
         """`value` (a CLI string or a Python value) as the declared type; QueryError when it is not one."""
-        if isinstance(value, str) and self.type != "VARCHAR":
-            try:
-                return _CONVERT[self.type](value.strip())
-            except (ValueError, KeyError):
-                raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}") from None
-        return value
+        if not isinstance(value, str) or self.type == "VARCHAR":
+            return value
+        try:
+            return _CONVERT[self.type](value.strip())
+        except (ValueError, KeyError):
+            raise QueryError(f"parameter {self.name} must be {self.type}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
 class SavedQuery:
-    """A query of `shadow/queries/`: its header comment (description, `@param` lines) and its SQL."""
+    """A query of `shadow/queries/`: header comment (description, `@param` lines) and one statement."""
 
     name: str
     description: str
     params: dict[str, SavedParam]
     sql: str
-    path: Path
 
     def bind(self, **values: Any) -> dict[str, Any]:
+        """Every parameter's value: given ones converted to their type, the others their defaults."""
         unknown = set(values) - set(self.params)
         if unknown:
             raise QueryError(f"saved query {self.name} has no parameter {', '.join(sorted(unknown))}; "
@@ -288,21 +265,21 @@ def load_saved(path: Path) -> SavedQuery:
         if not line.startswith("--"):
             break
         body = line[2:].strip()
-        if body.startswith("@param"):
-            m = _PARAM_RE.match(body)
-            if m is None:
-                raise ValueError(f"{path}: bad parameter line {body!r}")
-            default = m["default"].strip("'") if m["default"].startswith("'") else m["default"]
-            p = SavedParam(m["name"], m["type"], None, m["doc"])
-            params[p.name] = SavedParam(p.name, p.type, None if default == "NULL" else p.convert(default), p.doc)
-        else:
+        if not body.startswith("@param"):
             description.append(body)
+            continue
+        m = _PARAM_RE.match(body)
+        if m is None:
+            raise ValueError(f"{path}: bad parameter line {body!r}")
+        quoted = m["default"].startswith("'")
+        p = SavedParam(m["name"], m["type"], None, m["doc"])
+        params[p.name] = SavedParam(p.name, p.type, p.convert(m["default"].strip("'") if quoted else m["default"]), p.doc)
     stmts = duckdb.extract_statements(text)
-    used = set().union(*(s.named_parameters for s in stmts)) if stmts else set()
+    used = set().union(*(s.named_parameters for s in stmts))
     if len(stmts) != 1 or used != set(params):
         raise ValueError(f"{path}: one statement expected, using exactly the declared parameters "
                          f"{sorted(params)}; found {len(stmts)} statements using {sorted(used)}")
-    return SavedQuery(Path(path).stem, " ".join(d for d in description if d).strip(), params, text, Path(path))
+    return SavedQuery(Path(path).stem, " ".join(d for d in description if d), params, text)
 
 
 def saved_queries(directory: Path = QUERIES_DIR) -> dict[str, SavedQuery]:
@@ -321,14 +298,11 @@ class Catalog:
         self.config = config or CatalogConfig()
         self.queries_dir = Path(queries_dir)
         self.files: dict[str, list[LakeFile]] = {}
-        self._summarised: set[str] | None = None  # files in the divergence rollup; None: not built yet
+        self._summarised: dict[str, tuple[int, int]] | None = None  # rollup's files: (size, mtime); None: not built
         self._lock = threading.RLock()
         settings: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
                                     "allow_community_extensions": False, "python_enable_replacements": False}
-        if self.config.threads:
-            settings["threads"] = self.config.threads
-        if self.config.memory_limit:
-            settings["memory_limit"] = self.config.memory_limit
+        settings |= {k: v for k, v in (("threads", self.config.threads), ("memory_limit", self.config.memory_limit)) if v}
         self._con = duckdb.connect(":memory:", config=settings)
         # DuckDB adds its temp directory (default ./.tmp) to the allowed directories: give it a private one, or none
         self.spill_dir = tempfile.mkdtemp(prefix="flywheel-sql-spill-") if self.config.spill else ""
@@ -340,14 +314,13 @@ class Catalog:
                         "SET enable_external_access = false",
                         "SET lock_configuration = true"):  # last: from here on nothing above can be changed
             self._con.execute(setting)
-        self.refresh()  # the table views; the rollup's table is shaped after the divergences view
+        self.refresh()  # the table views first: the rollup's table takes its shape from the divergences view
         self._rollback()
-        self._con.execute(self._summary_sql([]))
+        self._con.execute(f"CREATE TABLE {SUMMARY_TABLE} AS SELECT NULL::VARCHAR AS file, {_SUMMARY_KEYS}, "
+                          f"{_SUMMARY_COLUMNS} FROM divergences WHERE false GROUP BY ALL")
         for name, body in SUMMARY_VIEWS.items():
             self._con.execute(f"CREATE VIEW {_ident(name)} AS {body}")
         self._begin_read_only()
-
-    # -- setup -------------------------------------------------------------------------------------------------
 
     def _rollback(self) -> None:
         try:
@@ -360,13 +333,11 @@ class Catalog:
         self._con.execute("BEGIN TRANSACTION READ ONLY")
 
     def _live(self, table: str) -> list[LakeFile]:
-        files = []
-        for f in live_files(self.lake, table):
-            if not f.path.resolve().is_relative_to(self.lake):
-                log.warning("%s links outside the lake; left out of %s", f.path, table)
-                continue
-            files.append(f)
-        return files
+        files = live_files(self.lake, table)
+        out = [f for f in files if f.path.resolve().is_relative_to(self.lake)]
+        if len(out) < len(files):
+            log.warning("%s: %d files linking outside the lake left out", table, len(files) - len(out))
+        return out
 
     def refresh(self) -> dict[str, int]:
         """Re-resolve every table's live files (new data, compaction); returns the live file count per table."""
@@ -378,44 +349,36 @@ class Catalog:
             if self._summarised is not None:
                 self._update_summary()
             self._begin_read_only()
-            counts = {t: len(f) for t, f in self.files.items()}
-        log.debug("catalog over %s: %s", self.lake, counts)
-        return counts
-
-    def _summary_sql(self, files: list[str]) -> str:
-        if not files:
-            return (f"CREATE TABLE {SUMMARY_TABLE} AS SELECT NULL::VARCHAR AS file, {_SUMMARY_KEYS}, "
-                    f"{_SUMMARY_COLUMNS} FROM divergences WHERE false GROUP BY ALL")
-        listing = ", ".join(_literal(f) for f in files)
-        return (f"INSERT INTO {SUMMARY_TABLE} SELECT filename AS file, {_SUMMARY_KEYS}, {_SUMMARY_COLUMNS} "
-                f"FROM read_parquet([{listing}], filename = true, hive_partitioning = true, "
-                f"hive_types = {{'pair': VARCHAR, 'date': DATE}}, hive_types_autocast = false) "
-                f"GROUP BY filename, {_SUMMARY_KEYS}")
+            return {t: len(f) for t, f in self.files.items()}
 
     def _update_summary(self) -> None:
-        """Bring the divergence rollup to the live files: aggregate new ones, drop hidden ones (no transaction)."""
-        live = {str(f.path) for f in self.files["divergences"]}
-        done = self._summarised or set()
-        gone, new = sorted(done - live), sorted(live - done)
+        """Bring the rollup to the live divergence files: drop hidden or rewritten ones, aggregate new ones."""
+        live = {}
+        for f in self.files["divergences"]:
+            try:
+                st = f.path.stat()
+            except FileNotFoundError:  # removed by a compaction since the views were made; the next refresh sees it
+                continue
+            live[str(f.path)] = (st.st_size, st.st_mtime_ns)  # a file rewritten under its name is new again
+        done = self._summarised or {}
+        gone = [p for p, stamp in done.items() if live.get(p) != stamp]
+        new = [p for p, stamp in live.items() if done.get(p) != stamp]
         if gone:
-            self._con.execute(f"DELETE FROM {SUMMARY_TABLE} WHERE file IN ({', '.join(_literal(f) for f in gone)})")
+            self._con.execute(f"DELETE FROM {SUMMARY_TABLE} WHERE file IN ({', '.join(_literal(p) for p in gone)})")
         if new:
             started = time.perf_counter()
-            self._con.execute(self._summary_sql(new))
-            log.info("divergence rollup: %d new files in %.2f s", len(new), time.perf_counter() - started)
+            self._con.execute(f"INSERT INTO {SUMMARY_TABLE} SELECT filename AS file, {_SUMMARY_KEYS}, "
+                              f"{_SUMMARY_COLUMNS} FROM {_read_parquet(new, ('pair', 'date'), ', filename = true')} "
+                              f"GROUP BY filename, {_SUMMARY_KEYS}")
+            log.info("divergence rollup: %d files in %.2f s", len(new), time.perf_counter() - started)
         self._summarised = live
 
     def _ensure_summary(self, stmt: duckdb.Statement) -> None:
-        """Build the rollup the first time a statement names one of its views."""
-        if self._summarised is not None:
-            return
-        names = {t.strip('"').lower() for t, k, _ in _tokens(stmt.query)
-                 if k in (duckdb.token_type.identifier, duckdb.token_type.keyword)}
-        if names & SUMMARY_VIEWS.keys():
+        """Build the rollup the first time a statement names it or one of its views."""
+        if self._summarised is None and {t.strip('"').lower() for t, _, _ in _tokens(stmt.query)} & \
+                {SUMMARY_TABLE, *SUMMARY_VIEWS}:
             self._rollback()
             self._update_summary()
-
-    # -- queries -----------------------------------------------------------------------------------------------
 
     def _error(self, exc: duckdb.Error) -> QueryError:
         msg = str(exc)
@@ -430,8 +393,7 @@ class Catalog:
     def sql(self, query: str | duckdb.Statement, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
         """One read-only statement as a lazy DuckDB relation; raises QueryRefused or QueryError."""
         stmts = [query] if isinstance(query, duckdb.Statement) else checked(query)
-        for s in stmts:
-            check_statement(s)
+        check_statement(stmts[0])
         if len(stmts) != 1:
             raise QueryError(f"one statement per query, got {len(stmts)}; run them one at a time")
         with self._lock:
@@ -441,7 +403,7 @@ class Catalog:
                 rel = self._con.sql(stmts[0], params=params)
             except duckdb.Error as exc:
                 raise self._error(exc) from None
-        if rel is None:  # none of the allowed statements returns nothing; be clear if one ever does
+        if rel is None:  # no allowed statement returns nothing; be clear if one ever does
             raise QueryError("the statement returned no result")
         return rel
 
@@ -482,8 +444,7 @@ class Catalog:
         queries = self.saved_queries()
         if name not in queries:
             raise QueryError(f"no saved query {name!r}; saved queries: {', '.join(queries) or 'none'}")
-        q = queries[name]
-        return self.arrow(q.sql, q.bind(**params))
+        return self.arrow(queries[name].sql, queries[name].bind(**params))
 
     def close(self) -> None:
         with self._lock:

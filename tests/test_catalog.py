@@ -173,6 +173,11 @@ def test_refresh_picks_up_new_files_and_keeps_the_rollup_exact(lake: Path) -> No
         rolled = c.arrow("SELECT pair, road_type, lighting, weather, frames, mean_score FROM divergence_by_condition "
                          "ORDER BY ALL").to_pylist()
         assert [{**r, "mean_score": pytest.approx(r["mean_score"])} for r in raw] == rolled
+        # a file rewritten under its own name (a replay re-run) replaces its part of the rollup
+        write(lake, "divergences", divergence_rows(PAIR_B, 3.0), 0, 1, pair=PAIR_B)
+        c.refresh()
+        got = scalar(c, f"SELECT sum(sum_score) / sum(frames) AS m FROM divergence_summary WHERE pair = '{PAIR_B}'")
+        assert got["m"] == pytest.approx(6.0)
 
 
 # ------------------------------------------------------------------------------------------------- protections
