@@ -7,13 +7,16 @@ table by table, each file only for the offsets its own table and key do not hold
 pairs gets one decision row per frame, not one per pair), and the pair's `divergences` file LAST: it is the
 commit marker. A crash before it leaves the unit uncovered; the rerun recomputes it and writes the same names again.
 
-Footer of every divergences file (with `ingest.lake.DRIVE_SEQ_KEY`, the seq ranges of each drive it holds):
-`flywheel.shadow.context_offset`, the smallest Kafka offset a streaming worker must re-read from to have the ego
-history of every drive that may continue after the file (see shadow.stream).
+Footers of every divergences file, besides `ingest.lake.DRIVE_SEQ_KEY` (the seq ranges of each drive it holds):
+`flywheel.shadow.drive_context` = {drive_id: {first_offset, hist_offset, last_ts_ms, ended}}: the Kafka offset of
+the drive's first row in the file and of the first of its last HISTORY - 1 rows, the newest record timestamp of its
+rows and whether the drive had ended. From these a streaming worker resuming after the file knows where to re-read
+the ego history of every drive that may continue (`resume_context`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
-from ingest.lake_index import SeqRanges, encode_drive_seq
+from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
+from shadow import featurize as fz
 from shadow.pipeline import offsets_in
 
 log = logging.getLogger(__name__)
 
-CONTEXT_OFFSET_KEY = "flywheel.shadow.context_offset"
+DRIVE_CONTEXT_KEY = "flywheel.shadow.drive_context"
 # Write order within a unit: the pair's divergences file last, it marks the unit as replayed.
 TABLE_ORDER = ("decisions", "noise_floor", "scenarios", "divergences")
 
@@ -66,9 +70,72 @@ def drive_seq_of(t: pa.Table) -> dict[str, SeqRanges]:
     return out
 
 
-def read_context_offset(path: Path) -> int | None:
-    raw = (pq.read_schema(path).metadata or {}).get(CONTEXT_OFFSET_KEY.encode())
-    return int(raw) if raw is not None else None
+def drive_context(drive: np.ndarray, seq: np.ndarray, offset: np.ndarray, ts_ms: np.ndarray,
+                  ended: set[str]) -> str:
+    """The DRIVE_CONTEXT_KEY footer (JSON) of a file holding frames (N,) drive_id, seq, Kafka offset and record
+    timestamp [ms]; `ended` names the drives known to have ended with these rows."""
+    out = {}
+    if drive.shape[0]:
+        names, code = np.unique(drive, return_inverse=True)
+        order = np.lexsort((seq, code))
+        code, seq, offset, ts_ms = code[order], seq[order], offset[order], ts_ms[order]
+        starts = np.searchsorted(code, np.arange(names.shape[0]))
+        ends = np.append(starts[1:], code.shape[0])
+        for k, name in enumerate(names.tolist()):
+            s, e = int(starts[k]), int(ends[k])
+            hist = s + int(np.searchsorted(seq[s:e], seq[e - 1] - (fz.HISTORY - 2)))
+            out[name] = {"first_offset": int(offset[s:e].min()), "hist_offset": int(offset[hist:e].min()),
+                         "last_ts_ms": int(ts_ms[s:e].max()), "ended": name in ended}
+    return json.dumps(out, sort_keys=True, separators=(",", ":"))
+
+
+def resume_context(files: list, idle_s: float) -> tuple[dict[str, SeqRanges], int | None]:
+    """From the footers of a pair's live divergences files of one partition: the seqs each drive has replayed, and
+    the smallest Kafka offset to re-read so that every drive that may continue gets its ego history back (None when
+    no drive may). A drive may continue unless it ended, or its newest frame is `idle_s` older than the newest of
+    the partition (lake time, not wall time: a worker down for an hour still restores what was in flight)."""
+    seen: dict[str, SeqRanges] = {}
+    entries: dict[str, list[tuple[SeqRanges, dict]]] = {}
+    for f in files:
+        meta = pq.read_schema(f.path).metadata or {}
+        seqs = read_drive_seq(f.path) or {}
+        ctx = json.loads(meta.get(DRIVE_CONTEXT_KEY.encode(), b"{}"))
+        for d, r in seqs.items():
+            for lo, hi in r.ranges:
+                seen.setdefault(d, SeqRanges()).add(lo, hi)
+            if d in ctx:
+                entries.setdefault(d, []).append((r, ctx[d]))
+    if not entries:
+        return seen, None
+    latest = {d: max(e, key=lambda x: x[0].max) for d, e in entries.items()}
+    newest = max(c["last_ts_ms"] for _, c in latest.values())
+    offsets = []
+    for d, (r, c) in latest.items():
+        if c["ended"] or c["last_ts_ms"] < newest - idle_s * 1000:
+            continue
+        need = r.max - (fz.HISTORY - 2)  # the first seq of the history the drive's next frame needs
+        if r.ranges[0][0] <= need:
+            offsets.append(c["hist_offset"])
+        else:  # the history starts in an earlier file: re-read that one from the drive's first row in it
+            older = [c2 for r2, c2 in entries[d] if any(lo <= need <= hi for lo, hi in r2.ranges)]
+            offsets.append(min([c["first_offset"]] + [c2["first_offset"] for c2 in older]))
+    return seen, (min(offsets) if offsets else None)
+
+
+@dataclass
+class FrameInfo:
+    """The frames a unit was computed from, for the drive-context footer: (N,) drive_id, seq, Kafka offset and
+    record timestamp [ms] each, and the drives known to have ended with them."""
+
+    drive: np.ndarray
+    seq: np.ndarray
+    offset: np.ndarray
+    ts_ms: np.ndarray
+    ended: set[str] = field(default_factory=set)
+
+    def context(self, lo: int, hi: int) -> str:
+        m = (self.offset >= lo) & (self.offset <= hi)
+        return drive_context(self.drive[m], self.seq[m], self.offset[m], self.ts_ms[m], self.ended)
 
 
 @dataclass
@@ -112,12 +179,13 @@ class Coverage:
 
 
 def write_unit(coverage: Coverage, date: str, topic: str, partition: int, lo: int, hi: int, outputs: list[Output],
-               footer: dict[str, str] | None = None, row_group_size: int = 1 << 17) -> WriteResult:
+               frames: FrameInfo, footer: dict[str, str] | None = None, row_group_size: int = 1 << 17) -> WriteResult:
     """Write the rows of offsets [lo, hi] of one partition, table by table in TABLE_ORDER.
 
     Each output is written only for the sub-ranges of [lo, hi] not yet covered by its own table/key; the rows of a
     sub-range are those whose kafka_offset lies in it. A `divergences` output is written even with no rows (its
-    file marks the offsets as replayed by the pair); empty files of the other tables are skipped.
+    file marks the offsets as replayed by the pair), with the drive-context footer of `frames`; empty files of the
+    other tables are skipped.
     """
     result = WriteResult()
     for table in TABLE_ORDER:
@@ -131,6 +199,8 @@ def write_unit(coverage: Coverage, date: str, topic: str, partition: int, lo: in
                         "flywheel.first_offset": str(a), "flywheel.last_offset": str(b), **(footer or {})}
                 if "seq" in rows.column_names:
                     meta[DRIVE_SEQ_KEY] = encode_drive_seq(drive_seq_of(rows))
+                if table == "divergences":
+                    meta[DRIVE_CONTEXT_KEY] = frames.context(a, b)
                 path = partition_dir(coverage.lake, table, date, **{out.key: out.value}) / file_name(
                     topic, partition, a, b)
                 write_parquet_atomic(rows, path, row_group_size=row_group_size, metadata=meta)

@@ -45,7 +45,7 @@ from ingest.lake import LakeFile, live_files, remove_stale_temporaries
 from ingest.lake_index import SeqRanges, read_drive_seq, scan_drive_seq
 from shadow import featurize as fz
 from shadow.criteria import pass_rates
-from shadow.outputs import CONTEXT_OFFSET_KEY, Coverage, Output, write_unit
+from shadow.outputs import Coverage, FrameInfo, Output, write_unit
 from shadow.pipeline import WINDOW_META, PipelineConfig, Shadow
 from shadow.stream import StreamConfig
 
@@ -357,38 +357,28 @@ def _replay_group(shadow: Shadow, coverage: Coverage, topic: str, partition: int
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
+    ts_ms = table["ingest_time"].cast(pa.int64()).to_numpy()
     _accumulate(totals, c, c_unit >= 0, scen)
     report.frames_computed += int(c.rows.shape[0])
     for k, u in enumerate(group):
         sel = c_unit == k
-        rows = c.rows[sel]
         outputs = [Output("decisions", "model", shadow.teacher_id, dec_t.filter(pa.array(sel))),
                    Output("decisions", "model", shadow.student_id, dec_s.filter(pa.array(sel))),
                    Output("noise_floor", "model", shadow.teacher_id, noise.filter(pa.array(n_unit == k))),
                    Output("scenarios", "pair", shadow.pair, scen.filter(pa.array(emitter == k))),
                    Output("divergences", "pair", shadow.pair, div.filter(pa.array(sel)))]
-        footer = {CONTEXT_OFFSET_KEY: str(_context_offset(drive[rows], seq[rows], off[rows], u.hi + 1)),
-                  "flywheel.shadow.replay_id": rid}
-        res = write_unit(coverage, index.files[u.file].date, topic, partition, u.lo, u.hi, outputs, footer,
-                         config.row_group_rows)
+        m = unit_of == k
+        ended = {d for d in np.unique(drive[m]).tolist() if index.ranges[d].max <= int(seq[m & (drive == d)].max())
+                 and time.time() - index.last_ingest.get(d, 0.0) >= config.drive_end_idle_s}
+        info = FrameInfo(drive[m], seq[m], off[m], ts_ms[m], ended)
+        res = write_unit(coverage, index.files[u.file].date, topic, partition, u.lo, u.hi, outputs, info,
+                         {"flywheel.shadow.replay_id": rid}, config.row_group_rows)
         report.units += 1
         report.files_written += len(res.files)
         report.frames_replayed += int(sel.sum())
         report.windows += int((emitter == k).sum())
         report.noise_frames += int((n_unit == k).sum())
         yield u, int(sel.sum())
-
-
-def _context_offset(drive: np.ndarray, seq: np.ndarray, offset: np.ndarray, default: int) -> int:
-    """Smallest Kafka offset among the last HISTORY - 1 frames of each drive: where a consumer resuming after these
-    rows must start reading to have every continuing drive's ego history."""
-    if drive.shape[0] == 0:
-        return default
-    names, code = np.unique(drive, return_inverse=True)
-    hi = np.full(names.shape[0], -1, np.int64)
-    np.maximum.at(hi, code, seq)
-    recent = seq > hi[code] - (fz.HISTORY - 1)
-    return int(offset[recent].min())
 
 
 def _accumulate(totals: _Totals, c, written: np.ndarray, scen: pa.Table) -> None:

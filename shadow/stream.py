@@ -45,13 +45,14 @@ from ingest.contract import ChunkRejected, decode_chunk, parse_chunk
 from ingest.lake import TABLES, remove_stale_temporaries
 from ingest.lake_index import SeqRanges, read_drive_seq
 from ingest.sink import MAX_FRAMES_PER_CHUNK, ingest_date
-from shadow.outputs import CONTEXT_OFFSET_KEY, Coverage, Output, key_live_files, read_context_offset, write_unit
+from shadow.outputs import Coverage, FrameInfo, Output, key_live_files, resume_context, write_unit
 from shadow.pipeline import WINDOW_META, PipelineConfig, Shadow
 from shadow.stream_state import PartitionState
 
 log = logging.getLogger(__name__)
 
 KAFKA_CALL_TIMEOUT_MS = 30_000
+_OUT_TABLES = ("decisions", "decisions", "noise_floor", "scenarios", "divergences")  # of stream_state.OUT_KEYS
 
 
 class StreamConfig(PipelineConfig):
@@ -179,17 +180,11 @@ class StreamWorker:
             cov = self.coverage.get("divergences", "pair", self.shadow.pair, tp.topic, tp.partition)
             committed = self._consumer.committed(tp, timeout_ms=KAFKA_CALL_TIMEOUT_MS)
             files = key_live_files(self.lake, "divergences", "pair", self.shadow.pair, tp.topic, tp.partition)
-            seen: dict[str, SeqRanges] = {}
-            for f in files:
-                for d, r in (read_drive_seq(f.path) or {}).items():
-                    for lo, hi in r.ranges:
-                        seen.setdefault(d, SeqRanges()).add(lo, hi)
+            seen, ctx = resume_context(files, cfg.drive_end_idle_s)
             start = committed or 0
             for a, b in cov.ranges:
                 if a <= start <= b:
                     start = b + 1
-            before = [f for f in files if f.last == start - 1]
-            ctx = read_context_offset(before[-1].path) if before else None
             seek = min(start, ctx) if ctx is not None else start
             if committed is None and not cov.ranges:
                 log.info("partition %d: nothing committed or written; starting at %s", tp.partition,
@@ -290,21 +285,24 @@ class StreamWorker:
             if not (force or now - arrived >= self.config.max_age_s or rows >= self.config.max_rows):
                 continue
             date = ingest_date(state.ts_of(first))
-            rows_of = state.take(first, last)
+            ts_of = {o: r.ts_ms for o, r in state.records.items() if o <= last}
+            rows_of = {k: (v if v is not None else TABLES[t].schema.empty_table())
+                       for (k, v), t in zip(state.take(first, last).items(), _OUT_TABLES)}
             sh = self.shadow
             outputs = [Output("decisions", "model", sh.teacher_id, rows_of["dec_t"]),
                        Output("decisions", "model", sh.student_id, rows_of["dec_s"]),
                        Output("noise_floor", "model", sh.teacher_id, rows_of["noise"]),
                        Output("scenarios", "pair", sh.pair, rows_of["scen"]),
                        Output("divergences", "pair", sh.pair, rows_of["div"])]
-            for o in outputs:
-                if o.rows is None:
-                    o.rows = TABLES[o.table].schema.empty_table()
-            footer = {CONTEXT_OFFSET_KEY: str(state.context_offset(last + 1)),
-                      "flywheel.shadow.replay_id": self.replay_id}
+            div = rows_of["div"]
+            drive = div["drive_id"].to_numpy(zero_copy_only=False)
+            off = div["kafka_offset"].to_numpy()
+            ts = np.fromiter((ts_of[o] for o in off.tolist()), np.int64, off.shape[0])
+            ended = {d for d in set(drive.tolist()) if d not in state.drives or state.drives[d].final}
+            info = FrameInfo(drive, div["seq"].to_numpy(), off, ts, ended)
             self.coverage.refresh(state.topic, p)  # a batch replay may have covered some offsets meanwhile
-            res = write_unit(self.coverage, date, state.topic, p, first, last, outputs, footer,
-                             self.config.row_group_rows)
+            res = write_unit(self.coverage, date, state.topic, p, first, last, outputs, info,
+                             {"flywheel.shadow.replay_id": self.replay_id}, self.config.row_group_rows)
             self.stats.files += len(res.files)
             self.stats.writes.append((p, first, last))
             offsets[TopicPartition(state.topic, p)] = OffsetAndMetadata(last + 1, "", -1)

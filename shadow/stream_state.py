@@ -232,14 +232,6 @@ class PartitionState:
             del self.records[o]
         return got
 
-    def context_offset(self, default: int) -> int:
-        """Smallest offset holding history a continuing drive still needs (see shadow.outputs)."""
-        lo = default
-        for d in self.drives.values():
-            if d.rows.num_rows and not d.final:
-                lo = min(lo, int(pc.min(d.rows["kafka_offset"]).as_py()))
-        return lo
-
     def ts_of(self, offset: int) -> int:
         r = self.records.get(offset)
         return r.ts_ms if r is not None else int(time.time() * 1000)
