@@ -117,4 +117,5 @@ def fleet_simulate(out: Annotated[Path, typer.Option(help="drive directory to wr
     Console().print(summary)
 
 
-from flywheel import cli_ingest  # noqa: E402,F401  (registers the ingest subcommands)
+# registers the subcommands of each stage
+from flywheel import cli_ingest, cli_sql  # noqa: E402,F401
