@@ -18,7 +18,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "ingest" / "wire"
-PROTOS = ["flywheel/v1/drive.proto"]
+PROTOS = ["flywheel/v1/drive.proto", "flywheel/v1/control.proto"]
 INIT = '"""Generated protobuf and gRPC stubs; regenerate with `python proto/generate.py`."""\n'
 
 
@@ -31,7 +31,8 @@ def generate(out: Path) -> None:
     # protoc writes flywheel/v1/drive_pb2.py; flatten and make the gRPC stub import its sibling.
     for generated in (out / "flywheel" / "v1").glob("*"):
         text = generated.read_text()
-        text = text.replace("from flywheel.v1 import drive_pb2 as", "from . import drive_pb2 as")
+        for stem in (Path(p).stem + "_pb2" for p in PROTOS):
+            text = text.replace(f"from flywheel.v1 import {stem} as", f"from . import {stem} as")
         (out / generated.name).write_text(text)
     shutil.rmtree(out / "flywheel")
     (out / "__init__.py").write_text(INIT)
