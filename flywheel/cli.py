@@ -28,9 +28,20 @@ class _State:
 
 
 @app.callback()
-def main(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def main(config: ConfigOpt = None, verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+         log_format: Annotated[str, typer.Option(help="text, or json: one JSON object per line for log shippers")]
+         = "text") -> None:
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("--log-format is text or json")
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                           rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     _State.settings = load_settings(config)
 
@@ -82,6 +93,46 @@ def broker() -> None:
         typer.echo(b.bootstrap)
         wait_for_stop()
 
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+           lake: Annotated[Optional[Path], typer.Option(help="lake directory; default from config")] = None) -> None:
+    """Broker, consumer lag, lake size, last replay and jobs at a glance; exits 2 when the broker is unreachable."""
+    from rich.table import Table
+
+    from flywheel.status import collect
+
+    st = collect(settings(), lake)
+    if as_json:
+        typer.echo(json.dumps(st.as_dict(), indent=2))
+    else:
+        out = Console()
+        out.print(f"[bold]broker[/] {st.broker}: " + ("[green]reachable[/]" if st.broker_ok else f"[red]{st.broker_error}[/]"))
+        if st.topics:
+            t = Table("topic", "partitions", title="topics")
+            for topic in st.topics:
+                t.add_row(topic.name, str(topic.partitions))
+            out.print(t)
+        if st.lag:
+            t = Table("group", "topic", "committed", "end", "lag", title="consumer lag")
+            for g in st.lag:
+                t.add_row(g.group, g.topic, str(g.committed), str(g.end), str(g.lag))
+            out.print(t)
+        t = Table("table", "files", "rows", "MB", "newest file", "partitions", title=f"lake {lake or settings().sink.lake_dir}")
+        for tb in st.tables:
+            t.add_row(tb.table, str(tb.files), f"{tb.rows:,}", f"{tb.bytes / 1e6:.1f}", tb.newest or "-",
+                      ", ".join(tb.partitions[:4]) + (" ..." if len(tb.partitions) > 4 else ""))
+        out.print(t)
+        if st.jobs:
+            t = Table(*st.jobs[0].keys(), title="jobs")
+            for j in st.jobs:
+                t.add_row(*(str(v) for v in j.values()))
+            out.print(t)
+        else:
+            out.print(f"jobs: {st.jobs_error or 'none'}")
+    if not st.broker_ok:
+        raise typer.Exit(2)
 
 
 @app.command()
