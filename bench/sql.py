@@ -36,7 +36,7 @@ from ingest.lake import (DRIVE_SEQ_KEY, TABLES, file_name, model_id, pair_id, pa
                          write_parquet_atomic)
 from ingest.lake_index import SeqRanges, encode_drive_seq  # noqa: E402
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TOPIC = "flywheel.frames"
 DAYS, PARTITIONS, CHUNK, WINDOW, SEGMENT, AGENTS, WAYPOINTS = 10, 2, 50, 50, 200, 2, 5
 DAY0_NS = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
@@ -118,7 +118,7 @@ def make_frames(job: dict, rng: np.random.Generator) -> tuple[pa.Table, dict[str
     seg_base = np.concatenate([[0], np.cumsum(seg_count)[:-1]])
     road = _codes(rng, "road_type", int(seg_count.sum()))[seg_base[local] + seq // SEGMENT]
     lighting, weather = d["lighting"][local], d["weather"][local]
-    speed = (np.array([25.0, 12.0, 8.0, 9.0, 28.0, 11.0])[road] + 2 * np.sin(seq / 70 + local)).astype(np.float32)
+    speed = (np.array([20.0, 28.0, 22.0, 8.0, 9.0, 11.0])[road] + 2 * np.sin(seq / 70 + local)).astype(np.float32)
     heading = rng.uniform(-np.pi, np.pi, k).astype(np.float32)[local]
     dist = np.cumsum(speed * 0.1)
     dist -= (dist - speed * 0.1)[starts[:-1]][local]
@@ -255,7 +255,7 @@ def make_scenarios(info: dict, student: int, d: dict[str, np.ndarray]) -> pa.Tab
          "min_ttc_teacher": np.fmin.reduceat(d["ttc_t"], idx), "min_ttc_student": np.fmin.reduceat(d["ttc_s"], idx),
          "mean_score": mean(d["score"]), "max_score": np.maximum.reduceat(d["score"], idx)}
     failed = np.stack([f(w) for f in CRITERIA.values()], axis=1)
-    rows, which = np.nonzero(failed)
+    _, which = np.nonzero(failed)  # row-major: each window's failed criteria in CRITERIA order
     names = np.array(list(CRITERIA))[which]
     ts = info["columns"]["timestamp"]
     t, s = TEACHER, STUDENTS[student]
@@ -273,7 +273,6 @@ def make_scenarios(info: dict, student: int, d: dict[str, np.ndarray]) -> pa.Tab
                                        TABLES["scenarios"].schema.field("failed_criteria").type),
              "criteria_version": _const("bench-criteria-1", k), "replay_id": _const(f"bench-{student}", k),
              "schema_version": np.full(k, 1, np.int16)}
-    del rows
     return _table(cols, TABLES["scenarios"].schema)
 
 

@@ -113,6 +113,7 @@ def _explained(text: str) -> str:
     toks, i = _tokens(text), 1
     if i < len(toks) and toks[i][0].lower() == "analyze":
         i += 1
+    start = i
     if i < len(toks) and toks[i][0] == "(":
         depth = 0
         while i < len(toks):
@@ -120,6 +121,8 @@ def _explained(text: str) -> str:
             i += 1
             if depth <= 0:
                 break
+        if i >= len(toks):  # "EXPLAIN (SELECT 1)": the parentheses held the statement, not options
+            i = start
     if i >= len(toks):
         raise QueryRefused("EXPLAIN without a statement refused")
     return text[toks[i][2]:]

@@ -255,6 +255,7 @@ def test_files_outside_the_lake_cannot_be_read(lake: Path, outside: Path) -> Non
         "SELECT * FROM read_parquet('https://example.com/x.parquet')",
         f"SELECT count(*) FROM frames WHERE drive_id IN (SELECT secret FROM read_parquet('{outside}'))",
         f"WITH s AS (SELECT * FROM read_text('{outside}')) SELECT * FROM s",
+        "SELECT * FROM query('SELECT * FROM read_text(''/etc/hostname'')')",
     ]
     with Catalog(lake) as c:
         for query in attempts:
@@ -309,7 +310,7 @@ def test_reads_of_every_kind_are_allowed(lake: Path) -> None:
                       "SHOW TABLES", "SUMMARIZE SELECT score FROM divergences", "EXPLAIN SELECT * FROM frames",
                       "EXPLAIN ANALYZE SELECT count(*) FROM frames", "PIVOT frames ON lighting USING count(*)",
                       "UNPIVOT (SELECT 1 AS a, 2 AS b) ON a, b", "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
-                      "-- a comment\nSELECT 1;"]:
+                      "EXPLAIN (SELECT 1)", "EXPLAIN ANALYZE (SELECT 1)", "-- a comment\nSELECT 1;"]:
             assert c.arrow(query).num_rows >= 1, query
         assert c.sql("SELECT 42 AS a").fetchall() == [(42,)]
         with pytest.raises(QueryError, match="one statement"):
