@@ -121,13 +121,26 @@ def interactive(catalog, fmt: Format, out: Path | None, max_rows: int) -> None:
     """Read statements until ';' from stdin, run them; errors are printed and the prompt goes on. .quit leaves."""
     from shadow.catalog import QueryError
 
-    interactive_tty = sys.stdin.isatty()
-    if interactive_tty:
+    tty = sys.stdin.isatty()
+    if tty:
+        import readline  # noqa: F401  (line editing and history for input())
+
         console.print(f"lake {catalog.lake}; {HELP}")
     buffer: list[str] = []
     while True:
-        console.print(CONTINUE if buffer else PROMPT, end="")
-        line = sys.stdin.readline()
+        prompt = CONTINUE if buffer else PROMPT
+        try:
+            if tty:
+                line = input(prompt) + "\n"
+            else:
+                console.print(prompt, end="")
+                line = sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C drops the statement being typed, as in psql
+            buffer = []
+            console.print()
+            continue
         if not line:  # end of input
             break
         stripped = line.strip()
@@ -164,7 +177,7 @@ def sql_cmd(
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="run the statements of a .sql file",
                                                  exists=True, dir_okay=False)] = None,
     saved: Annotated[Optional[str], typer.Option("--saved", "-s", help="run a saved query by name")] = None,
-    param: Annotated[list[str], typer.Option("--param", "-p", help="k=v parameter of a saved query; repeatable")] = [],
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="k=v parameter of a saved query; repeatable")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="output format")] = Format.table,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the result to this file")] = None,
     lake: Annotated[Optional[Path], typer.Option(help="lake directory; overrides the config")] = None,
@@ -190,7 +203,7 @@ def sql_cmd(
         if list_saved:
             _list_saved(catalog)
         elif saved is not None:
-            render(catalog.saved(saved, **_params(param)), fmt, out, max_rows)
+            render(catalog.saved(saved, **_params(param or [])), fmt, out, max_rows)
         elif file is not None:
             _run_script(catalog, file.read_text(), fmt, out, max_rows)
         elif query is not None:
