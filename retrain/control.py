@@ -1,0 +1,421 @@
+"""The RetrainControl gRPC service (grpc.aio): trigger retraining jobs and follow them (proto/flywheel/v1/control.proto).
+
+Built like the ingest server (`ingest.server`): generic method handlers over the generated messages, the standard
+health and reflection services, bearer tokens checked against a hashed token file (`ingest.auth`; the identity of the
+token is recorded as the job's `requested_by`), optional TLS. Store calls run in threads: SQLite may wait on a lock
+held by another process, and the event loop must not.
+
+Every refusal is a precise status with the reason (see the proto): a trigger is validated before it is queued —
+the mining query by the catalog's own read-only checks (DuckDB's parser) and, when a lake is configured, bound
+against the lake's views (unknown table or column); targets against deploy/targets/*.toml; the student against the
+registry when one is configured; the options by the cycle adapter.
+
+`serve()` runs the service with job runners (and the optional trigger policy) until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ingest.auth import TokenStore, bearer
+from ingest.wire import control_pb2 as pb
+from ingest.wire import control_pb2_grpc
+from retrain.job_runner import CycleAdapter, JobRunner, default_reporter
+from retrain.jobs import (CoolingDown, Job, JobError, JobFinished, JobNotFound, JobsConfig, JobSpec,
+                          JobState, JobStore, RequestConflict, ScoreRule, StudentBusy)
+
+log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["RetrainControl"].full_name
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+
+STATUS_OF: dict[type, grpc.StatusCode] = {
+    JobNotFound: grpc.StatusCode.NOT_FOUND,
+    StudentBusy: grpc.StatusCode.FAILED_PRECONDITION,
+    JobFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    CoolingDown: grpc.StatusCode.FAILED_PRECONDITION,
+    RequestConflict: grpc.StatusCode.ALREADY_EXISTS,
+}
+
+
+class ControlConfig(BaseModel):
+    """The control service and what `flywheel control` runs beside it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    listen: str = Field("127.0.0.1:50061", description="host:port of the RetrainControl gRPC service")
+    token_file: Path | None = Field(None, description="JSON identity -> sha256 of its bearer token (`flywheel token "
+                                    "issue`); None disables authentication")
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
+    tls_key: Path | None = Field(None, description="server private key (PEM)")
+    runners: int = Field(1, ge=0, le=16, description="job runner threads beside the service (0: service only)")
+    policy_file: Path | None = Field(None, description="trigger policy (retrain.policy, TOML); None: no policy")
+    policy_interval_s: float = Field(300.0, gt=0, description="how often the policy is evaluated")
+    grace_s: float = Field(5.0, ge=0, description="on shutdown, how long open calls get to finish")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ControlConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
+class InvalidRequest(JobError):
+    """A trigger that cannot run; the message is the reason."""
+
+
+class UnknownStudent(JobError):
+    """The student is not in the registry."""
+
+
+STATUS_OF[InvalidRequest] = grpc.StatusCode.INVALID_ARGUMENT
+STATUS_OF[UnknownStudent] = grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def known_targets(targets_dir: Path | None = None) -> list[str]:
+    from retrain.targets import TARGETS_DIR
+
+    return sorted(p.stem for p in Path(targets_dir or TARGETS_DIR).glob("*.toml"))
+
+
+class Validator:
+    """Checks a JobSpec before it is queued; raises InvalidRequest / UnknownStudent with the reason."""
+
+    def __init__(self, config: JobsConfig, cycle: CycleAdapter | None = None) -> None:
+        self.config, self.cycle = config, cycle
+        self._catalog = None
+        self._lock = threading.Lock()
+
+    def check_sql(self, sql: str) -> None:
+        from shadow.catalog import Catalog, QueryError, QueryRefused, checked
+
+        try:
+            stmts = checked(sql)
+        except QueryRefused as exc:
+            raise InvalidRequest(f"mining query refused: {exc}") from None
+        except QueryError as exc:
+            raise InvalidRequest(f"mining query does not parse: {exc}") from None
+        if len(stmts) != 1:
+            raise InvalidRequest(f"the mining query must be one statement, got {len(stmts)}")
+        lake = self.config.lake_dir
+        if lake is None or not Path(lake).is_dir():
+            return  # no lake to bind against: the parser's checks are all that can be done here
+        with self._lock:  # binding against the views catches unknown tables and columns without running the query
+            if self._catalog is None:
+                self._catalog = Catalog(lake)
+            else:
+                self._catalog.refresh()
+            try:
+                self._catalog.sql(stmts[0])
+            except QueryError as exc:
+                raise InvalidRequest(f"mining query does not bind against the lake: {exc}") from None
+
+    def check(self, spec: JobSpec) -> None:
+        if spec.sql is not None:
+            self.check_sql(spec.sql)
+        known = known_targets(self.config.targets_dir)
+        unknown = [t for t in spec.targets if t not in known]
+        if unknown:
+            raise InvalidRequest(f"unknown target {', '.join(unknown)}; known targets: {', '.join(known)}")
+        if self.config.registry_dir is not None:
+            from retrain.registry import Registry
+
+            if not Registry(self.config.registry_dir).list(spec.student):
+                raise UnknownStudent(f"student {spec.student!r} is not in the registry {self.config.registry_dir}")
+        if self.cycle is not None:
+            try:
+                self.cycle.validate(spec)
+            except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+                raise InvalidRequest(f"options refused: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ conversions
+
+_STATE_PB = {s: pb.JobState.Value(f"JOB_STATE_{s.value.upper()}") for s in JobState}
+_STATE_OF_PB = {v: k for k, v in _STATE_PB.items()}
+
+
+def _ts(t: float | None, msg) -> None:
+    if t is not None:
+        msg.FromNanoseconds(int(round(t * 1e9)))
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    out = pb.Job(id=job.id, student=job.student, state=_STATE_PB[job.state], targets=list(job.spec.targets),
+                 options_json=json.dumps(job.spec.options, sort_keys=True), current_step=job.current_step,
+                 steps_done=job.steps_done, attempts=job.attempts, error=job.error, result_path=job.result_path,
+                 report_path=job.report_path, work_dir=job.work_dir, cancel_requested=job.cancel_requested,
+                 request_id=job.request_id or "", requested_by=job.requested_by)
+    if job.spec.sql is not None:
+        out.sql = job.spec.sql
+    else:
+        out.score_rule.CopyFrom(pb.ScoreRule(**job.spec.score_rule.model_dump()))
+    _ts(job.created_at, out.created_at)
+    _ts(job.started_at, out.started_at)
+    _ts(job.finished_at, out.finished_at)
+    return out
+
+
+def score_rule_from_pb(msg: pb.ScoreRule) -> ScoreRule:
+    return ScoreRule(min_score=msg.min_score, top_k=msg.top_k, pair=msg.pair, road_types=tuple(msg.road_types),
+                     lightings=tuple(msg.lightings), weathers=tuple(msg.weathers))
+
+
+def job_from_pb(msg: pb.Job) -> Job:
+    """The client side's view of a job, as the same model the store returns."""
+    t = lambda ts, has: ts.ToNanoseconds() / 1e9 if has else None  # noqa: E731
+    rule = score_rule_from_pb(msg.score_rule) if msg.WhichOneof("mining") == "score_rule" else None
+    spec = JobSpec(student=msg.student, sql=msg.sql if rule is None else None, score_rule=rule,
+                   targets=tuple(msg.targets), options=json.loads(msg.options_json or "{}"))
+    return Job(id=msg.id, spec=spec, state=_STATE_OF_PB[msg.state], request_id=msg.request_id or None,
+               requested_by=msg.requested_by, created_at=t(msg.created_at, True),
+               started_at=t(msg.started_at, msg.HasField("started_at")),
+               finished_at=t(msg.finished_at, msg.HasField("finished_at")), current_step=msg.current_step,
+               steps_done=list(msg.steps_done), attempts=msg.attempts, error=msg.error, result_path=msg.result_path,
+               report_path=msg.report_path, work_dir=msg.work_dir, cancel_requested=msg.cancel_requested)
+
+
+def spec_from_request(req: pb.TriggerRetrainRequest) -> JobSpec:
+    """The JobSpec of a trigger request; InvalidRequest naming what is wrong."""
+    try:
+        options = json.loads(req.options_json) if req.options_json else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"options_json is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidRequest("options_json must be a JSON object")
+    which = req.WhichOneof("mining")
+    try:
+        return JobSpec(student=req.student, sql=req.sql if which == "sql" else None,
+                       score_rule=score_rule_from_pb(req.score_rule) if which == "score_rule" else None,
+                       targets=tuple(req.targets), options=options)
+    except ValidationError as exc:
+        raise InvalidRequest("; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"
+                                       for e in exc.errors())) from None
+
+
+def _page_token(job: Job) -> str:
+    return base64.urlsafe_b64encode(json.dumps([job.created_at, job.id]).encode()).decode()
+
+
+def _parse_page_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(created), str(job_id)
+    except (ValueError, TypeError):
+        raise InvalidRequest("page_token is not one this service issued") from None
+
+
+# ---------------------------------------------------------------------------------------------------- service
+
+
+class ControlService:
+    """RetrainControl over a JobStore; `start()` builds the grpc.aio server around it."""
+
+    def __init__(self, jobs: JobsConfig, config: ControlConfig, cycle: CycleAdapter | None = None) -> None:
+        self.jobs, self.config = jobs, config
+        self.store = JobStore.from_config(jobs)
+        self.validator = Validator(jobs, cycle)
+        self.tokens = TokenStore.load(config.token_file) if config.token_file else None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        if self.tokens is None:
+            log.warning("retrain control service runs WITHOUT authentication (no token_file)")
+
+    async def start(self) -> int:
+        self.server = grpc.aio.server()
+
+        def unary(fn, request_type, response_type):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=request_type.FromString,
+                                                       response_serializer=response_type.SerializeToString)
+
+        handlers = {
+            "TriggerRetrain": unary(self.trigger_retrain, pb.TriggerRetrainRequest, pb.Job),
+            "GetJob": unary(self.get_job, pb.GetJobRequest, pb.Job),
+            "ListJobs": unary(self.list_jobs, pb.ListJobsRequest, pb.ListJobsResponse),
+            "CancelJob": unary(self.cancel_job, pb.CancelJobRequest, pb.Job),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        if self.config.tls_cert is None:
+            port = self.server.add_insecure_port(self.config.listen)
+        else:
+            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            port = self.server.add_secure_port(self.config.listen, creds)
+        await self.server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("retrain control listening on %s (port %d)", self.config.listen, port)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.server is None:
+            return
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.config.grace_s if grace is None else grace)
+        self.server = None
+
+    async def _identity(self, context) -> str:
+        if self.tokens is None:
+            return ""
+        token = bearer(context.invocation_metadata())
+        who = self.tokens.vehicle_for(token) if token else None
+        if who is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing bearer token" if not token else "unknown or revoked bearer token")
+        return who
+
+    async def _call(self, context, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking store call in a thread; the store's refusals become their status codes."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except JobError as exc:
+            code = next((c for t, c in STATUS_OF.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(exc))
+        except sqlite3.OperationalError as exc:  # the database stayed locked past the busy timeout
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"job store busy, retry: {exc}")
+        except Exception as exc:
+            log.exception("unexpected error in the control service")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    async def trigger_retrain(self, request: pb.TriggerRetrainRequest, context) -> pb.Job:
+        who = await self._identity(context)
+
+        def trigger() -> Job:
+            spec = spec_from_request(request)
+            self.validator.check(spec)
+            return self.store.create(spec, request.request_id or None, who, request.queue_behind)[0]
+
+        return job_to_pb(await self._call(context, trigger))
+
+    async def get_job(self, request: pb.GetJobRequest, context) -> pb.Job:
+        await self._identity(context)
+        return job_to_pb(await self._call(context, self.store.get, request.id))
+
+    async def cancel_job(self, request: pb.CancelJobRequest, context) -> pb.Job:
+        who = await self._identity(context)
+        reason = f"cancelled by {who}" if who else "cancelled on request"
+        return job_to_pb(await self._call(context, self.store.cancel, request.id, reason))
+
+    async def list_jobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        await self._identity(context)
+
+        def page() -> pb.ListJobsResponse:
+            if any(s not in _STATE_OF_PB for s in request.states):
+                raise InvalidRequest("states: JOB_STATE_UNSPECIFIED is not a state to filter by")
+            size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+            jobs = self.store.list([_STATE_OF_PB[s] for s in request.states], request.student or None, size + 1,
+                                   _parse_page_token(request.page_token))
+            more = len(jobs) > size
+            jobs = jobs[:size]
+            return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs],
+                                       next_page_token=_page_token(jobs[-1]) if more else "")
+
+        return await self._call(context, page)
+
+
+# ----------------------------------------------------------------------------------------------------- client
+
+
+class ControlClient:
+    """A blocking client of RetrainControl (the CLI's); raises grpc.RpcError with the server's status."""
+
+    def __init__(self, target: str, token: str | None = None, tls_ca: Path | None = None, timeout: float = 30.0):
+        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
+                        if tls_ca else grpc.insecure_channel(target))
+        self.stub = control_pb2_grpc.RetrainControlStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def _do(self, method: str, request) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+
+    def trigger(self, spec: JobSpec, request_id: str = "", queue_behind: bool = False) -> Job:
+        req = pb.TriggerRetrainRequest(student=spec.student, targets=list(spec.targets), request_id=request_id,
+                                       options_json=json.dumps(spec.options), queue_behind=queue_behind)
+        if spec.sql is not None:
+            req.sql = spec.sql
+        else:
+            req.score_rule.CopyFrom(pb.ScoreRule(**spec.score_rule.model_dump()))
+        return job_from_pb(self._do("TriggerRetrain", req))
+
+    def get(self, job_id: str) -> Job:
+        return job_from_pb(self._do("GetJob", pb.GetJobRequest(id=job_id)))
+
+    def cancel(self, job_id: str) -> Job:
+        return job_from_pb(self._do("CancelJob", pb.CancelJobRequest(id=job_id)))
+
+    def list(self, states: list[JobState] | None = None, student: str | None = None, limit: int = 50) -> list[Job]:
+        out: list[Job] = []
+        token = ""
+        while len(out) < limit:
+            resp = self._do("ListJobs", pb.ListJobsRequest(states=[_STATE_PB[JobState(s)] for s in states or []],
+                                                           student=student or "", page_size=min(limit - len(out),
+                                                                                                MAX_PAGE),
+                                                           page_token=token))
+            out += [job_from_pb(j) for j in resp.jobs]
+            token = resp.next_page_token
+            if not token:
+                break
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# ------------------------------------------------------------------------------------------------------ serve
+
+
+async def serve(jobs: JobsConfig, config: ControlConfig, cycle: CycleAdapter, ready=None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve RetrainControl with `config.runners` job runners until SIGTERM/SIGINT (or `stop`).
+
+    A job still running at shutdown keeps its state; its lease expires and the next runner resumes it.
+    """
+    service = ControlService(jobs, config, cycle)
+    port = await service.start()
+    runners = [JobRunner(JobStore.from_config(jobs), cycle, jobs, reporter=default_reporter(jobs.lake_dir)).start()
+               for _ in range(config.runners)]
+    policy_stop = threading.Event()
+    policy = None
+    if config.policy_file is not None:
+        from retrain.policy import PolicyLoop
+
+        policy = PolicyLoop.from_file(config.policy_file, jobs, config.policy_interval_s, service.validator)
+        threading.Thread(target=policy.run, args=(policy_stop,), daemon=True, name="policy").start()
+    if ready is not None:
+        ready(port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        policy_stop.set()
+        for r in runners:
+            r.stop(0)  # no new jobs; a cycle still running after the grace is resumed from its lease by another runner
+        await service.stop()
+        for r in runners:
+            await asyncio.to_thread(r.stop, config.grace_s)
+        log.info("retrain control stopped")
