@@ -21,7 +21,8 @@ Metrics per episode, with units: collision; minimum time-to-collision (s) agains
 corridor (constant velocities, capped at `ttc_cap_s`); comfort as nuPlan's ego_is_comfortable checks it (its
 default limits; signals differentiated with a Savitzky-Golay filter, quadratic, 5 frames): longitudinal
 acceleration (m/s^2), lateral acceleration (m/s^2), longitudinal jerk (m/s^3), yaw rate (rad/s), yaw acceleration
-(rad/s^2); progress: distance driven (m) and mean speed (m/s). Everything is deterministic from the seeds.
+(rad/s^2), all judged after the first `settle_s` (spawn transients); progress: distance driven (m) and mean speed
+(m/s). Everything is deterministic from the seeds.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class ClosedLoopConfig(BaseModel):
     fleet: FleetConfig = Field(default_factory=lambda: FleetConfig(workers=1), description="frame rate, perception")
     controller: ControllerConfig = Field(default_factory=ControllerConfig, description="trajectory -> command")
     comfort: ComfortLimits = Field(default_factory=ComfortLimits, description="comfort limits")
+    settle_s: float = Field(1.0, ge=0, description="comfort and TTC are judged from this time on, s: highway-env "
+                            "spawns vehicles at speeds their drivers correct at once (the merge ego starts at 30 m/s "
+                            "and brakes at -6 m/s^2); collisions count from the start")
     ttc_cap_s: float = Field(10.0, gt=0, description="TTC reported when nothing is closing in, s")
     ttc_threshold_s: float = Field(0.95, gt=0, description="an episode whose minimum TTC is below this is unsafe "
                                    "(nuPlan's time_to_collision_within_bound)")
@@ -313,9 +317,11 @@ def run_episode(policy: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig,
     track = _Log(cfg.fleet.truth_range_m)
     stall = int(round(cfg.fleet.stall_s * cfg.fleet.frame_rate_hz))
     min_ttc, still, reason, crashed = cfg.ttc_cap_s, 0, "length", False
-    for _ in range(cfg.max_steps):
+    settle = int(round(cfg.settle_s * cfg.fleet.frame_rate_hz))
+    for step in range(cfg.max_steps):
         track.record(env)
-        min_ttc = min(min_ttc, _ttc(env, cfg.ttc_cap_s))
+        if step >= settle:
+            min_ttc = min(min_ttc, _ttc(env, cfg.ttc_cap_s))
         if policy.model is not None:
             feats = featurize(_frames(*track.window(), scenario, cond, cfg.fleet, rng), with_targets=False)
             traj = sess.run(["trajectory"], {k: v[-1:] for k, v in feats.inputs().items()})[0][0]
@@ -338,7 +344,7 @@ def run_episode(policy: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig,
     track.record(env)
     env.close()
     e = np.array(track.ego)
-    speed, heading = e[:, 3], e[:, 2]
+    speed, heading = e[settle:, 3], e[settle:, 2]
     dist = float(np.hypot(*np.diff(e[:, :2], axis=0).T).sum())
     dt = cfg.fleet.dt_s
     return {"policy": policy.name, "scenario": scenario, "seed": int(seed), "steps": len(e) - 1,
