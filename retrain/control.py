@@ -405,10 +405,10 @@ async def serve(jobs: JobsConfig, config: ControlConfig, cycle: CycleAdapter, re
         threading.Thread(target=policy.run, args=(policy_stop,), daemon=True, name="policy").start()
     if ready is not None:
         ready(port)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:  # the command line: stop on signals (only possible in the main thread)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:

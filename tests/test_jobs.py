@@ -254,3 +254,79 @@ def test_a_job_whose_runners_keep_dying_fails(tmp_path):
     assert store.claim("third", config.lease_s, config.max_attempts) is None
     failed = store.get(job.id)
     assert failed.state == JobState.FAILED and "died 2 times" in failed.error
+
+
+# ------------------------------------------------------------------------------------------------------- policy
+
+
+def policy_lake(tmp_path: Path, night_frames: int, night_score: float, day: str) -> Path:
+    """Divergences of student 1.0: `night_frames` night-merge frames at `night_score`, 50 day-highway frames at 0.5."""
+    from tests.test_report import rows, write
+
+    recs = [{"drive_id": "d1", "seq": s, "teacher_name": "teacher", "teacher_version": "1.0",
+             "student_name": "student", "student_version": "1.0", "road_type": "merge", "lighting": "night",
+             "weather": "clear", "score": night_score} for s in range(night_frames)]
+    recs += [{"drive_id": "d2", "seq": s, "teacher_name": "teacher", "teacher_version": "1.0",
+              "student_name": "student", "student_version": "1.0", "road_type": "highway", "lighting": "day",
+              "weather": "clear", "score": 0.5} for s in range(50)]
+    lake = tmp_path / "lake"
+    write(lake, "divergences", rows("divergences", recs), 0, date=day, pair="teacher-1.0__student-1.0")
+    return lake
+
+
+def test_policy_triggers_once_above_threshold_and_respects_cooldown_and_min_frames(tmp_path):
+    from datetime import date
+
+    from retrain.policy import PolicyConfig, evaluate
+    from shadow.catalog import Catalog
+
+    today = date.today().isoformat()
+    config = cfg(tmp_path)
+    store = JobStore.from_config(config)
+    policy = PolicyConfig.model_validate({"rules": [
+        {"name": "night-merge", "student": "student", "student_version": "1.0", "road_type": "merge",
+         "lighting": "night", "metric": "mean_score", "threshold": 1.5, "min_frames": 20, "cooldown_s": 3600,
+         "targets": ["cpu"]}]})
+    few = Catalog(policy_lake(tmp_path / "few", 10, 3.0, today))
+    [d] = evaluate(few, policy, store)
+    assert not d.triggered and d.frames == 10 and "min_frames" in d.reason and store.list() == []
+    low = Catalog(policy_lake(tmp_path / "low", 40, 1.2, today))
+    [d] = evaluate(low, policy, store)
+    assert not d.triggered and abs(d.value - 1.2) < 1e-6 and "below" in d.reason  # the day frames do not count
+
+    high = Catalog(policy_lake(tmp_path / "high", 40, 3.0, today))
+    [d] = evaluate(high, policy, store, dry_run=True)
+    assert not d.triggered and "would trigger" in d.reason and store.list() == []
+    [d] = evaluate(high, policy, store)
+    assert d.triggered and d.frames == 40 and d.pair == "teacher-1.0__student-1.0"
+    job = store.get(d.job_id)
+    assert job.requested_by == "policy:night-merge" and job.spec.targets == ("cpu",)
+    rule = job.spec.score_rule
+    assert rule.road_types == ("merge",) and rule.lightings == ("night",) and rule.pair == d.pair
+    # again while the job is queued: nothing new
+    [again] = evaluate(high, policy, store)
+    assert not again.triggered and "already has job" in again.reason and len(store.list()) == 1
+    # the job ends; within the cooldown still nothing, after it a second job
+    claimed = store.claim("r", 5.0)
+    store.finish(claimed.id, "r", JobState.REJECTED, "gate")
+    [again] = evaluate(high, policy, store)
+    assert not again.triggered and "cooldown" in again.reason and len(store.list()) == 1
+    later = PolicyConfig.model_validate({"rules": [{**policy.rules[0].model_dump(), "cooldown_s": 0.0}]})
+    [again] = evaluate(high, later, store)
+    assert again.triggered and len(store.list()) == 2
+    # old data falls out of the lookback window
+    old = Catalog(policy_lake(tmp_path / "old", 40, 3.0, "2020-01-01"))
+    [d] = evaluate(old, policy, JobStore(tmp_path / "other.sqlite"))
+    assert d.frames == 0 and not d.triggered
+
+
+def test_policy_rules_are_validated():
+    from retrain.policy import PolicyConfig
+
+    base = {"name": "r", "student": "s", "threshold": 1.0}
+    for bad in ({**base}, {**base, "road_type": "motorway"}, {**base, "lighting": "night", "metric": "p99"},
+                {**base, "lighting": "night", "extra": 1}):
+        with pytest.raises(ValidationError):
+            PolicyConfig.model_validate({"rules": [bad]})
+    with pytest.raises(ValidationError, match="repeat"):
+        PolicyConfig.model_validate({"rules": [{**base, "lighting": "night"}] * 2})

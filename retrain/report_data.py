@@ -1,0 +1,276 @@
+"""The report's adapter: from a cycle's result JSON (and the lake) to what each report section draws.
+
+Every key is optional; a section without data gets a reason in `ReportData.missing` and renders "not available".
+Keys read from the result document (the first present wins; `a.b` is a nested key):
+
+- student, job, outcome: `student` (a name, or {name, version}), `student_name`; `base_version` / `parent_version`;
+  `new_version` / `candidate_version` / `version`; `promoted`, `decision`; the job record passed separately;
+- pairs: `pairs.before` / `before_pair` / `base_pair` and `pairs.after` / `after_pair` / `candidate_pair` (pair ids
+  `<teacher>-<version>__<student>-<version>`); their model ids name the `decisions` partitions read for the plots;
+- conditions: `divergence_by_condition` / `verify.divergence_by_condition` / `verify.by_condition`: a list of
+  {condition, before, after[, frames, mined]} or a dict condition -> {before, after, ...}; `conditions_metric`
+  names the figure (default mean score). Missing: computed from the lake's divergences of both pairs;
+- scenes: `mining.items` / `mined.items` ({drive_id, start_seq, end_seq, score}); the frame of highest score in
+  each of the best windows is drawn. Missing: the top frames of the before pair in the lake;
+- targets: `targets` / `compress.targets` / `artifacts`: a list of `retrain.compress.TargetResult`-like dicts
+  (chip, bytes, cpu_latency_ms_measured, latency_ms_estimate, precision_mix, size/latency_budget_met, verified) or
+  a dict chip -> that; per chip divergence from `divergence` / `verify.divergence` / `mean_score`, or
+  `verify.targets.<chip>.<metric>`;
+- gate: `gate` = {passed, reasons, checks: [{name, value, limit, passed}]} (or `gates`);
+- lineage: `lineage` (dict or list), `registry` entry, `dataset.sha256` / `snapshot`, `mining.sql`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+LOGGED_FRAMES = 40  # the logged future drawn after a frame: 4 s at 10 Hz, the planning horizon
+
+
+@dataclass
+class Scene:
+    """One frame to draw: ego pose (x, y, heading), agents, and world-frame paths (None when not available)."""
+
+    drive_id: str
+    seq: int
+    score: float | None
+    context: str
+    ego: tuple[float, float, float]
+    agents: list[dict]
+    paths: dict[str, np.ndarray | None]
+
+
+@dataclass
+class ReportData:
+    summary: dict[str, Any] = field(default_factory=dict)
+    conditions: list[dict] = field(default_factory=list)
+    conditions_metric: str = "mean divergence score"
+    conditions_source: str = ""
+    scenes: list[Scene] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    target_metric: str = "mean score vs teacher"
+    gate: dict | None = None
+    lineage: list[tuple[str, Any]] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+def get(doc: Any, *paths: str, default: Any = None) -> Any:
+    """The value at the first dotted path present in `doc`."""
+    for path in paths:
+        cur = doc
+        for key in path.split("."):
+            if not isinstance(cur, dict) or key not in cur:
+                break
+            cur = cur[key]
+        else:
+            if cur is not None:
+                return cur
+    return default
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def _student(doc: dict) -> tuple[str | None, str | None, str | None]:
+    s = get(doc, "student")
+    name = s.get("name") if isinstance(s, dict) else s
+    name = name or get(doc, "student_name")
+    base = get(doc, "base_version", "parent_version", "student.version")
+    new = get(doc, "new_version", "candidate_version", "version")
+    return name, base, new
+
+
+def pairs_of(doc: dict) -> tuple[str | None, str | None]:
+    return (get(doc, "pairs.before", "before_pair", "base_pair", "verify.before_pair"),
+            get(doc, "pairs.after", "after_pair", "candidate_pair", "verify.after_pair"))
+
+
+def _models(before: str | None, after: str | None) -> dict[str, str | None]:
+    """Decisions partitions (model ids) of teacher, student before and after, from the pair ids."""
+    t, b = before.split("__", 1) if before and "__" in before else (None, None)
+    t2, a = after.split("__", 1) if after and "__" in after else (None, None)
+    return {"teacher": t or t2, "student_before": b, "student_after": a}
+
+
+# --------------------------------------------------------------------------------------------------- sections
+
+
+def conditions_from_doc(raw: Any) -> list[dict]:
+    items = [{"condition": k, **v} for k, v in raw.items() if isinstance(v, dict)] if isinstance(raw, dict) else \
+        [dict(v) for v in raw if isinstance(v, dict)] if isinstance(raw, list) else []
+    out = []
+    for it in items:
+        b, a = _num(it.get("before")), _num(it.get("after"))
+        out.append({"condition": str(it.get("condition", "?")), "before": b, "after": a,
+                    "frames": it.get("frames"), "mined": it.get("mined"),
+                    "change": None if b in (None, 0) or a is None else (a - b) / b})
+    return out
+
+
+def conditions_from_lake(catalog, before: str, after: str) -> list[dict]:
+    from retrain.mining import condition_of
+
+    rows = catalog.arrow("SELECT pair, lighting::VARCHAR AS l, weather::VARCHAR AS w, count(*)::BIGINT AS n, "
+                         "sum(score) AS s FROM divergences WHERE pair IN ($b, $a) GROUP BY ALL",
+                         {"b": before, "a": after}).to_pylist()
+    acc: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        slot = acc.setdefault(condition_of(r["l"], r["w"]), {}).setdefault(r["pair"], [0, 0.0])
+        slot[0] += r["n"]
+        slot[1] += r["s"] or 0.0
+    out = []
+    for cond, by_pair in sorted(acc.items()):
+        b = by_pair.get(before, [0, 0.0])
+        a = by_pair.get(after, [0, 0.0])
+        out.append({"condition": cond, "before": b[1] / b[0] if b[0] else None, "after": a[1] / a[0] if a[0] else None,
+                    "frames": b[0], "mined": None})
+        out[-1]["change"] = (None if not out[-1]["before"] or out[-1]["after"] is None
+                             else (out[-1]["after"] - out[-1]["before"]) / out[-1]["before"])
+    return out
+
+
+def _to_world(ego: tuple[float, float, float], tx: list, ty: list) -> np.ndarray:
+    x, y, h = ego
+    tx, ty = np.asarray(tx, float), np.asarray(ty, float)
+    return np.stack([x + np.cos(h) * tx - np.sin(h) * ty, y + np.sin(h) * tx + np.cos(h) * ty], axis=1)
+
+
+def scene_frames(catalog, doc: dict, before: str | None, top: int) -> list[tuple[str, int, float | None]]:
+    """(drive, seq, score) of the frames to draw: the best frame of each of the best mined windows, else the top
+    frames of the before pair, one per drive."""
+    items = get(doc, "mining.items", "mined.items", "mine.items", default=[]) or []
+    items = sorted((i for i in items if isinstance(i, dict) and "drive_id" in i),
+                   key=lambda i: -(_num(i.get("score")) or 0.0))
+    where, params = ("pair = $pair", {"pair": before}) if before else ("true", {})
+    out: list[tuple[str, int, float | None]] = []
+    for it in items[:top]:
+        lo, hi = int(it.get("start_seq", 0)), int(it.get("end_seq", it.get("start_seq", 0)))
+        r = catalog.arrow(f"SELECT seq, score FROM divergences WHERE {where} AND drive_id = $d AND seq BETWEEN $lo "
+                          "AND $hi ORDER BY score DESC LIMIT 1", {**params, "d": it["drive_id"], "lo": lo,
+                                                                  "hi": hi}).to_pylist()
+        out.append((it["drive_id"], r[0]["seq"] if r else lo, r[0]["score"] if r else _num(it.get("score"))))
+    if not out:
+        rows = catalog.arrow(f"SELECT drive_id, arg_max(seq, score) AS seq, max(score) AS score FROM divergences "
+                             f"WHERE {where} GROUP BY drive_id ORDER BY score DESC, drive_id LIMIT {int(top)}",
+                             params).to_pylist()
+        out = [(r["drive_id"], r["seq"], r["score"]) for r in rows]
+    return out
+
+
+def load_scene(catalog, drive: str, seq: int, score: float | None, models: dict[str, str | None]) -> Scene | None:
+    f = catalog.arrow("SELECT seq, ego_x, ego_y, ego_heading, agents, lighting::VARCHAR AS l, "
+                      "weather::VARCHAR AS w, road_type::VARCHAR AS r FROM frames WHERE drive_id = $d AND seq "
+                      "BETWEEN $lo AND $hi ORDER BY seq", {"d": drive, "lo": seq, "hi": seq + LOGGED_FRAMES}).to_pylist()
+    if not f or f[0]["seq"] != seq:
+        return None
+    ego = (f[0]["ego_x"], f[0]["ego_y"], f[0]["ego_heading"])
+    paths: dict[str, np.ndarray | None] = {"logged": np.array([[r["ego_x"], r["ego_y"]] for r in f])}
+    for role, model in models.items():
+        rows = catalog.arrow("SELECT traj_x, traj_y FROM decisions WHERE model = $m AND drive_id = $d AND seq = $s "
+                             "LIMIT 1", {"m": model or "", "d": drive, "s": seq}).to_pylist() if model else []
+        # waypoints start at dt ahead: prepend the ego position so the line leaves the car
+        paths[role] = np.vstack([[ego[0], ego[1]], _to_world(ego, rows[0]["traj_x"], rows[0]["traj_y"])]) \
+            if rows else None
+    context = f"({f[0]['r']}, {f[0]['l']}, {f[0]['w']})"
+    return Scene(drive, seq, score, context, ego, list(f[0]["agents"] or []), paths)
+
+
+def targets_of(doc: dict) -> list[dict]:
+    raw = get(doc, "targets", "compress.targets", "artifacts", default=[])
+    if isinstance(raw, dict):
+        raw = [{"chip": k, **v} for k, v in raw.items() if isinstance(v, dict)]
+    out = []
+    for t in raw if isinstance(raw, list) else []:
+        if not isinstance(t, dict):
+            continue
+        chip = t.get("chip") or t.get("name")
+        mix = t.get("precision_mix")
+        budgets = [t[k] for k in ("size_budget_met", "latency_budget_met") if k in t]
+        out.append({"chip": chip, "size_bytes": t.get("bytes", t.get("size_bytes")),
+                    "precision": ", ".join(f"{k}:{v}" for k, v in mix.items()) if isinstance(mix, dict) else mix,
+                    "cpu_latency_ms": _num(t.get("cpu_latency_ms_measured", t.get("cpu_latency_ms"))),
+                    "chip_latency_ms_estimate": _num(t.get("latency_ms_estimate")),
+                    "divergence": _num(get(t, "divergence", "verify.divergence", "mean_score",
+                                           default=get(doc, f"verify.targets.{chip}.mean_score",
+                                                       f"verify.targets.{chip}.divergence"))),
+                    "budgets_met": all(budgets) if budgets else None, "verified": t.get("verified")})
+    return out
+
+
+def gate_of(doc: dict) -> dict | None:
+    g = get(doc, "gate", "gates")
+    if not isinstance(g, dict):
+        return None
+    passed = g.get("passed", get(doc, "promoted"))
+    reasons = g.get("reasons") or []
+    checks = g.get("checks") or []
+    if isinstance(checks, dict):
+        checks = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "passed": v} for k, v in checks.items()]
+    return {"passed": bool(passed), "reasons": [str(r) for r in (reasons if isinstance(reasons, list) else [reasons])],
+            "checks": [c for c in checks if isinstance(c, dict)]}
+
+
+def lineage_of(doc: dict) -> list[tuple[str, Any]]:
+    raw = get(doc, "lineage")
+    out: list[tuple[str, Any]] = []
+    if isinstance(raw, dict):
+        out += [(str(k), v if not isinstance(v, (list, tuple)) else ", ".join(map(str, v))) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        out += [("parent", v) for v in raw]
+    for key, path in (("dataset sha256", "dataset.sha256"), ("snapshot", "dataset.id"), ("snapshot", "snapshot"),
+                      ("mining rule", "mining.rule"), ("mining query", "mining.sql"),
+                      ("registered", "registry.ref"), ("parents", "registry.parents")):
+        v = get(doc, path)
+        if v is not None and not isinstance(v, dict) and key not in dict(out):
+            out.append((key, ", ".join(map(str, v)) if isinstance(v, list) else v))
+    return out
+
+
+def load_data(doc: dict, lake: Path | None, job: dict | None = None, top_scenes: int = 4) -> ReportData:
+    """Everything the report draws; what cannot be found is named in `missing`."""
+    doc = doc if isinstance(doc, dict) else {}
+    d = ReportData()
+    name, base, new = _student(doc)
+    before, after = pairs_of(doc)
+    job = job or {}
+    outcome = get(doc, "decision") or ({True: "promoted", False: "rejected"}.get(get(doc, "promoted")))
+    d.summary = {"job": job.get("id"), "student": name or get(job, "spec.student"), "state": job.get("state"),
+                 "outcome": outcome, "student before": base, "student after": new, "pair before": before,
+                 "pair after": after, "targets": ", ".join(get(job, "spec.targets", default=[])) or None,
+                 "mined windows": get(doc, "mining.windows"), "error": job.get("error") or None}
+    d.conditions = conditions_from_doc(get(doc, "divergence_by_condition", "verify.divergence_by_condition",
+                                           "verify.by_condition", default=[]))
+    d.conditions_metric = get(doc, "conditions_metric", "verify.conditions_metric", default=d.conditions_metric)
+    d.conditions_source = "from the cycle's verification (held-out drives)" if d.conditions else ""
+    d.targets, d.gate, d.lineage = targets_of(doc), gate_of(doc), lineage_of(doc)
+    if lake is None or not Path(lake).is_dir():
+        d.missing["scenes"] = d.missing.setdefault("conditions", "no lake given to read scenarios from")
+        return d
+    from shadow.catalog import Catalog
+
+    with Catalog(Path(lake)) as catalog:
+        if not d.conditions:
+            if before and after:
+                d.conditions = conditions_from_lake(catalog, before, after)
+                d.conditions_source = "from the lake: every frame replayed for each pair"
+            d.missing["conditions"] = ("the result names no before/after pairs" if not (before and after)
+                                       else "the lake holds no divergences of the two pairs")
+        models = _models(before, after)
+        for drive, seq, score in scene_frames(catalog, doc, before, top_scenes):
+            scene = load_scene(catalog, drive, int(seq), score, models)
+            if scene is not None:
+                d.scenes.append(scene)
+        d.missing["scenes"] = "the lake holds no divergent frames with their logged frames"
+    return d
