@@ -198,6 +198,8 @@ class ApplyNumericRules(Pass[NumericsConfig]):
         mix = {}
         for p in model.plan.values():
             mix[p] = mix.get(p, 0) + 1
+        if "int8" not in mix and "fp16" in mix:
+            spec.precision = "fp16"  # the spec's precision names the weights' widest use; INT8 wins when present
         spec.extra = {**spec.extra, "made_by": self.name, "precision_mix": mix,
                       "emulation": "FP16 nodes emulated by Cast pairs; INT16 as QDQ" if
                       {"fp16", "int16"} & set(mix) else "none"}
