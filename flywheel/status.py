@@ -158,6 +158,8 @@ def _jobs(settings: Settings, jobs_db: Path | None) -> tuple[list[dict], str | N
         return [], "no job database yet"
     try:
         store = JobStore(Path(db))
-        return [j if isinstance(j, dict) else j.model_dump(mode="json") for j in store.list(limit=10)], None
+        return [{"id": j.id, "student": j.student, "state": j.state.value, "step": j.current_step,
+                 "created": datetime.fromtimestamp(j.created_at, timezone.utc).isoformat(timespec="seconds"),
+                 "error": j.error[:80]} for j in store.list(limit=10)], None
     except Exception as exc:
         return [], f"{type(exc).__name__}: {exc}"
