@@ -23,6 +23,7 @@ import secrets
 import socket
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -84,17 +85,21 @@ class CycleAdapter(Protocol):
 def gate_outcome(result: dict) -> tuple[JobState, str]:
     """SUCCEEDED when the result says the student was promoted, else REJECTED with the gate's reasons.
 
-    Reads `promoted` (bool), else `decision` ("promote"/"promoted" vs anything else), else `gate.passed`; the reasons
-    from `gate.reasons`, `reasons` or `gate.failed`.
+    Reads `status` ("promoted" / "rejected", as `retrain.cycle.CycleResult` has it), else `promoted` (bool), else
+    `decision`, else `passed`, else `gate.passed`; the reasons from `reasons`, `gate.reasons` or `gate.failed`.
     """
     gate = result.get("gate") if isinstance(result.get("gate"), dict) else {}
-    if "promoted" in result:
+    if result.get("status") in ("promoted", "rejected"):  # retrain.cycle.CycleResult
+        ok = result["status"] == "promoted"
+    elif "promoted" in result:
         ok = bool(result["promoted"])
     elif "decision" in result:
         ok = str(result["decision"]).lower() in ("promote", "promoted", "pass", "passed")
+    elif "passed" in result:  # a cycle that ran without registering
+        ok = bool(result["passed"])
     else:
         ok = bool(gate.get("passed", False))
-    reasons = gate.get("reasons") or result.get("reasons") or gate.get("failed") or []
+    reasons = result.get("reasons") or gate.get("reasons") or gate.get("failed") or []
     if isinstance(reasons, dict):
         reasons = [f"{k}: {v}" for k, v in reasons.items()]
     text = "; ".join(str(r) for r in reasons) if isinstance(reasons, (list, tuple)) else str(reasons)
@@ -117,6 +122,107 @@ class FunctionCycle:
 
     def outcome(self, result: dict) -> tuple[JobState, str]:
         return gate_outcome(result)
+
+
+class RealCycle:
+    """`retrain.cycle.run_cycle` behind the adapter.
+
+    The CycleConfig of a job: `lake` and `registry` from the runner's JobsConfig; `student` and `targets` from the
+    job (no targets: every target; the verification chip is added when missing, it is the one the candidate is
+    verified with); mining from the job's query, or its score rule (`MiningConfig` min_score, max_windows = top_k,
+    pair, window statistic max_score; a rule restricted to conditions becomes a query over the pair's `scenarios`
+    windows of those conditions, best first); every other CycleConfig field from the job's options (nested dicts
+    for mining, finetune, compress, verification, gates, ...).
+    """
+
+    RESERVED = frozenset({"lake", "registry", "student", "targets"})
+
+    def __init__(self, config: JobsConfig) -> None:
+        self.jobs = config
+
+    def build(self, spec: JobSpec):
+        """The job's CycleConfig; ValueError (pydantic's ValidationError included) naming what is wrong."""
+        from retrain.cycle import CycleConfig
+
+        if self.jobs.lake_dir is None or self.jobs.registry_dir is None:
+            raise ValueError("the job runner needs jobs.lake_dir and jobs.registry_dir to run a cycle")
+        taken = sorted(self.RESERVED & set(spec.options))
+        if taken:
+            raise ValueError(f"options may not set {taken}: they come from the job and the service's configuration")
+        opts = dict(spec.options)
+        mining = dict(opts.pop("mining", None) or {})
+        if "sql" in mining:
+            raise ValueError("options.mining.sql: the mining query is the job's own (sql or score rule)")
+        if spec.sql is not None:
+            mining["sql"] = spec.sql
+        else:
+            mining.update(self._score_mining(spec, opts.get("teacher", "teacher")))
+        chip = (opts.get("verification") or {}).get("chip") or _default_verification_chip()
+        targets = list(spec.targets) + ([chip] if spec.targets and chip not in spec.targets else []) or None
+        return CycleConfig(lake=self.jobs.lake_dir, registry=self.jobs.registry_dir, student=spec.student,
+                           targets=targets, mining=mining, **opts)
+
+    def _score_mining(self, spec: JobSpec, teacher: str) -> dict:
+        rule = spec.score_rule
+        out: dict[str, Any] = {"min_score": rule.min_score, "window_statistic": "max_score"}
+        if rule.top_k:
+            out["max_windows"] = rule.top_k
+        if rule.pair:
+            out["pair"] = rule.pair
+        filters = [(col, vals) for col, vals in (("road_type", rule.road_types), ("lighting", rule.lightings),
+                                                 ("weather", rule.weathers)) if vals]
+        if not filters:
+            return out
+        from ingest.lake import model_id, pair_id
+        from retrain.registry import Registry
+
+        pair = rule.pair
+        if not pair:  # the pair the cycle will use: registry teacher and the student's promoted version
+            reg = Registry(self.jobs.registry_dir)
+            try:
+                name, _, version = teacher.partition(":")
+                t, s = reg.get(name, version or None, verify=False), reg.get(spec.student, verify=False)
+            except KeyError as exc:
+                raise ValueError(f"cannot resolve the pair to mine: {exc}") from None
+            pair = pair_id(model_id(t.name, t.version), model_id(s.name, s.version))
+        # names were checked against the frame contract and the pair id pattern: safe to quote
+        where = " AND ".join(f"{col}::VARCHAR IN ({', '.join(repr(v) for v in vals)})" for col, vals in filters)
+        limit = f" LIMIT {rule.top_k}" if rule.top_k else ""
+        return {"sql": "SELECT drive_id, window_start_seq, window_end_seq, max_score AS score FROM scenarios "
+                       f"WHERE pair = '{pair}' AND max_score >= {rule.min_score!r} AND {where} "
+                       f"ORDER BY max_score DESC, drive_id, window_start_seq{limit}"}
+
+    def validate(self, spec: JobSpec) -> None:
+        self.build(spec)
+
+    def run(self, job: Job, work_dir: Path, progress: JobProgress, resume: bool) -> dict:
+        from retrain.cycle import run_cycle
+
+        config = self.build(job.spec)
+        last = [0.0]
+        statuses = {"started": "start", "done": "done", "resumed": "skipped"}
+
+        def tell(step: str, done: int, total: int, info: dict) -> None:
+            status = statuses.get(str((info or {}).get("status")))
+            if status is not None:
+                progress(step, status)
+            elif time.monotonic() - last[0] >= 2.0:  # inside a step: recorded now and then, cancel checked always
+                last[0] = time.monotonic()
+                progress(step, "progress", f"{done}/{total}", **{k: v for k, v in (info or {}).items()
+                                                               if isinstance(v, (str, int, float))})
+            else:
+                progress.check()
+
+        return _jsonable(run_cycle(config, work_dir, progress=tell, resume=resume))
+
+    def outcome(self, result: dict) -> tuple[JobState, str]:
+        return gate_outcome(result)
+
+
+def _default_verification_chip() -> str:
+    from retrain import verification
+
+    return verification.VerificationConfig().chip
 
 
 def _jsonable(result: Any) -> dict:

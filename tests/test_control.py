@@ -188,7 +188,9 @@ def test_health_and_reflection_answer(server):
         assert described.file_descriptor_response.file_descriptor_proto  # the schema is served for grpcurl
 
 
-def test_serve_runs_triggered_jobs_to_the_end(tmp_path, jobs_config):
+@pytest.fixture
+def served(jobs_config):
+    """serve() with one job runner over the stand-in cycle, authentication off; yields the port."""
     loop = Loop()
     stop = asyncio.Event()
     ports: list[int] = []
@@ -199,18 +201,52 @@ def test_serve_runs_triggered_jobs_to_the_end(tmp_path, jobs_config):
         deadline = time.monotonic() + 20
         while not ports and time.monotonic() < deadline:
             time.sleep(0.05)
-        client = ControlClient(f"127.0.0.1:{ports[0]}")  # no token file: authentication off
-        job = client.trigger(spec(options={"delay": 0.01}))
-        while client.get(job.id).state not in (JobState.SUCCEEDED, JobState.FAILED) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        done = client.get(job.id)
-        assert done.state == JobState.SUCCEEDED, done.error
-        assert done.attempts == 1 and done.steps_done[0] == "mine" and done.steps_done[-1] == "register"
-        assert json.loads(open(done.result_path).read())["promoted"] is True
-        assert done.report_path.endswith("report.html") and "<html" in open(done.report_path).read()
-        client.close()
+        yield ports[0]
     finally:
         loop.loop.call_soon_threadsafe(stop.set)
         served.result(30)
         loop.close()
+
+
+def test_serve_runs_triggered_jobs_to_the_end(served, jobs_config):
+    client = ControlClient(f"127.0.0.1:{served}")
+    job = client.trigger(spec(options={"delay": 0.01}))
+    deadline = time.monotonic() + 20
+    while client.get(job.id).state not in (JobState.SUCCEEDED, JobState.FAILED) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done = client.get(job.id)
+    client.close()
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert done.attempts == 1 and done.steps_done[0] == "mine" and done.steps_done[-1] == "register"
+    assert json.loads(open(done.result_path).read())["promoted"] is True
+    assert done.report_path.endswith("report.html") and "<html" in open(done.report_path).read()
     assert JobStore(jobs_config.db_path).get(job.id).state == JobState.SUCCEEDED
+
+
+def test_cli_against_the_service(served, tmp_path):
+    from typer.testing import CliRunner
+
+    import flywheel.cli_jobs  # noqa: F401  (registers the commands on the app)
+    from flywheel.cli import app
+
+    cli = CliRunner()
+    server = ["--server", f"127.0.0.1:{served}"]
+    sql_file = tmp_path / "mine.sql"
+    sql_file.write_text(SQL)
+    r = cli.invoke(app, ["retrain", "--file", str(sql_file), "--target", "cpu", "--student", "s1",
+                         "--option", "delay=0.01", "--option", "finetune.epochs=1", "--wait", *server])
+    assert r.exit_code == 0, r.output
+    job_id = r.stdout.strip().splitlines()[0]
+    r = cli.invoke(app, ["jobs", "list", "--json", *server])
+    [listed] = json.loads(r.stdout)
+    assert listed["id"] == job_id and listed["state"] == "succeeded"
+    assert listed["spec"]["options"] == {"delay": 0.01, "finetune": {"epochs": 1}}
+    r = cli.invoke(app, ["jobs", "show", job_id, "--json", *server])
+    assert json.loads(r.stdout)["steps_done"][-1] == "register"
+    r = cli.invoke(app, ["jobs", "cancel", job_id, *server])
+    assert r.exit_code == 1 and "FAILED_PRECONDITION" in r.output
+    r = cli.invoke(app, ["retrain", "--sql", "DROP TABLE frames", "--student", "s1", *server])
+    assert r.exit_code == 1 and "INVALID_ARGUMENT" in r.output
+    r = cli.invoke(app, ["retrain", "--by-score", "1", "--student", "s2", "--road-type", "merge",
+                         "--option", "promote=false", "--wait", *server])
+    assert r.exit_code == 2, r.output  # rejected by its gates
