@@ -22,6 +22,7 @@ Vehicle-side drive directory (what the agent uploads and the fleet simulator wri
 
     <drives>/<vehicle_id>/<drive_id>.drive.parquet     frames of one drive, FRAME_SCHEMA, seq 0..n-1
     <drives>/<vehicle_id>/<drive_id>.uploaded.json     written only after the server acknowledged the last frame
+    <drives>/<vehicle_id>/<drive_id>.truth.parquet     simulated drives only: the simulator's truth, TRUTH_SCHEMA
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, Frames, arrow_to_frames
+from ingest.contract import AGENT_TYPE, FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, Frames, arrow_to_frames
 
 DRIVE_FORMAT_VERSION = 1
 DRIVE_SUFFIX = ".drive.parquet"
@@ -405,3 +406,38 @@ def is_uploaded(drive_file: Path) -> bool:
 
 DRIVE_SEQ_KEY = "flywheel.drive_seq"
 """Footer of every frames file: {drive_id: [[lo, hi], ...]}, the sorted disjoint seq ranges of the drive's rows."""
+
+
+# ------------------------------------------------------------------------------ simulator truth (evaluation only)
+
+TRUTH_SUFFIX = ".truth.parquet"
+TRUTH_FORMAT_VERSION = 1
+_DICT = pa.dictionary(pa.int8(), pa.string())
+# the true agents carry what perception reports, less the confidence
+TRUTH_AGENT_TYPE = pa.struct([f for f in AGENT_TYPE if f.name != "confidence"])
+
+
+def _items(t: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("item", t, nullable=False))
+
+
+TRUTH_SCHEMA = pa.schema([
+    pa.field("drive_id", pa.string(), nullable=False),
+    pa.field("seq", pa.int64(), nullable=False),
+    pa.field("scene", pa.int32(), nullable=False),
+    pa.field("condition", _DICT, nullable=False),
+    pa.field("source_seq", pa.int64(), nullable=False),
+    pa.field("ego_x", pa.float64(), nullable=False),
+    pa.field("ego_y", pa.float64(), nullable=False),
+    pa.field("ego_heading", pa.float32(), nullable=False),
+    pa.field("ego_speed", pa.float32(), nullable=False),
+    pa.field("ego_crashed_next", pa.bool_(), nullable=False),
+    pa.field("agents", _items(TRUTH_AGENT_TYPE), nullable=False),
+    pa.field("false_positive_ids", _items(pa.uint32()), nullable=False),
+], metadata={"flywheel.format": "truth", "flywheel.format_version": str(TRUTH_FORMAT_VERSION)})
+
+
+def truth_path(drive_file: Path) -> Path:
+    """The simulator's truth file beside a `.drive.parquet` file (see ingest.fleet.truth)."""
+    drive_file = Path(drive_file)
+    return drive_file.with_name(drive_file.name[: -len(DRIVE_SUFFIX)] + TRUTH_SUFFIX)

@@ -19,50 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.contract import ENUMS
-from ingest.lake import DRIVE_SUFFIX, write_parquet_atomic
-
-TRUTH_FORMAT_VERSION = 1
-TRUTH_SUFFIX = ".truth.parquet"
-
-_DICT = pa.dictionary(pa.int8(), pa.string())
-TRUTH_AGENT_TYPE = pa.struct([
-    pa.field("id", pa.uint32(), nullable=False),
-    pa.field("agent_class", _DICT, nullable=False),
-    pa.field("x", pa.float64(), nullable=False),
-    pa.field("y", pa.float64(), nullable=False),
-    pa.field("vx", pa.float32(), nullable=False),
-    pa.field("vy", pa.float32(), nullable=False),
-    pa.field("heading", pa.float32(), nullable=False),
-    pa.field("length", pa.float32(), nullable=False),
-    pa.field("width", pa.float32(), nullable=False),
-])
-
-
-def _list_of(t: pa.DataType) -> pa.DataType:
-    return pa.list_(pa.field("item", t, nullable=False))
-
-
-TRUTH_SCHEMA = pa.schema([
-    pa.field("drive_id", pa.string(), nullable=False),
-    pa.field("seq", pa.int64(), nullable=False),
-    pa.field("scene", pa.int32(), nullable=False),
-    pa.field("condition", _DICT, nullable=False),
-    pa.field("source_seq", pa.int64(), nullable=False),
-    pa.field("ego_x", pa.float64(), nullable=False),
-    pa.field("ego_y", pa.float64(), nullable=False),
-    pa.field("ego_heading", pa.float32(), nullable=False),
-    pa.field("ego_speed", pa.float32(), nullable=False),
-    pa.field("ego_crashed_next", pa.bool_(), nullable=False),
-    pa.field("agents", _list_of(TRUTH_AGENT_TYPE), nullable=False),
-    pa.field("false_positive_ids", _list_of(pa.uint32()), nullable=False),
-], metadata={"flywheel.format": "truth", "flywheel.format_version": str(TRUTH_FORMAT_VERSION)})
-
-
-def truth_path(drive_file: Path) -> Path:
-    """The truth file beside a `.drive.parquet` file."""
-    drive_file = Path(drive_file)
-    return drive_file.with_name(drive_file.name[: -len(DRIVE_SUFFIX)] + TRUTH_SUFFIX)
-
+from ingest.lake import (TRUTH_AGENT_TYPE, TRUTH_FORMAT_VERSION, TRUTH_SCHEMA, truth_path,  # noqa: F401
+                         write_parquet_atomic)
 
 def _offsets(counts: np.ndarray) -> pa.Array:
     out = np.zeros(counts.shape[0] + 1, dtype=np.int32)
