@@ -159,13 +159,15 @@ def section_targets(d: ReportData) -> str:
     if not d.targets:
         return not_available(d.missing.get("targets", "the result holds no per-chip artifacts"))
     rows = [[t.get("chip"), t.get("size_bytes"), t.get("precision"), t.get("cpu_latency_ms"),
-             t.get("chip_latency_ms_estimate"), t.get("divergence"), t.get("budgets_met"), t.get("verified")]
-            for t in d.targets]
+             t.get("chip_latency_ms_estimate"), t.get("divergence"), t.get("max_abs_error"), t.get("budgets_met"),
+             t.get("verified")] for t in d.targets]
     head = ["chip", "size [bytes]", "precision", "CPU latency [ms] (measured)",
             'on-chip latency [ms] <span class="est">(estimate, roofline)</span>', f"divergence ({d.target_metric})",
-            "budgets met", "verified"]
+            "max |error| vs FP32 (measured)", "budgets met", "verified"]
     return (_table(head, rows) + "<p>CPU latency is measured on this machine with onnxruntime, batch 1. On-chip "
-            "latency is an <b>estimate</b> from the chip's datasheet figures (roofline), not a measurement.</p>")
+            "latency is an <b>estimate</b> from the chip's datasheet figures (roofline), not a measurement. "
+            "Divergence is measured by shadow replay on held-out drives for the chip the candidate was verified "
+            "with; every chip's artifact is checked numerically against its FP32 reference.</p>")
 
 
 def section_gate(d: ReportData) -> str:
@@ -174,9 +176,13 @@ def section_gate(d: ReportData) -> str:
     g = d.gate
     verdict = ('<p class="pass">PASSED: promoted</p>' if g["passed"] else '<p class="fail">REJECTED: not promoted</p>')
     reasons = "".join(f"<li>{_e(r)}</li>" for r in g["reasons"])
-    checks = _table(["check", "value", "limit", "passed"],
-                    [[c.get("name"), c.get("value"), c.get("limit"), c.get("passed")] for c in g["checks"]])
-    return verdict + (f"<ul>{reasons}</ul>" if reasons else "") + (checks if g["checks"] else "")
+    checks = _table(["check", "value", "limit", "passed", "detail"],
+                    [[c.get("name"), c.get("value"), c.get("limit"), c.get("passed"), c.get("detail")]
+                     for c in g["checks"]])
+    keys = ("episodes", "collisions", "mean_min_ttc_s", "min_ttc_s", "comfortable_rate", "progress_vs_expert")
+    closed = _table(["closed loop", *keys], [[c["policy"], *(c.get(k) for k in keys)] for c in g["closed_loop"]])
+    return (verdict + (f"<ul>{reasons}</ul>" if reasons else "") + (checks if g["checks"] else "")
+            + (closed if g["closed_loop"] else ""))
 
 
 def section_lineage(d: ReportData) -> str:

@@ -1,27 +1,30 @@
 """The report's adapter: from a cycle's result JSON (and the lake) to what each report section draws.
 
 Every key is optional; a section without data gets a reason in `ReportData.missing` and renders "not available".
-Keys read from the result document (the first present wins; `a.b` is a nested key):
+`retrain.cycle.CycleResult` is read as it is, with the step records of its `work_dir` (`mine.json` for the mined
+windows, `verify.json` for the verification lake and its two pairs); other documents may use the generic keys.
+Keys read (the first present wins; `a.b` is a nested key):
 
-- student, job, outcome: `student` (a name, or {name, version}), `student_name`; `base_version` / `parent_version`;
-  `new_version` / `candidate_version` / `version`; `promoted`, `decision`; the job record passed separately;
-- pairs: `pairs.before` / `before_pair` / `base_pair` and `pairs.after` / `after_pair` / `candidate_pair` (pair ids
-  `<teacher>-<version>__<student>-<version>`); their model ids name the `decisions` partitions read for the plots;
-- conditions: `divergence_by_condition` / `verify.divergence_by_condition` / `verify.by_condition`: a list of
-  {condition, before, after[, frames, mined]} or a dict condition -> {before, after, ...}; `conditions_metric`
-  names the figure (default mean score). Missing: computed from the lake's divergences of both pairs;
-- scenes: `mining.items` / `mined.items` ({drive_id, start_seq, end_seq, score}); the frame of highest score in
-  each of the best windows is drawn. Missing: the top frames of the before pair in the lake;
-- targets: `targets` / `compress.targets` / `artifacts`: a list of `retrain.compress.TargetResult`-like dicts
-  (chip, bytes, cpu_latency_ms_measured, latency_ms_estimate, precision_mix, size/latency_budget_met, verified) or
-  a dict chip -> that; per chip divergence from `divergence` / `verify.divergence` / `mean_score`, or
-  `verify.targets.<chip>.<metric>`;
-- gate: `gate` = {passed, reasons, checks: [{name, value, limit, passed}]} (or `gates`);
-- lineage: `lineage` (dict or list), `registry` entry, `dataset.sha256` / `snapshot`, `mining.sql`.
+- student and outcome: `candidate.name` / `student` (a name or {name, version}); before: `parent.ref` /
+  `base_version`; after: `candidate.version` / `new_version`; `status` / `decision` / `promoted`;
+- pairs: `verify.json` `pairs.before|after`, else `pairs.before|after` / `before_pair` / `after_pair` (pair ids
+  `<teacher>-<version>__<student>-<version>`); their model ids name the `decisions` partitions the plots read;
+- lake of the scenes: the verification lake (`verify.json` `lake`: the held-out test drives replayed with both
+  students), else the lake given;
+- conditions: `divergence.by_condition` (CycleResult: rows {set, condition, before: {frames, mean_score}, after,
+  change}), else `divergence_by_condition` (list of {condition, before, after} or dict condition -> that); else
+  computed from the divergences of both pairs in the lake;
+- scenes: the mined windows (`mine.json` / `mining.items`: {drive_id, start_seq, end_seq, score}) that the lake
+  has, their frame of highest score; else the top frames of the before pair, one per drive;
+- targets: `targets` (a list of `retrain.compress.TargetResult` / `retrain.cycle.target_summary` dicts, or a dict
+  chip -> that); the held-out divergence of the verified chip (`candidate.verified_chip`) from `divergence`;
+- gate: `gate` = {passed, reasons, checks: [{name, value, limit, passed, detail}]}; `closed_loop` before/after;
+- lineage: `lineage`, `teacher.ref`, `parent.ref`, `registry.entries`, `snapshot`, `mining`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +58,7 @@ class ReportData:
     conditions_source: str = ""
     scenes: list[Scene] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
-    target_metric: str = "mean score vs teacher"
+    target_metric: str = "held-out mean score where mined"
     gate: dict | None = None
     lineage: list[tuple[str, Any]] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
@@ -83,18 +86,30 @@ def _num(v: Any) -> float | None:
     return f if np.isfinite(f) else None
 
 
+def step_output(doc: dict, step: str) -> dict:
+    """The output of a cycle step's record `<work_dir>/<step>.json` ({} when there is none)."""
+    work = get(doc, "work_dir")
+    if not isinstance(work, str):
+        return {}
+    try:
+        out = json.loads((Path(work) / f"{step}.json").read_text()).get("output")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
 def _student(doc: dict) -> tuple[str | None, str | None, str | None]:
     s = get(doc, "student")
     name = s.get("name") if isinstance(s, dict) else s
-    name = name or get(doc, "student_name")
-    base = get(doc, "base_version", "parent_version", "student.version")
-    new = get(doc, "new_version", "candidate_version", "version")
+    name = get(doc, "candidate.name") or name or get(doc, "student_name")
+    base = get(doc, "parent.ref", "base_version", "parent_version", "student.version")
+    new = get(doc, "candidate.version", "new_version", "candidate_version", "version")
     return name, base, new
 
 
-def pairs_of(doc: dict) -> tuple[str | None, str | None]:
-    return (get(doc, "pairs.before", "before_pair", "base_pair", "verify.before_pair"),
-            get(doc, "pairs.after", "after_pair", "candidate_pair", "verify.after_pair"))
+def pairs_of(doc: dict, verified: dict) -> tuple[str | None, str | None]:
+    return (get(verified, "pairs.before") or get(doc, "pairs.before", "before_pair", "base_pair", "verify.pairs.before"),
+            get(verified, "pairs.after") or get(doc, "pairs.after", "after_pair", "candidate_pair", "verify.pairs.after"))
 
 
 def _models(before: str | None, after: str | None) -> dict[str, str | None]:
@@ -105,6 +120,19 @@ def _models(before: str | None, after: str | None) -> dict[str, str | None]:
 
 
 # --------------------------------------------------------------------------------------------------- sections
+
+
+def conditions_from_cycle(rows: Any) -> list[dict]:
+    """CycleResult.divergence.by_condition rows -> one bar pair per (condition, set)."""
+    out = []
+    for r in rows if isinstance(rows, list) else []:
+        if not isinstance(r, dict) or not isinstance(r.get("before"), dict):
+            continue
+        b, a = _num(get(r, "before.mean_score")), _num(get(r, "after.mean_score"))
+        out.append({"condition": f"{r.get('condition')} ({r.get('set', '?')})", "before": b, "after": a,
+                    "frames": get(r, "before.frames"), "mined": r.get("set") == "mined",
+                    "change": None if b in (None, 0) or a is None else (a - b) / b})
+    return sorted(out, key=lambda c: (not c["mined"], c["condition"]))
 
 
 def conditions_from_doc(raw: Any) -> list[dict]:
@@ -150,17 +178,20 @@ def _to_world(ego: tuple[float, float, float], tx: list, ty: list) -> np.ndarray
 def scene_frames(catalog, doc: dict, before: str | None, top: int) -> list[tuple[str, int, float | None]]:
     """(drive, seq, score) of the frames to draw: the best frame of each of the best mined windows, else the top
     frames of the before pair, one per drive."""
-    items = get(doc, "mining.items", "mined.items", "mine.items", default=[]) or []
+    items = get(doc, "mining.items", "mined.items", default=None) or step_output(doc, "mine").get("items") or []
     items = sorted((i for i in items if isinstance(i, dict) and "drive_id" in i),
                    key=lambda i: -(_num(i.get("score")) or 0.0))
     where, params = ("pair = $pair", {"pair": before}) if before else ("true", {})
     out: list[tuple[str, int, float | None]] = []
-    for it in items[:top]:
+    for it in items:
         lo, hi = int(it.get("start_seq", 0)), int(it.get("end_seq", it.get("start_seq", 0)))
         r = catalog.arrow(f"SELECT seq, score FROM divergences WHERE {where} AND drive_id = $d AND seq BETWEEN $lo "
                           "AND $hi ORDER BY score DESC LIMIT 1", {**params, "d": it["drive_id"], "lo": lo,
                                                                   "hi": hi}).to_pylist()
-        out.append((it["drive_id"], r[0]["seq"] if r else lo, r[0]["score"] if r else _num(it.get("score"))))
+        if r:
+            out.append((it["drive_id"], r[0]["seq"], r[0]["score"]))
+        if len(out) >= top:
+            break
     if not out:
         rows = catalog.arrow(f"SELECT drive_id, arg_max(seq, score) AS seq, max(score) AS score FROM divergences "
                              f"WHERE {where} GROUP BY drive_id ORDER BY score DESC, drive_id LIMIT {int(top)}",
@@ -198,13 +229,15 @@ def targets_of(doc: dict) -> list[dict]:
         chip = t.get("chip") or t.get("name")
         mix = t.get("precision_mix")
         budgets = [t[k] for k in ("size_budget_met", "latency_budget_met") if k in t]
+        held_out = None
+        if chip is not None and chip == get(doc, "candidate.verified_chip"):
+            held_out = _num(get(doc, "divergence.mined.after.mean_score"))
         out.append({"chip": chip, "size_bytes": t.get("bytes", t.get("size_bytes")),
+                    "max_abs_error": _num(t.get("max_abs_error")),
                     "precision": ", ".join(f"{k}:{v}" for k, v in mix.items()) if isinstance(mix, dict) else mix,
                     "cpu_latency_ms": _num(t.get("cpu_latency_ms_measured", t.get("cpu_latency_ms"))),
                     "chip_latency_ms_estimate": _num(t.get("latency_ms_estimate")),
-                    "divergence": _num(get(t, "divergence", "verify.divergence", "mean_score",
-                                           default=get(doc, f"verify.targets.{chip}.mean_score",
-                                                       f"verify.targets.{chip}.divergence"))),
+                    "divergence": held_out if held_out is not None else _num(get(t, "divergence", "mean_score")),
                     "budgets_met": all(budgets) if budgets else None, "verified": t.get("verified")})
     return out
 
@@ -218,8 +251,11 @@ def gate_of(doc: dict) -> dict | None:
     checks = g.get("checks") or []
     if isinstance(checks, dict):
         checks = [{"name": k, **v} if isinstance(v, dict) else {"name": k, "passed": v} for k, v in checks.items()]
+    cl = get(doc, "closed_loop", default={})
+    closed = [{"policy": k, **v} for k, v in cl.items() if k in ("before", "after", "expert") and isinstance(v, dict)
+              and v] if isinstance(cl, dict) else []
     return {"passed": bool(passed), "reasons": [str(r) for r in (reasons if isinstance(reasons, list) else [reasons])],
-            "checks": [c for c in checks if isinstance(c, dict)]}
+            "checks": [c for c in checks if isinstance(c, dict)], "closed_loop": closed}
 
 
 def lineage_of(doc: dict) -> list[tuple[str, Any]]:
@@ -229,9 +265,15 @@ def lineage_of(doc: dict) -> list[tuple[str, Any]]:
         out += [(str(k), v if not isinstance(v, (list, tuple)) else ", ".join(map(str, v))) for k, v in raw.items()]
     elif isinstance(raw, list):
         out += [("parent", v) for v in raw]
-    for key, path in (("dataset sha256", "dataset.sha256"), ("snapshot", "dataset.id"), ("snapshot", "snapshot"),
+    for e in get(doc, "registry.entries", default=[]) if isinstance(get(doc, "registry.entries"), list) else []:
+        if isinstance(e, dict) and e.get("ref"):
+            out.append((f"registered {e['ref']}", f"{e.get('status')}; parents: {', '.join(e.get('parents') or [])}"))
+    for key, path in (("cycle", "cycle_id"), ("teacher", "teacher.ref"), ("student before", "parent.ref"),
+                      ("student checkpoint", "parent.checkpoint_source"), ("snapshot", "snapshot.id"),
+                      ("dataset sha256", "snapshot.content_sha256"), ("dataset sha256", "dataset.sha256"),
                       ("mining rule", "mining.rule"), ("mining query", "mining.sql"),
-                      ("registered", "registry.ref"), ("parents", "registry.parents")):
+                      ("mining threshold", "mining.threshold"), ("registered", "registry.ref"),
+                      ("parents", "registry.parents")):
         v = get(doc, path)
         if v is not None and not isinstance(v, dict) and key not in dict(out):
             out.append((key, ", ".join(map(str, v)) if isinstance(v, list) else v))
@@ -243,24 +285,27 @@ def load_data(doc: dict, lake: Path | None, job: dict | None = None, top_scenes:
     doc = doc if isinstance(doc, dict) else {}
     d = ReportData()
     name, base, new = _student(doc)
-    before, after = pairs_of(doc)
+    verified = step_output(doc, "verify")
+    before, after = pairs_of(doc, verified)
     job = job or {}
-    outcome = get(doc, "decision") or ({True: "promoted", False: "rejected"}.get(get(doc, "promoted")))
+    outcome = get(doc, "status", "decision") or ({True: "promoted", False: "rejected"}.get(get(doc, "promoted")))
     d.summary = {"job": job.get("id"), "student": name or get(job, "spec.student"), "state": job.get("state"),
                  "outcome": outcome, "student before": base, "student after": new, "pair before": before,
                  "pair after": after, "targets": ", ".join(get(job, "spec.targets", default=[])) or None,
                  "mined windows": get(doc, "mining.windows"), "error": job.get("error") or None}
-    d.conditions = conditions_from_doc(get(doc, "divergence_by_condition", "verify.divergence_by_condition",
-                                           "verify.by_condition", default=[]))
+    d.conditions = conditions_from_cycle(get(doc, "divergence.by_condition")) or conditions_from_doc(
+        get(doc, "divergence_by_condition", default=[]))
     d.conditions_metric = get(doc, "conditions_metric", "verify.conditions_metric", default=d.conditions_metric)
     d.conditions_source = "from the cycle's verification (held-out drives)" if d.conditions else ""
     d.targets, d.gate, d.lineage = targets_of(doc), gate_of(doc), lineage_of(doc)
-    if lake is None or not Path(lake).is_dir():
+    verify_lake = get(verified, "lake")
+    scene_lake = verify_lake if isinstance(verify_lake, str) and Path(verify_lake).is_dir() else lake
+    if scene_lake is None or not Path(scene_lake).is_dir():
         d.missing["scenes"] = d.missing.setdefault("conditions", "no lake given to read scenarios from")
         return d
     from shadow.catalog import Catalog
 
-    with Catalog(Path(lake)) as catalog:
+    with Catalog(Path(scene_lake)) as catalog:
         if not d.conditions:
             if before and after:
                 d.conditions = conditions_from_lake(catalog, before, after)

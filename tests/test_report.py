@@ -187,3 +187,46 @@ def test_missing_sections_render_not_available(tmp_path):
     doc = cycle_result(targets=[{"chip": "orin", "precision_mix": {"int8": 1}, "bytes": object()}])
     text = render_report(json.loads(json.dumps(doc, default=str)), tmp_path / "b.html", lake=None).read_text()
     assert "Gate decision" in text and "REJECTED" in text
+
+
+def test_report_of_a_cycle_result_with_its_step_records(tmp_path, lake):
+    """The shape of retrain.cycle.CycleResult: scenes from the verification lake named by work_dir/verify.json,
+    mined windows from work_dir/mine.json, conditions from divergence.by_condition."""
+    from retrain.report import render_report
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "verify.json").write_text(json.dumps({"step": "verify", "output": {
+        "lake": str(lake), "pairs": {"before": PAIR_BEFORE, "after": PAIR_AFTER}}}))
+    (work / "mine.json").write_text(json.dumps({"step": "mine", "output": {"items": [
+        {"drive_id": "train-drive", "start_seq": 0, "end_seq": 9, "score": 9.0},  # not in the verification lake
+        {"drive_id": "d2", "start_seq": 10, "end_seq": 20, "score": 2.0}]}}))
+    row = lambda s, c, b, a: {"set": s, "condition": c, "before": {"frames": 40, "mean_score": b},  # noqa: E731
+                              "after": {"frames": 40, "mean_score": a}, "change": {"mean_score": (a - b) / b}}
+    doc = {"cycle_id": "c0ffee", "work_dir": str(work), "status": "promoted", "passed": True, "reasons": [],
+           "teacher": {"ref": "teacher:1.0"}, "parent": {"ref": "student:1.0", "checkpoint_source": "config"},
+           "candidate": {"name": "student", "version": "1.1", "verified_chip": "cpu"},
+           "mining": {"rule": "score", "threshold": 0.7, "windows": 2},
+           "snapshot": {"id": "5a5a", "content_sha256": "cd" * 32},
+           "divergence": {"mined": {"before": {"mean_score": 3.0}, "after": {"mean_score": 1.0}},
+                          "by_condition": [row("mined", "night", 3.0, 1.0), row("elsewhere", "nominal", 1.0, 1.05)]},
+           "closed_loop": {"before": {"episodes": 2, "collisions": 0}, "after": {"episodes": 2, "collisions": 0}},
+           "targets": [{"chip": "cpu", "bytes": 300_000, "cpu_latency_ms_measured": 0.5, "latency_ms_estimate": 0.5,
+                        "max_abs_error": 0.01, "size_budget_met": True, "latency_budget_met": True,
+                        "verified": True, "precision_mix": {"int8": 3}}],
+           "gate": {"passed": True, "status": "promoted", "reasons": [],
+                    "checks": [{"name": "divergence_mined", "passed": True, "value": -0.66, "limit": -0.5,
+                                "detail": "mean_score where mined 3 -> 1 (-66.7%)"}]},
+           "registry": {"status": "promoted", "entries": [{"ref": "student:1.1", "status": "promoted",
+                                                          "parents": ["student:1.0", "teacher:1.0"]}]}}
+    text = render_report(doc, tmp_path / "report.html", lake=None).read_text()
+    s = sections(text)
+    assert "not available" not in text
+    assert "student:1.0" in s["Summary"] and "1.1" in s["Summary"] and "promoted" in s["Summary"]
+    assert "night (mined)" in s["Divergence per condition, before and after"]
+    scenes = s["Top divergent scenarios (bird&#x27;s-eye)"]
+    assert png_count(scenes) == 1 and "d2 seq 20" in scenes  # the window the lake has, its best frame
+    assert "PASSED" in s["Gate decision"] and "-66.7%" in s["Gate decision"] and "closed loop" in s["Gate decision"]
+    per_chip = s["Per chip"]
+    assert "held-out" in per_chip and ">1</td>" in per_chip  # the verified chip's held-out divergence
+    assert "registered student:1.1" in s["Lineage"] and "cdcd" in s["Lineage"]
