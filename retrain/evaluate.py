@@ -87,6 +87,18 @@ def vs_expert(traj: np.ndarray, logits: np.ndarray, feats: Features) -> dict[str
             "fde_m": float(fde.mean()) if full.any() else float("nan"), "maneuver_accuracy": acc}
 
 
+def expert_by_condition(traj: np.ndarray, logits: np.ndarray, feats: Features) -> list[dict]:
+    """`vs_expert` overall and per condition value: records of group, value, frames, ade_m, fde_m, maneuver_accuracy."""
+    records = [{"group": "all", "value": "all", **vs_expert(traj, logits, feats)}] if len(feats) else []
+    for group in CONDITION_GROUPS:
+        codes = getattr(feats, group)
+        for code in np.unique(codes):
+            sel = np.flatnonzero(codes == code)
+            records.append({"group": group, "value": ENUMS[group][1][int(code)],
+                            **vs_expert(traj[sel], logits[sel], feats.take(sel))})
+    return records
+
+
 def compare(student: tuple[np.ndarray, np.ndarray], teacher: tuple[np.ndarray, np.ndarray],
             feats: Features) -> list[dict]:
     """Student against teacher (and both against the expert), overall and per condition value, as plain records.

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.lake import list_drive_files
 from retrain.architectures import Planner, PlannerConfig, export_onnx, tensors
-from retrain.evaluate import predict, session, split_drives, vs_expert
+from retrain.evaluate import expert_by_condition, predict, session, split_drives, vs_expert
 from shadow.featurize import Features, featurize_drive_files
 from shadow.spec import MODEL_FILE, ModelSpec, read_spec, write_spec
 
@@ -93,6 +93,7 @@ class TeacherResult(BaseModel):
     train_frames: int
     heldout_frames: int
     heldout: dict[str, float] = Field(description="ADE/FDE (m) and maneuver accuracy vs the expert, held-out drives")
+    heldout_by_condition: list[dict] = Field(description="the same per lighting, weather and road type")
     onnx_max_abs_diff: float = Field(description="largest |onnxruntime - torch| output on held-out frames")
     dataset_sha256: str
     heldout_drive_files: list[str]
@@ -259,7 +260,8 @@ def run(config: TeacherConfig) -> TeacherResult:
     result = TeacherResult(model_dir=out, parameters=model.num_parameters(), onnx_bytes=spec.size_bytes,
                            train_seconds=train_seconds, steps=config.optim.steps, final_loss=final_loss,
                            train_drives=len(train), heldout_drives=len(held), train_frames=len(train_f),
-                           heldout_frames=len(held_f), heldout=metrics, onnx_max_abs_diff=diff,
+                           heldout_frames=len(held_f), heldout=metrics,
+                           heldout_by_condition=expert_by_condition(*onnx_out, held_f), onnx_max_abs_diff=diff,
                            dataset_sha256=ds_hash, heldout_drive_files=[str(p) for p in held])
     (out / "result.json").write_text(result.model_dump_json(indent=2))
     if config.registry is not None:

@@ -130,9 +130,14 @@ def featurize(source: Frames | pa.Table | pa.RecordBatch, segments: np.ndarray |
               with_targets: bool = True) -> Features:
     """Featurize every frame of `source` at once.
 
-    `source` holds consecutive frames of one drive, or, as an Arrow table of FRAME_SCHEMA, several drives one after
-    the other (history and future never cross from one drive, or a gap in seq, into the next). For `Frames`, pass
-    `segments` (N,) int to say the same: equal values = one contiguous run of one drive.
+    `source` holds consecutive frames of one drive, or, as an Arrow table with the FRAME_SCHEMA columns (extra
+    columns such as the lake's are ignored), several drives one after the other, each ordered by seq (history and
+    future never cross from one drive, or a gap in seq, into the next). For `Frames`, pass `segments` (N,) int to
+    say the same: equal values = one contiguous run of one drive.
+
+    Frames near the edges of what is passed see less: the first HISTORY-1 frames of a run get invalid history
+    tokens, the last 4 s get masked targets. A caller cutting a drive into batches should pass HISTORY-1 frames of
+    context before each cut (and drop their rows), or pass whole drives.
     """
     if isinstance(source, (pa.Table, pa.RecordBatch)):
         table = pa.Table.from_batches([source]) if isinstance(source, pa.RecordBatch) else source

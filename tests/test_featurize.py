@@ -155,3 +155,16 @@ def test_dropped_frame_masks_its_target():
     # frame 25 waypoint 1 wants t+0.5 s = frame 30 nominally, which is now 0.6 s ahead
     assert not out.traj_mask[25, 0]
     assert out.traj_mask[31, 0]
+
+
+def test_lake_table_with_extra_columns_and_a_seq_gap():
+    f = straight_drive()
+    t = pa.Table.from_batches([frames_to_arrow(f, "a", "v", 0)])
+    t = t.append_column("kafka_offset", pa.array(np.arange(60, dtype=np.int64)))
+    gap = pa.concat_tables([t.slice(0, 30), t.slice(35)])  # seq 30..34 missing: a new segment starts at seq 35
+    out = featurize(gap)
+    assert len(out) == 55
+    assert (out.ego_hist[30, :-1, 8] == 0).all() and (out.ego_hist[29, :, 8] == 1).all()
+    assert not out.traj_mask[29].any()  # frames 30.. of the first run are not there: no future either
+    np.testing.assert_array_equal(out.traj_mask[0], [True] * 5 + [False] * 3)  # frame 25 is the run's last reachable
+    np.testing.assert_allclose(out.traj[0, :5], featurize(f).traj[0, :5], atol=1e-5)
