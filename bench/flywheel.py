@@ -1,0 +1,214 @@
+"""Flywheel benchmark: one full cycle from the current student, judged on held-out drives it never trained on.
+
+    python -m bench.flywheel            # reference size (fleets, teacher and student cached under data/bench/flywheel)
+    python -m bench.flywheel --quick    # tiny fleets and models (a smoke run of every part)
+
+Set-up (cached; only what is missing is made): two highway-env fleets of the reference simulator (`ingest.fleet`),
+one whose drives made the teacher and student v0 (their recipes, registered in a registry), and a later one, the
+fleet in service, whose drives go into a Parquet lake and are shadow-replayed for (teacher, student v0) with the
+noise floor. Then one flywheel cycle (`retrain.cycle.run_cycle`, fresh work dir): mine by score, snapshot split by
+drive, fine-tune, compress for every target chip, verify on the snapshot's test drives (never trained on by the
+candidate, the student or the teacher) by shadow replay and in closed loop, gate, register.
+
+Targets (DESIGN.md): where mined, divergence down >= 50%; elsewhere, up <= 10% relative; closed-loop collisions not
+up. Reported as measured, whatever they are. Prints a table and, as its last line, one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ingest.contract import FRAME_SCHEMA
+from ingest.lake import list_drive_files, live_files
+from retrain.cycle import CycleConfig, CycleResult, format_result, run_cycle
+from retrain.dataset import write_frames_lake
+
+log = logging.getLogger("bench.flywheel")
+
+MINED_TARGET, ELSEWHERE_TARGET = -0.5, 0.10
+
+
+@dataclass
+class Size:
+    """One benchmark size: fleets, model recipes and the cycle's knobs."""
+
+    train_fleet: dict
+    service_fleet: dict
+    teacher: dict
+    student: dict
+    cycle: dict
+
+
+_FLEET = {"drive_duration_s": 40.0, "workers": 2}
+SIZES = {
+    "quick": Size(
+        train_fleet={**_FLEET, "seed": 100, "vehicles": 4, "drives_per_vehicle": 2, "drive_duration_s": 20.0,
+                     "condition_rates": {"night": 0.15, "rain": 0.15, "glare": 0.15}},
+        service_fleet={**_FLEET, "seed": 101, "vehicles": 8, "drives_per_vehicle": 2, "drive_duration_s": 20.0,
+                       "condition_rates": {"night": 0.15, "rain": 0.15, "glare": 0.15}},
+        teacher={"model": {"width": 32, "depth": 1, "heads": 2, "head_dim": 16, "ffn": 64},
+                 "optim": {"steps": 60, "batch_size": 64, "warmup_steps": 5}},
+        student={"model": {"width": 16, "depth": 1, "heads": 2, "head_dim": 8, "ffn": 32},
+                 "optim": {"steps": 40, "batch_size": 64, "warmup_steps": 5},
+                 "prune": {"importance_batches": 2, "finetune": {"steps": 10, "warmup_steps": 2}},
+                 "quant": {"calibration_frames": 256}},
+        cycle={"mining": {"max_windows": 40, "max_per_drive": 3, "noise_margin": 1.0},
+               "finetune": {"steps": 60, "batch_size": 64, "eval_every": 20, "checkpoint_every": 20,
+                            "warmup_steps": 5},
+               "compress": {"calibration_frames": 256, "fallback_frames": 128, "latency_runs": 20,
+                            "latency_warmup": 2},
+               "verification": {"closed_loop": {"scenarios": ["highway", "merge"], "episodes": 1, "max_steps": 60},
+                                "conditions": ["nominal", "glare"]},
+               "gates": {"min_mined_frames": 10, "min_elsewhere_frames": 10}}),
+    "default": Size(
+        train_fleet={**_FLEET, "seed": 200, "vehicles": 16, "drives_per_vehicle": 3},
+        service_fleet={**_FLEET, "seed": 201, "vehicles": 24, "drives_per_vehicle": 3},
+        teacher={"model": {"width": 128, "depth": 3, "heads": 4, "head_dim": 32, "ffn": 512},
+                 "optim": {"steps": 800, "batch_size": 128, "warmup_steps": 50}},
+        student={"model": {"width": 64, "depth": 2, "heads": 4, "head_dim": 16, "ffn": 256},
+                 "optim": {"steps": 600, "batch_size": 128, "lr": 1e-3, "warmup_steps": 30},
+                 "prune": {"finetune": {"steps": 150, "lr": 3e-4, "warmup_steps": 10}}},
+        cycle={"verification": {"closed_loop": {"episodes": 2, "max_steps": 150},
+                                "conditions": ["nominal", "glare"]}}),
+}
+
+
+@dataclass
+class World:
+    """What a cycle starts from: the service fleet's lake (shadow-replayed) and the registry."""
+
+    root: Path
+    lake: Path
+    registry: Path
+    teacher: str
+    student: str
+    setup_seconds: dict
+
+
+def _fleet(root: Path, fields: dict) -> Path:
+    from ingest.fleet import FleetConfig, simulate_fleet
+
+    cfg = FleetConfig.model_validate(fields)
+    out = root / f"fleet-s{cfg.seed}"
+    summary = simulate_fleet(cfg, out)
+    log.info("%s", summary)
+    return out
+
+
+def prepare(root: Path, size: Size, seed: int = 0) -> World:
+    """Fleets, teacher and student v0 (registered), the service lake and its shadow replay; cached under `root`."""
+    from retrain.registry import Registry
+    from retrain.student import StudentConfig
+    from retrain.student import run as run_student
+    from retrain.teacher import TeacherConfig
+    from retrain.teacher import run as run_teacher
+    from shadow.replay import ReplayConfig, replay
+
+    root.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    t = time.perf_counter()
+    train_drives = _fleet(root, size.train_fleet)
+    service_drives = _fleet(root, size.service_fleet)
+    took["simulate"] = time.perf_counter() - t
+    reg_dir = root / "registry"
+    reg = Registry(reg_dir)
+    known = {e.ref for e in reg.list()}
+    t = time.perf_counter()
+    if "teacher:v1" not in known:
+        run_teacher(TeacherConfig(drives_dir=train_drives, out_dir=root / "teacher", registry=reg_dir, seed=seed,
+                                  **size.teacher))
+    took["teacher"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if "student:v0" not in known:
+        run_student(StudentConfig(drives_dir=train_drives, teacher=reg.version_dir("teacher", "v1"),
+                                  out_dir=root / "student", registry=reg_dir, seed=seed, **size.student))
+        reg.promote("student", "v0", "student v0 recipe")
+    took["student"] = time.perf_counter() - t
+    lake = root / "lake"
+    t = time.perf_counter()
+    if not live_files(lake, "frames"):
+        table = pa.concat_tables([pq.read_table(p).cast(FRAME_SCHEMA) for p in list_drive_files(service_drives)])
+        write_frames_lake(lake, table, partitions=4)
+    rep = replay(lake, reg.version_dir("teacher", "v1"), reg.version_dir("student", "v0"),
+                 ReplayConfig(drive_end_idle_s=0.0))
+    took["lake_and_replay"] = time.perf_counter() - t
+    log.info("shadow replay: %d frames replayed (%d already), noise floor %s", rep.frames_replayed,
+             rep.files_covered, rep.noise_floor)
+    return World(root, lake, reg_dir, "teacher:v1", "student", took)
+
+
+def cycle_config(world: World, size: Size, **override) -> CycleConfig:
+    fields = {"lake": world.lake, "registry": world.registry, "teacher": world.teacher, "student": world.student,
+              "snapshots_dir": world.root / "snapshots", **size.cycle, **override}
+    return CycleConfig.model_validate(fields)
+
+
+def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
+    d = result.divergence
+    cl = result.closed_loop
+    mined_change = d["mined"]["change"]["mean_score"]
+    else_change = d["elsewhere"]["change"]["mean_score"]
+    out = {
+        "bench": "flywheel", "size": size_name, "status": result.status, "gate_passed": result.passed,
+        "reasons": result.reasons,
+        "mined_frames": d["mined"]["after"]["frames"], "elsewhere_frames": d["elsewhere"]["after"]["frames"],
+        "mined_score_before": d["mined"]["before"]["mean_score"], "mined_score_after": d["mined"]["after"]["mean_score"],
+        "mined_change": mined_change,
+        "elsewhere_score_before": d["elsewhere"]["before"]["mean_score"],
+        "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"], "elsewhere_change": else_change,
+        "mined_ade_4s_change": d["mined"]["change"]["mean_ade_4s"],
+        "elsewhere_ade_4s_change": d["elsewhere"]["change"]["mean_ade_4s"],
+        "meets_mined": mined_change is not None and mined_change <= MINED_TARGET,
+        "meets_elsewhere": else_change is not None and else_change <= ELSEWHERE_TARGET,
+        "collisions_before": cl["before"]["collisions"], "collisions_after": cl["after"]["collisions"],
+        "collision_rate_before": cl["before"]["collision_rate"], "collision_rate_after": cl["after"]["collision_rate"],
+        "collision_rate_expert": cl.get("expert", {}).get("collision_rate"),
+        "closed_loop_episodes": cl["after"]["episodes"],
+        "meets_collisions": cl["after"]["collisions"] <= cl["before"]["collisions"],
+        "by_condition": [{"set": r["set"], "condition": r["condition"], "frames": r["after"]["frames"],
+                          "before": r["before"]["mean_score"], "after": r["after"]["mean_score"]}
+                         for r in d["by_condition"]],
+        "targets": {t["chip"]: {"bytes": t["bytes"], "cpu_latency_ms_measured": t["cpu_latency_ms_measured"],
+                                "latency_ms_estimate": t["latency_ms_estimate"]} for t in result.targets},
+        "cycle_wall_s": result.wall_s, "step_seconds": {k: v["seconds"] for k, v in result.steps.items()},
+        "setup_seconds": setup, "targets_design": {"mined_change": MINED_TARGET, "elsewhere_change": ELSEWHERE_TARGET,
+                                                   "collisions": "not up"},
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny fleets and models (smoke run)")
+    ap.add_argument("--root", type=Path, help="cache directory (default data/bench/flywheel/<size>)")
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s")
+    name = "quick" if args.quick else "default"
+    size = SIZES[name]
+    root = args.root or Path("data/bench/flywheel") / name
+    world = prepare(root, size)
+    work = root / "cycles" / time.strftime("%Y%m%d-%H%M%S")
+    result = run_cycle(cycle_config(world, size), work, resume=False)
+    print(format_result(result))
+    out = summary(result, name, world.setup_seconds)
+    print(f"where mined: {out['mined_change']:+.1%} (target <= {MINED_TARGET:+.0%}) "
+          f"{'OK' if out['meets_mined'] else 'MISSED'}; elsewhere: {out['elsewhere_change']:+.1%} (target <= "
+          f"{ELSEWHERE_TARGET:+.0%}) {'OK' if out['meets_elsewhere'] else 'MISSED'}; collisions "
+          f"{out['collisions_before']} -> {out['collisions_after']} "
+          f"{'OK' if out['meets_collisions'] else 'MISSED'}; cycle {result.wall_s:.0f} s")
+    print(json.dumps(out, sort_keys=True, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Targeted fine-tuning on a real snapshot of a tiny lake: distillation from a real teacher (onnxruntime), early
+stopping on val drives, and a run killed mid-way that resumes from its checkpoint to the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrain.dataset import DatasetConfig, create_snapshot
+from retrain.finetune import FinetuneConfig, FinetuneError, finetune, planner_from_onnx
+from retrain.mining import MiningConfig, mine
+from retrain.registry import Registry
+from retrain.teacher import load_checkpoint, torch_predict
+from tests.test_cycle import tiny_world
+
+CFG = FinetuneConfig(steps=10, batch_size=32, eval_every=3, checkpoint_every=3, warmup_steps=2, progress_every=1)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    world = tiny_world(tmp_path_factory.getbasetemp() / "flywheel-world")
+    reg = Registry(world["registry"])
+    mined = mine(world["lake"], MiningConfig(pair="teacher-v1__student-v0", max_windows=14, max_per_drive=2,
+                                             noise_margin=1.0))
+    snap = create_snapshot(world["lake"], mined, DatasetConfig(), tmp_path_factory.mktemp("snaps"))
+    return {"teacher": reg.version_dir("teacher", "v1"), "start": world["root"] / "student" / "checkpoint.pt",
+            "snapshot": snap, "fp32": reg.version_dir("student-fp32", "v0")}
+
+
+def _state(path):
+    return load_checkpoint(path).state_dict()
+
+
+def test_finetune_learns_and_records(setup, tmp_path):
+    seen = []
+    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path,
+                   progress=lambda s, n, info: seen.append((s, n, dict(info))))
+    assert res.steps_run <= 10 and res.resumed_from_step == 0 and res.frames["train_mined"] > 0
+    assert res.frames["train_ordinary"] > 0 and res.frames["val_mined"] > 0
+    assert [h["step"] for h in res.history][:2] == [0, 3]
+    assert res.best["objective"] <= res.initial["objective"]  # the kept state is never worse on val than the start
+    assert [s for s, *_ in seen][:3] == [1, 2, 3] and all(n == 10 for _, n, _ in seen)
+    assert "objective" in seen[2][2] and seen[0][2]["loss"] > 0
+    # a second call finds the finished run
+    again = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path)
+    assert again.model_dump() == res.model_dump()
+
+
+def test_killed_finetune_resumes_to_the_same_weights(setup, tmp_path):
+    full = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "full")
+
+    def kill(step, total, info):
+        if step == 7:
+            raise Killed()
+
+    with pytest.raises(Killed):
+        finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "cut", progress=kill)
+    assert (tmp_path / "cut" / "state.pt").is_file() and not (tmp_path / "cut" / "result.json").exists()
+    resumed = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "cut")
+    assert resumed.resumed_from_step == 6  # the last state saved before the kill at step 7
+    assert resumed.history == full.history and resumed.best_step == full.best_step
+    a, b = _state(full.checkpoint), _state(resumed.checkpoint)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_foreign_state_is_refused(setup, tmp_path):
+    with pytest.raises(Killed):
+        finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path,
+                 progress=lambda s, n, i: (_ for _ in ()).throw(Killed()) if s == 4 else None)
+    other = CFG.model_copy(update={"lr": 1e-3})
+    with pytest.raises(FinetuneError, match="another fine-tune"):
+        finetune(setup["start"], setup["teacher"], setup["snapshot"], other, tmp_path)
+
+
+def test_zero_steps_keeps_the_start_model(setup, tmp_path):
+    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG.model_copy(update={"steps": 0}), tmp_path)
+    a, b = _state(setup["start"]), _state(res.checkpoint)
+    assert res.steps_run == 0 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_planner_rebuilt_from_fp32_onnx(setup):
+    from retrain.evaluate import predict, session
+
+    model = planner_from_onnx(setup["fp32"])
+    feats, _ = setup["snapshot"].features()
+    feats = feats.take(slice(0, 64))
+    a, b = predict(session(setup["fp32"]), feats), torch_predict(model, feats)
+    assert abs(a[0] - b[0]).max() < 1e-3 and abs(a[1] - b[1]).max() < 1e-3
