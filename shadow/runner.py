@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -54,8 +55,12 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    intra_op_threads: int = Field(0, ge=0, le=1024, description="threads of one operator; 0 = the physical cores "
+    intra_op_threads: int = Field(1, ge=0, le=1024, description="threads of one operator; 0 = the physical cores "
                                   "(SMT siblings share the FMA units, so more threads only add contention)")
+    workers: int = Field(0, ge=0, le=1024, description="batches run concurrently on one session from this many "
+                         "threads; 0 = physical cores / intra-op threads. Measured here (bench/shadow.py): one "
+                         "single-threaded run per core beats one run over all cores by ~40%: no barrier after "
+                         "every operator, and no idle core while small operators run")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="onnxruntime graph optimisation level (constant folding, fusions, layout changes)")
     execution_mode: Literal["sequential", "parallel"] = Field(
@@ -64,16 +69,19 @@ class RuntimeConfig(BaseModel):
     memory_pattern: bool = Field(True, description="plan buffer offsets once per input shape (fixed batches)")
     allow_spinning: bool = Field(True, description="intra-op threads spin between operators instead of sleeping: "
                                  "faster back-to-back operators, at the price of CPU burnt while idle")
-    batch_size: int = Field(1024, ge=1, le=1 << 20, description="frames per session run; every run but the last "
+    batch_size: int = Field(64, ge=1, le=1 << 20, description="frames per session run; every run but the last "
                             "of a call has exactly this size, so the memory plan is reused")
 
     def threads(self) -> int:
         return self.intra_op_threads or physical_cores()
 
+    def concurrency(self) -> int:
+        return self.workers or max(1, physical_cores() // self.threads())
+
     def label(self) -> str:
         """Short description stored with noise-floor rows (runtime_a / runtime_b)."""
-        return (f"ort{ort.__version__}/opt={self.graph_optimization}/threads={self.threads()}/"
-                f"{self.execution_mode}/batch={self.batch_size}")
+        return (f"ort{ort.__version__}/opt={self.graph_optimization}/threads={self.threads()}x"
+                f"{self.concurrency()}/{self.execution_mode}/batch={self.batch_size}")
 
     def session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
@@ -88,8 +96,10 @@ class RuntimeConfig(BaseModel):
         return opts
 
 
-NOISE_RUNTIME = RuntimeConfig(intra_op_threads=1, graph_optimization="disable", memory_pattern=False, batch_size=333)
-"""The second configuration of the noise floor: unfused graph, one thread (other reduction order), odd batch."""
+NOISE_RUNTIME = RuntimeConfig(intra_op_threads=2, workers=1, graph_optimization="disable", memory_pattern=False,
+                              batch_size=333)
+"""The second configuration of the noise floor: unfused graph, operators split over two threads (another reduction
+order than the reference's one thread per batch), one batch at a time, an odd batch size."""
 
 
 class ModelError(ValueError):
@@ -107,6 +117,7 @@ class LoadedModel:
         self._traj_name = spec.output("trajectory").name
         self._logits_name = spec.output("maneuver_logits").name
         self._outputs = [self._traj_name, self._logits_name]
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def name(self) -> str:
@@ -119,20 +130,37 @@ class LoadedModel:
     def predict(self, inputs: dict[str, np.ndarray], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run over all frames -> (trajectory (N, T, 3) float32 [m, m, rad], maneuver logits (N, 6) float32).
 
-        `inputs` maps `shadow.featurize.INPUT_NAMES` to float32 arrays with a common first axis N.
+        `inputs` maps `shadow.featurize.INPUT_NAMES` to float32 arrays with a common first axis N. Batches of
+        `batch_size` frames run concurrently on `runtime.concurrency()` threads (onnxruntime releases the GIL).
         """
         n = next(iter(inputs.values())).shape[0]
         bs = batch_size or self.runtime.batch_size
         traj = np.empty((n, fz.HORIZON, 3), np.float32)
         logits = np.empty((n, fz.NUM_MANEUVERS), np.float32)
-        for start in range(0, n, bs):
+
+        def run(start: int) -> None:
             stop = min(n, start + bs)
             # slices of C-contiguous arrays along axis 0 stay contiguous: onnxruntime reads them without a copy
-            batch = {k: v[start:stop] for k, v in inputs.items()}
-            t, m = self.session.run(self._outputs, batch)
+            t, m = self.session.run(self._outputs, {k: v[start:stop] for k, v in inputs.items()})
             traj[start:stop] = t
             logits[start:stop] = m
+
+        starts = range(0, n, bs)
+        workers = self.runtime.concurrency()
+        if workers == 1 or len(starts) == 1:
+            for s in starts:
+                run(s)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix=f"ort-{self.spec.name}")
+            for f in [self._pool.submit(run, s) for s in starts]:
+                f.result()
         return traj, logits
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def _check(spec: ModelSpec, path: Path, session: ort.InferenceSession) -> None:

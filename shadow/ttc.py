@@ -15,8 +15,9 @@ so it is inertial for the few seconds of a plan):
   the last positive and the first negative sample (exact for straight, constant-velocity approaches). A pair already
   overlapping at t = 0 has TTC 0. No collision within the horizon is NaN (stored as null).
 
-Cost: a broad phase on bounding discs discards agent/time pairs that cannot touch before the disc pairs are computed;
-agents that cannot reach the ego's plan at all within the horizon are dropped first.
+Cost: agents that cannot reach the ego's plan within the horizon are dropped first; a broad phase at the plan's
+waypoints bounds the distance of the bounding discs over each 0.5 s segment and keeps only segments where they may
+touch; the disc pairs are computed only on the fine samples of those segments.
 """
 
 from __future__ import annotations
@@ -74,23 +75,43 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     # drop agents that cannot come near the plan: start distance minus own travel beyond the plan's reach
     reach = np.hypot(ex, ey).max(axis=1)  # (N,)
     f = agent_frame.astype(np.int64)
-    keep = np.hypot(ax0, ay0) - np.hypot(avx, avy) * horizon_s <= reach[f] + e_bound + a_bound
+    speed = np.hypot(avx, avy)
+    keep = np.hypot(ax0, ay0) - speed * horizon_s <= reach[f] + e_bound + a_bound
     if not keep.any():
         return out
     idx = np.flatnonzero(keep)
-    f, ax0, ay0, avx, avy = f[idx], ax0[idx], ay0[idx], avx[idx], avy[idx]
+    f, ax0, ay0, avx, avy, speed = f[idx], ax0[idx], ay0[idx], avx[idx], avy[idx], speed[idx]
     a_off, a_r, a_bound = a_off[idx], a_r[idx], a_bound[idx]
     ah = agent_heading[idx].astype(np.float64)
 
-    # broad phase: bounding discs, (M', S)
-    px = ax0[:, None] + avx[:, None] * times[None, :]
-    py = ay0[:, None] + avy[:, None] * times[None, :]
-    centre = np.hypot(px - ex[f], py - ey[f])
-    near = centre < (e_bound + a_bound)[:, None]
-    # the sample before a near one is needed too, to interpolate the crossing time
-    need = near.copy()
-    need[:, :-1] |= near[:, 1:]
+    # broad phase on the coarse grid (every `sub` steps = the plan's waypoints): the centre distance d changes at
+    # most (agent speed + ego speed) per second, so within a segment of length T it stays above
+    # (d_start + d_end - v T) / 2; only segments where that bound is under the bounding radii get fine samples
+    sub = max(1, int(round(dt / step_s)))
+    coarse = np.unique(np.append(np.arange(0, steps + 1, sub), steps))  # (C+1,) fine indices
+    px = ax0[:, None] + avx[:, None] * times[None, coarse]
+    py = ay0[:, None] + avy[:, None] * times[None, coarse]
+    d = np.hypot(px - ex[:, coarse][f], py - ey[:, coarse][f])  # (M', C+1)
+    seg_len = np.diff(times[coarse])  # (C,) s
+    e_step = np.hypot(np.diff(ex, axis=1), np.diff(ey, axis=1)) / step_s  # (N, S-1) ego speed per fine step
+    e_speed = np.maximum.reduceat(e_step, coarse[:-1], axis=1) if e_step.shape[1] else np.zeros((n, 0))
+    slack = (speed[:, None] + e_speed[f]) * seg_len[None, :]
+    live = (d[:, :-1] + d[:, 1:] - slack) / 2 < (e_bound + a_bound)[:, None]  # (M', C)
+    seg_of = np.minimum(np.searchsorted(coarse, np.arange(steps + 1), side="right") - 1, live.shape[1] - 1)
+    need = live[:, seg_of]  # a fine step belongs to the segment starting at or before it...
+    boundary = np.isin(np.arange(steps + 1), coarse[1:-1])
+    need[:, boundary] |= live[:, seg_of[boundary] - 1]  # ...and a boundary step to the one ending there too
     mi, si = np.nonzero(need)
+    if mi.size == 0:
+        return out
+    # fine broad phase on those samples only; the sample before a near one is kept to interpolate the crossing
+    t_s = times[si]
+    cx = ax0[mi] + avx[mi] * t_s - ex[f[mi], si]
+    cy = ay0[mi] + avy[mi] * t_s - ey[f[mi], si]
+    near = np.zeros(need.shape, bool)
+    near[mi, si] = cx * cx + cy * cy < ((e_bound + a_bound)[mi]) ** 2  # squared: no square roots
+    near[:, :-1] |= near[:, 1:]
+    mi, si = np.nonzero(near)
     if mi.size == 0:
         return out
     # narrow phase on the needed (agent, time) samples: every ego disc against every agent disc
@@ -99,11 +120,14 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     ecx = ex[fi, si][:, None] + ce[:, None] * e_off[None, :]  # (P, n)
     ecy = ey[fi, si][:, None] + se[:, None] * e_off[None, :]
     ca, sa = np.cos(ah[mi]), np.sin(ah[mi])
-    acx = px[mi, si][:, None] + ca[:, None] * a_off[mi]  # (P, n)
-    acy = py[mi, si][:, None] + sa[:, None] * a_off[mi]
-    d = np.hypot(ecx[:, :, None] - acx[:, None, :], ecy[:, :, None] - acy[:, None, :])  # (P, n, n)
-    gap = np.full(need.shape, np.inf)
-    gap[mi, si] = d.min(axis=(1, 2)) - (e_r + a_r[mi])
+    t_s = times[si]
+    acx = (ax0[mi] + avx[mi] * t_s)[:, None] + ca[:, None] * a_off[mi]  # (P, n)
+    acy = (ay0[mi] + avy[mi] * t_s)[:, None] + sa[:, None] * a_off[mi]
+    dx = ecx[:, :, None] - acx[:, None, :]  # (P, n, n)
+    dy = ecy[:, :, None] - acy[:, None, :]
+    d2 = (dx * dx + dy * dy).reshape(dx.shape[0], -1).min(axis=1)  # squared: one square root per sample
+    gap = np.full(near.shape, np.inf)
+    gap[mi, si] = np.sqrt(d2) - (e_r + a_r[mi])
 
     hit = gap <= 0
     any_hit = hit.any(axis=1)
@@ -113,7 +137,7 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     k = hit[rows].argmax(axis=1)  # first colliding sample
     ttc = times[k].copy()
     later = k > 0
-    g0 = gap[rows[later], k[later] - 1]  # > 0 and finite: that sample was computed (see `need`)
+    g0 = gap[rows[later], k[later] - 1]  # > 0 and finite: that sample was computed (see `near`)
     g1 = gap[rows[later], k[later]]
     ttc[later] = times[k[later] - 1] + step_s * g0 / (g0 - g1)
     np.fmin.at(out, f[rows], ttc)

@@ -1,0 +1,332 @@
+"""Shadow replay benchmark: frames/s of the whole batch replay against the machine's measured matrix-multiply rate
+and against a per-frame eager torch loop of the same models.
+
+    python -m bench.shadow                       # reference-size teacher and INT8 student (random weights), cached lake
+    python -m bench.shadow --teacher T --student S --frames 50000
+    python -m bench.shadow --quick               # small lake, fewer repetitions (smoke run)
+
+In one run it measures:
+- GEMM rate of this machine per precision: onnxruntime MatMul FP32 and MatMulInteger INT8 (u8 x s8), torch FP32 and
+  BF16 (oneDNN, AMX where the CPU has it), large square-ish products at the replay's thread count;
+- FLOPs per frame of both models: MatMul/Gemm (and their integer forms) of the ONNX graphs at batch 1, shapes from
+  ONNX shape inference, 2 FLOPs per multiply-add (measured from the graph, not estimated);
+- replay frames/s: `shadow.replay.replay` over a lake of synthetic drives written as the sink writes them (read,
+  featurize once, teacher, student, noise-floor teacher on every 20th frame, metrics with TTC, windows, criteria,
+  Parquet writes), models loaded before the clock starts; best of `--repeats` on a fresh output tree;
+- the achieved rate = teacher FLOPs/frame x replay frames/s, as a fraction of the FP32 GEMM rate (target >= 60%);
+- an eager torch loop of the same models (batch 1, torch.no_grad, features precomputed) and the ratio (target >= 20x).
+Prints a table; the LAST line is one JSON object with every figure and target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
+from ingest.lake_index import SeqRanges, encode_drive_seq
+from ingest.sink import ingest_date, to_lake_batch
+from ingest.synth import EPOCH_NS, synthetic_frames
+from retrain.architectures import Importance, Planner, PlannerConfig, export_onnx, prune, tensors
+from shadow.featurize import featurize
+from shadow.pipeline import Shadow
+from shadow.replay import ReplayConfig, replay
+from shadow.runner import RuntimeConfig, physical_cores
+from shadow.spec import ModelSpec, model_file, write_spec
+
+log = logging.getLogger(__name__)
+
+RATE_TARGET = 0.60
+EAGER_TARGET = 20.0
+STUDENT_CFG = PlannerConfig(width=128, depth=2, heads=4, head_dim=32, ffn=512)  # retrain.student's default
+TOPIC = "flywheel.frames"
+
+
+# ------------------------------------------------------------------------------------------------------ the inputs
+
+
+def build_lake(root: Path, frames: int, drive_frames: int = 600, chunk: int = 100, partitions: int = 4,
+               per_file: int = 8, agents: int = 20) -> Path:
+    """A frames lake of synthetic drives (10 Hz, `agents` per frame), cached: rebuilt only when absent."""
+    lake = root / f"lake-{frames}-{drive_frames}-{chunk}-{partitions}-{per_file}-{agents}"
+    if (lake / "frames").exists():
+        return lake
+    ingest_ms = EPOCH_NS // 1_000_000
+    n_drives = max(1, frames // drive_frames)
+    recs: dict[int, list] = {p: [] for p in range(partitions)}
+    for d in range(n_drives):
+        f = synthetic_frames(drive_frames, agents=agents, waypoints=10, seed=d, start_ns=EPOCH_NS + d * 10**12)
+        f.cols["lighting"][:] = [1, 1, 1, 2, 3][d % 5]
+        f.cols["road_type"][:] = [1, 2, 3, 4][d % 4]
+        for s in range(0, drive_frames, chunk):
+            recs[d % partitions].append((s, f"drive-{d:05d}", f.slice(s, min(s + chunk, drive_frames))))
+    for p, rs in recs.items():
+        # a fleet streams drives side by side: interleave the drives' chunks in offset order
+        rs.sort(key=lambda r: (r[0], r[1]))
+        for k in range(0, len(rs), per_file):
+            group = rs[k:k + per_file]
+            batches = [to_lake_batch(f, d, "veh-1", s, 1, ingest_ms, p, k + j) for j, (s, d, f) in enumerate(group)]
+            seqs: dict[str, SeqRanges] = {}
+            for s, d, f in group:
+                seqs.setdefault(d, SeqRanges()).add(s, s + f.num_frames - 1)
+            write_parquet_atomic(pa.Table.from_batches(batches),
+                                 partition_dir(lake, "frames", ingest_date(ingest_ms)) / file_name(
+                                     TOPIC, p, k, k + len(group) - 1), metadata={DRIVE_SEQ_KEY: encode_drive_seq(seqs)})
+    return lake
+
+
+def build_models(root: Path) -> tuple[Path, Path, Planner, Planner]:
+    """Reference-size teacher (FP32) and student (pruned to half the heads and FFN, INT8 QDQ), random weights, cached.
+    Returns their directories and the torch modules (the student's in FP32, pruned) for the eager loop."""
+    from retrain.student import QuantConfig, quantize
+
+    torch.manual_seed(0)
+    teacher = Planner(PlannerConfig()).eval()
+    student = Planner(STUDENT_CFG).eval()
+    student = prune(student, Importance(student), keep_heads=0.5, keep_ffn=0.5).eval()
+    t_dir, s_dir = root / "teacher-ref", root / "student-ref"
+    if not (t_dir / "spec.json").exists():
+        write_spec(ModelSpec(name="teacher", version="bench", parameters=teacher.num_parameters(),
+                             architecture=teacher.config.model_dump()), export_onnx(teacher, t_dir / "model.onnx"))
+    if not (s_dir / "int8" / "spec.json").exists():
+        write_spec(ModelSpec(name="student", version="bench", parameters=student.num_parameters(),
+                             architecture=student.config.model_dump()),
+                   export_onnx(student, s_dir / "fp32" / "model.onnx"))
+        calib = featurize(synthetic_frames(512, agents=20, seed=99), with_targets=False)
+        quantize(s_dir / "fp32", s_dir / "int8", calib, QuantConfig(calibration_frames=512))
+    return t_dir, s_dir / "int8", teacher, student
+
+
+# -------------------------------------------------------------------------------------------------- machine rates
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemm_rates(threads: int, m: int = 4096, k: int = 1024, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s (GOP/s for INT8) of an (m x k) @ (k x n) product per precision and library; best of `repeats`."""
+    rng = np.random.default_rng(0)
+    out: dict[str, float] = {}
+    flops = 2.0 * m * k * n
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def ort_rate(node, a_type, b: np.ndarray, extra_inits, a: np.ndarray, y_type) -> float:
+        graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("A", a_type, [m, k])],
+                                  [helper.make_tensor_value_info("Y", y_type, [m, n])],
+                                  [numpy_helper.from_array(b, "B"), *extra_inits])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return flops / _best(lambda: sess.run(None, {"A": a}), repeats) / 1e9
+
+    out["ort_fp32"] = ort_rate(helper.make_node("MatMul", ["A", "B"], ["Y"]), TensorProto.FLOAT,
+                               rng.standard_normal((k, n), np.float32), [],
+                               rng.standard_normal((m, k), np.float32), TensorProto.FLOAT)
+    zp = [numpy_helper.from_array(np.array(128, np.uint8), "za"), numpy_helper.from_array(np.array(0, np.int8), "zb")]
+    out["ort_int8"] = ort_rate(helper.make_node("MatMulInteger", ["A", "B", "za", "zb"], ["Y"]), TensorProto.UINT8,
+                               rng.integers(-127, 128, (k, n), dtype=np.int8), zp,
+                               rng.integers(0, 256, (m, k), dtype=np.uint8), TensorProto.INT32)
+    torch.set_num_threads(threads)
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    with torch.no_grad():
+        out["torch_fp32"] = flops / _best(lambda: a @ b, repeats) / 1e9
+        ab, bb = a.bfloat16(), b.bfloat16()
+        out["torch_bf16"] = flops / _best(lambda: ab @ bb, repeats) / 1e9
+        try:
+            ai, bi = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (k, n),
+                                                                                      dtype=torch.int8)
+            out["torch_int8"] = flops / _best(lambda: torch._int_mm(ai, bi), repeats) / 1e9
+        except (RuntimeError, AttributeError) as exc:  # not every build has a CPU int8 kernel
+            log.info("torch._int_mm unavailable: %s", exc)
+    return out
+
+
+def graph_flops(path: Path) -> dict[str, float]:
+    """MatMul-like FLOPs per frame of an ONNX planner (batch 1): {"total": ..., per op type ...}."""
+    model = onnx.load(str(model_file(path)))
+    for vi in [*model.graph.input, *model.graph.output]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.Clear()
+                d.dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
+              for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    out: dict[str, float] = {"total": 0.0}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat"):
+            continue
+        a_name, b_name = (node.input[0], node.input[3]) if node.op_type == "QLinearMatMul" else node.input[:2]
+        a, b = shapes.get(a_name), shapes.get(b_name)
+        # reshapes to -1 leave the batch axis unknown (0) after inference: it is 1 here
+        a = [d or 1 for d in a[:-1]] + a[-1:] if a else a
+        b = [d or 1 for d in b[:-2]] + b[-2:] if b else b
+        if not a or not b or 0 in a or 0 in b:
+            raise RuntimeError(f"{path}: no static shape for {node.name} ({a_name}: {a}, {b_name}: {b})")
+        if node.op_type == "Gemm":
+            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+            mm, kk = (a[1], a[0]) if trans_a else (a[0], a[1])
+            trans_b = any(at.name == "transB" and at.i for at in node.attribute)
+            nn = b[0] if trans_b else b[1]
+            f = 2.0 * mm * kk * nn
+        else:
+            batch = np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])) if len(a) > 2 or len(b) > 2 else ()
+            f = 2.0 * float(np.prod(batch)) * (a[-2] if len(a) > 1 else 1) * a[-1] * b[-1]
+        out["total"] += f
+        out[node.op_type] = out.get(node.op_type, 0.0) + f
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ the replay
+
+
+class Timer:
+    """Wall time spent inside wrapped callables, by name (wrapping leaves the component's code untouched)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def clean_outputs(lake: Path) -> None:
+    for table in ("decisions", "divergences", "scenarios", "noise_floor"):
+        shutil.rmtree(lake / table, ignore_errors=True)
+
+
+def time_replay(lake: Path, shadow: Shadow, config: ReplayConfig, repeats: int) -> tuple[dict, dict]:
+    """Best-of-`repeats` replay of the whole lake (outputs removed before each): (report dict, time breakdown)."""
+    import shadow.metrics as metrics_mod
+    import shadow.outputs as outputs_mod
+    import shadow.pipeline as pipeline_mod
+
+    timer = Timer()
+    timer.wrap(shadow.teacher, "predict", "teacher")
+    timer.wrap(shadow.student, "predict", "student")
+    timer.wrap(shadow.noise_teacher, "predict", "noise_teacher")
+    timer.wrap(pipeline_mod.fz, "featurize", "featurize")
+    timer.wrap(pipeline_mod, "arrow_to_frames", "arrow_to_frames")
+    timer.wrap(pipeline_mod, "pair_metrics", "metrics")
+    timer.wrap(metrics_mod, "time_to_collision", "ttc")
+    timer.wrap(outputs_mod, "write_parquet_atomic", "write")
+    best, best_t = None, {}
+    for _ in range(repeats):
+        clean_outputs(lake)
+        timer.seconds = {}
+        report = replay(lake, None, None, config, shadow=shadow)
+        if best is None or report.seconds < best.seconds:
+            best, best_t = report, dict(timer.seconds)
+    clean_outputs(lake)
+    return best.model_dump(mode="json"), best_t
+
+
+def eager_fps(teacher: Planner, student: Planner, lake: Path, threads: int, frames: int) -> float:
+    """Frames/s of a per-frame eager torch loop of both models (batch 1, no_grad; features computed up front)."""
+    path = live_files(lake, "frames")[0].path
+    feats = featurize(pq.read_table(path))
+    inputs = feats.inputs()
+    n = min(frames, len(feats))
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        one = tensors({k: v[:1] for k, v in inputs.items()})
+        teacher(*one), student(*one)  # warm-up
+        t0 = time.perf_counter()
+        for i in range(n):
+            x = tensors({k: v[i:i + 1] for k, v in inputs.items()})
+            teacher(*x)
+            student(*x)
+        return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", type=Path, help="teacher model dir (default: reference size, random weights)")
+    ap.add_argument("--student", type=Path, help="student model dir (default: reference size, pruned, INT8)")
+    ap.add_argument("--frames", type=int, default=24_000, help="frames in the benchmark lake")
+    ap.add_argument("--data", type=Path, default=Path("data/bench/shadow"), help="cache of lake and models")
+    ap.add_argument("--batch-size", type=int, default=None, help="onnxruntime batch (default: RuntimeConfig's)")
+    ap.add_argument("--group-frames", type=int, default=None, help="frames per replay group")
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0 = physical cores)")
+    ap.add_argument("--repeats", type=int, default=2, help="replays timed; the best counts")
+    ap.add_argument("--eager-frames", type=int, default=300, help="frames of the eager torch loop")
+    ap.add_argument("--quick", action="store_true", help="4,800 frames, one replay, short GEMMs")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.frames, args.repeats, args.eager_frames = 4800, 1, 100
+    threads = args.threads or physical_cores()
+    args.data.mkdir(parents=True, exist_ok=True)
+    t_dir, s_dir, t_torch, s_torch = build_models(args.data / "models")
+    teacher, student = args.teacher or t_dir, args.student or s_dir
+    lake = build_lake(args.data, args.frames)
+    rates = gemm_rates(threads, repeats=3 if args.quick else 10)
+    t_flops, s_flops = graph_flops(teacher), graph_flops(student)
+    runtime = RuntimeConfig(intra_op_threads=threads, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    cfg = ReplayConfig(runtime=runtime, **({"group_frames": args.group_frames} if args.group_frames else {}))
+    shadow = Shadow(teacher, student, cfg)
+    report, breakdown = time_replay(lake, shadow, cfg, args.repeats)
+    fps = report["frames_per_s"]
+    fp32 = max(rates["ort_fp32"], rates["torch_fp32"])
+    achieved = t_flops["total"] * fps / 1e9
+    eager = eager_fps(t_torch, s_torch, lake, threads, args.eager_frames) if not (args.teacher or args.student) \
+        else float("nan")
+    result = {
+        "bench": "shadow", "threads": threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
+        "lake_frames": report["frames_replayed"], "replay_seconds": report["seconds"], "replay_fps": fps,
+        "gemm_gflops": rates, "fp32_reference_gflops": fp32,
+        "teacher_mflops_per_frame": t_flops["total"] / 1e6, "student_mflops_per_frame": s_flops["total"] / 1e6,
+        "achieved_teacher_gflops": achieved, "fraction_of_fp32_rate": achieved / fp32,
+        "fraction_with_student_flops": (t_flops["total"] + s_flops["total"]) * fps / 1e9 / fp32,
+        "rate_target": RATE_TARGET, "meets_rate_target": achieved / fp32 >= RATE_TARGET,
+        "eager_torch_fps": eager, "speedup_vs_eager": fps / eager, "eager_target": EAGER_TARGET,
+        "meets_eager_target": fps / eager >= EAGER_TARGET,
+        "breakdown_s": {k: round(v, 3) for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])},
+        "batch_size": runtime.batch_size, "group_frames": cfg.group_frames,
+    }
+    print(f"{'GEMM rate (' + str(threads) + ' threads)':<40} " + "  ".join(f"{k} {v:,.0f}" for k, v in rates.items())
+          + " GFLOP/s")
+    print(f"{'FLOPs per frame (MatMul/Gemm)':<40} teacher {t_flops['total'] / 1e6:.1f} M, "
+          f"student {s_flops['total'] / 1e6:.1f} M")
+    print(f"{'replay':<40} {report['frames_replayed']:,} frames in {report['seconds']:.2f} s = {fps:,.0f} frames/s")
+    print(f"{'teacher FLOPs achieved':<40} {achieved:,.1f} GFLOP/s = {100 * achieved / fp32:.1f}% of FP32 "
+          f"{fp32:,.0f} (target {100 * RATE_TARGET:.0f}%) {'OK' if result['meets_rate_target'] else 'MISSED'}")
+    print(f"{'eager torch loop (batch 1)':<40} {eager:,.1f} frames/s; replay is {fps / eager:,.1f}x "
+          f"(target {EAGER_TARGET:.0f}x) {'OK' if result['meets_eager_target'] else 'MISSED'}")
+    print(f"{'time inside (s)':<40} " + ", ".join(f"{k} {v}" for k, v in result["breakdown_s"].items()))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
