@@ -151,7 +151,7 @@ class RealCycle:
             raise ValueError(f"options may not set {taken}: they come from the job and the service's configuration")
         opts = dict(spec.options)
         mining = dict(opts.pop("mining", None) or {})
-        if "sql" in mining:
+        if mining.get("sql") is not None:
             raise ValueError("options.mining.sql: the mining query is the job's own (sql or score rule)")
         if spec.sql is not None:
             mining["sql"] = spec.sql
@@ -208,8 +208,8 @@ class RealCycle:
                 progress(step, status)
             elif time.monotonic() - last[0] >= 2.0:  # inside a step: recorded now and then, cancel checked always
                 last[0] = time.monotonic()
-                progress(step, "progress", f"{done}/{total}", **{k: v for k, v in (info or {}).items()
-                                                               if isinstance(v, (str, int, float))})
+                simple = {k: v for k, v in (info or {}).items() if isinstance(v, (str, int, float))}
+                progress(step, "progress", f"{done}/{total} {json.dumps(simple, sort_keys=True)}")
             else:
                 progress.check()
 
@@ -220,9 +220,9 @@ class RealCycle:
 
 
 def _default_verification_chip() -> str:
-    from retrain import verification
+    from retrain.cycle import VerificationConfig
 
-    return verification.VerificationConfig().chip
+    return VerificationConfig().chip
 
 
 def _jsonable(result: Any) -> dict:
@@ -345,7 +345,8 @@ class JobRunner:
                 return
             result_path = write_json_atomic(result, work / RESULT_FILE)
             state, reason = self.cycle.outcome(result)
-            self._finish(job, state, reason, str(result_path), self._report(job, result_path))
+            ended = job.model_copy(update={"state": state, "error": reason})  # what the report shows
+            self._finish(job, state, reason, str(result_path), self._report(ended, result_path))
         except Exception as exc:
             if lost.is_set():
                 log.error("job %s: the cycle stopped after this runner lost the job (%r)", job.id, exc)

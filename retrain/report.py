@@ -59,7 +59,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool):
         return '<span class="pass">yes</span>' if v else '<span class="fail">no</span>'
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.{digits}g}"
     return _e(v)
 
 
@@ -174,7 +174,9 @@ def section_gate(d: ReportData) -> str:
     if d.gate is None:
         return not_available(d.missing.get("gate", "the result holds no gate decision"))
     g = d.gate
-    verdict = ('<p class="pass">PASSED: promoted</p>' if g["passed"] else '<p class="fail">REJECTED: not promoted</p>')
+    status = g.get("status") or ("promoted" if g["passed"] else "rejected")
+    verdict = (f'<p class="pass">PASSED: {_e(status)}</p>' if g["passed"]
+               else f'<p class="fail">REJECTED: not promoted ({_e(status)})</p>')
     reasons = "".join(f"<li>{_e(r)}</li>" for r in g["reasons"])
     checks = _table(["check", "value", "limit", "passed", "detail"],
                     [[c.get("name"), c.get("value"), c.get("limit"), c.get("passed"), c.get("detail")]

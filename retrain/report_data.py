@@ -254,7 +254,7 @@ def gate_of(doc: dict) -> dict | None:
     cl = get(doc, "closed_loop", default={})
     closed = [{"policy": k, **v} for k, v in cl.items() if k in ("before", "after", "expert") and isinstance(v, dict)
               and v] if isinstance(cl, dict) else []
-    return {"passed": bool(passed), "reasons": [str(r) for r in (reasons if isinstance(reasons, list) else [reasons])],
+    return {"passed": bool(passed), "status": get(doc, "status"), "reasons": [str(r) for r in (reasons if isinstance(reasons, list) else [reasons])],
             "checks": [c for c in checks if isinstance(c, dict)], "closed_loop": closed}
 
 

@@ -330,3 +330,63 @@ def test_policy_rules_are_validated():
             PolicyConfig.model_validate({"rules": [bad]})
     with pytest.raises(ValidationError, match="repeat"):
         PolicyConfig.model_validate({"rules": [{**base, "lighting": "night"}] * 2})
+
+
+# --------------------------------------------------------------------------------- the real cycle, end to end
+
+
+class _RunnerDied(BaseException):
+    """Escapes the runner like a kill: no final state is written, the heartbeat stops, the lease runs out."""
+
+
+@pytest.mark.slow
+def test_real_cycle_runs_as_a_job_and_resumes_after_its_runner_died(tmp_path, tmp_path_factory):
+    """retrain.cycle.run_cycle through RealCycle on test_cycle's tiny world: the first runner dies as verification
+    starts, a second one resumes the job from its work dir (mine .. compress not redone) to a gate decision and a
+    report drawn from the real CycleResult and the verification lake."""
+    from retrain.job_runner import RealCycle, default_reporter
+    from tests.test_cycle import config as cycle_config
+    from tests.test_cycle import tiny_world
+
+    world = tiny_world(tmp_path_factory.getbasetemp() / "flywheel-world")  # shared with test_cycle
+    tiny = cycle_config(world).model_dump(mode="json", exclude={"lake", "registry", "student", "targets"})
+    options = {k: tiny[k] for k in ("teacher", "mining", "finetune", "compress", "verification", "gates")}
+    options["update_registry"] = False  # the world's registry is shared: judge, but do not promote
+    config = cfg(tmp_path, lake_dir=world["lake"], registry_dir=world["registry"], lease_s=1.0)
+    store = JobStore.from_config(config)
+    real = RealCycle(config)
+    with pytest.raises(ValidationError):  # the real CycleConfig refuses unknown options at trigger time
+        real.validate(JobSpec(student="student", sql="SELECT 1", options={"surprise": 1}))
+    job = store.create(JobSpec(student="student", score_rule=ScoreRule(min_score=0.0, top_k=14),
+                               targets=("orin",), options=options))[0]
+    assert real.build(job.spec).targets == ["orin", "cpu"]  # the verification chip joins the targets
+
+    class DiesAtVerify(RealCycle):
+        def run(self, job, work_dir, progress, resume):
+            def dying(step, status="start", message="", **extra):
+                if step == "verify" and status == "start":
+                    raise _RunnerDied()
+                progress(step, status, message, **extra)
+            dying.check = progress.check
+            return super().run(job, work_dir, dying, resume)
+
+    with pytest.raises(_RunnerDied):
+        JobRunner(store, DiesAtVerify(config), config, owner="first").run_once()
+    left = store.get(job.id)
+    assert left.state == JobState.RUNNING and left.steps_done == ["mine", "snapshot", "finetune", "compress"]
+    time.sleep(config.lease_s)
+    second = JobRunner(JobStore.from_config(config), real, config, owner="second", reporter=default_reporter(None))
+    done = second.run_once()
+    assert done.id == job.id and done.attempts == 2, done.error
+    assert done.state in (JobState.SUCCEEDED, JobState.REJECTED), done.error
+    assert done.steps_done == list(STEPS)
+    skipped = [e["step"] for e in store.events(job.id) if e["kind"] == "step" and e["message"] == "skipped"]
+    assert skipped == ["mine", "snapshot", "finetune", "compress"]
+    result = json.loads(Path(done.result_path).read_text())
+    assert result["status"] == "not registered" and result["targets"][0]["chip"] == "orin"
+    assert {k for k, v in result["steps"].items() if v["resumed"]} == {"mine", "snapshot", "finetune", "compress"}
+    if done.state == JobState.REJECTED:
+        assert done.error == "; ".join(result["reasons"])
+    report = Path(done.report_path).read_text()
+    assert report.count("data:image/png;base64,") >= 2  # condition bars and at least one bird's-eye scene
+    assert "orin" in report and "estimate" in report
