@@ -50,13 +50,13 @@ def measure(path: Path, threads: list[int], runs_b1: int, runs_b256: int) -> dic
     onnx_path = model_file(path)
     try:
         spec = read_spec(onnx_path)
-        params, precision = spec.parameters, spec.precision
+        params, precision, flops = spec.parameters, spec.precision, spec.flops_per_frame
     except FileNotFoundError:
-        params, precision = 0, "?"
+        params, precision, flops = 0, "?", 0
     frames = featurize(synthetic_frames(256, agents=30, seed=1), with_targets=False).inputs()
     b1 = {k: v[:1] for k, v in frames.items()}
     row: dict = {"path": str(onnx_path), "bytes": onnx_path.stat().st_size, "parameters": params,
-                 "precision": precision, "b1_ms": {}, "b256_ms": {}}
+                 "precision": precision, "flops_per_frame": flops, "b1_ms": {}, "b256_ms": {}}
     for t in threads:
         sess = session(onnx_path, t)
         row["b1_ms"][t] = median_latency_ms(sess, b1, runs_b1, max(20, runs_b1 // 10))
@@ -150,11 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
     for t in args.threads:
         result[f"latency_ratio_b1_threads{t}"] = rows["teacher_fp32"]["b1_ms"][t] / s8["b1_ms"][t]
     cols = "".join(f" {f'b1 ms/{t}t':>10} {f'b256 ms/{t}t':>12}" for t in args.threads)
-    print(f"{'model':<14} {'precision':<9} {'weights':>10} {'bytes':>11}{cols} {'best b1':>8} {'frames/s':>9}")
+    print(f"{'model':<14} {'precision':<9} {'weights':>10} {'MFLOP':>6} {'bytes':>11}{cols} {'best b1':>8} "
+          f"{'frames/s':>9} {'GFLOP/s':>8}")
     for name, r in rows.items():
         cells = "".join(f" {r['b1_ms'][t]:>10.3f} {r['b256_ms'][t]:>12.2f}" for t in args.threads)
-        print(f"{name:<14} {r['precision']:<9} {r['parameters']:>10,d} {r['bytes']:>11,d}{cells} "
-              f"{r['latency_b1_ms']:>8.3f} {256e3 / r['latency_b256_ms']:>9.0f}")
+        fps = 256e3 / r["latency_b256_ms"]
+        print(f"{name:<14} {r['precision']:<9} {r['parameters']:>10,d} {r['flops_per_frame'] / 1e6:>6.1f} "
+              f"{r['bytes']:>11,d}{cells} {r['latency_b1_ms']:>8.3f} {fps:>9.0f} {fps * r['flops_per_frame'] / 1e9:>8.1f}")
     print(f"size ratio teacher/student-int8: {result['size_ratio']:.1f}x (target >= {SIZE_TARGET:.0f}x) "
           f"{'OK' if result['meets_size'] else 'MISSED'}")
     print(f"batch-1 latency ratio: {result['latency_ratio_b1']:.1f}x (target >= {LATENCY_TARGET:.0f}x) "

@@ -14,6 +14,7 @@ differ per layer (`layer_heads`, `layer_ffn`): that is how a pruned model is des
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,19 @@ class Planner(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_frame(self) -> int:
+        """Multiply-add FLOPs (2 per multiply-accumulate) of one frame's forward pass: every weight product at its
+        token count plus attention's two activation products; norms, activations and softmax are not counted."""
+        def linear_macs(module: nn.Module) -> int:
+            return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+        macs = linear_macs(self.ego_embed) + fz.MAX_AGENTS * linear_macs(self.agent_embed) + linear_macs(self.lane_embed)
+        for layer in self.layers:
+            macs += TOKENS * (linear_macs(layer.attn) + linear_macs(layer.fc1) + linear_macs(layer.fc2))
+            macs += 2 * layer.attn.heads * TOKENS * TOKENS * layer.attn.head_dim
+        macs += linear_macs(self.traj_head) + linear_macs(self.maneuver_head)
+        return 2 * macs
+
     def set_record(self, on: bool) -> None:
         for layer in self.layers:
             layer.record = layer.attn.record = on
@@ -247,7 +261,10 @@ def export_onnx(model: Planner, path: Path, opset: int = 17) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     # The TorchScript exporter: the dynamo one needs onnxscript, which is not a dependency; node names stay readable
     # (/layers.0/attn/q/MatMul), which the quantizer's exclusion lists rely on.
-    torch.onnx.export(model, example, str(tmp), dynamo=False, opset_version=opset, input_names=list(fz.INPUT_NAMES),
-                      output_names=list(OUTPUT_NAMES), dynamic_axes=axes, do_constant_folding=True)
+    with warnings.catch_warnings():  # the exporter's deprecation and shape-inference chatter, on every export
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        torch.onnx.export(model, example, str(tmp), dynamo=False, opset_version=opset,
+                          input_names=list(fz.INPUT_NAMES), output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
+                          do_constant_folding=True)
     tmp.replace(path)
     return path

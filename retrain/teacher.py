@@ -209,7 +209,7 @@ def export_with_spec(model: Planner, model_dir: Path, name: str, version: str, e
     """model_dir/model.onnx + model_dir/spec.json for an FP32 planner."""
     path = export_onnx(model, Path(model_dir) / MODEL_FILE)
     spec = ModelSpec(name=name, version=version, precision="fp32", parameters=model.num_parameters(),
-                     architecture=model.config.model_dump(), extra=extra)
+                     flops_per_frame=model.flops_per_frame(), architecture=model.config.model_dump(), extra=extra)
     write_spec(spec, path)
     return read_spec(path)
 

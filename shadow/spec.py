@@ -54,6 +54,8 @@ class ModelSpec(BaseModel):
     sha256: str = Field("", description="sha256 of the .onnx file, hex")
     size_bytes: int = Field(0, description="size of the .onnx file")
     parameters: int = Field(0, description="number of weights (before quantization)")
+    flops_per_frame: int = Field(0, description="FLOPs (2 per multiply-accumulate) of one frame's forward pass; "
+                                 "0 when unknown")
     architecture: dict = Field(default_factory=dict, description="PlannerConfig of the model, when built here")
     extra: dict = Field(default_factory=dict, description="free-form facts: recipe, metrics, quantization options")
 

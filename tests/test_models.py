@@ -81,6 +81,7 @@ def test_teacher_recipe(teacher):
     assert np.isfinite([result.heldout["ade_m"], result.heldout["fde_m"]]).all()
     spec = read_spec(root / "teacher")
     assert spec.featurizer_version == "feat-v1" and spec.precision == "fp32"
+    assert spec.flops_per_frame == load_checkpoint(root / "teacher" / "checkpoint.pt").flops_per_frame() > 0
     assert [o.role for o in spec.outputs] == ["trajectory", "maneuver_logits"]
     entry = Registry(root / "registry").get("teacher")
     assert entry.sha256 == spec.sha256 and entry.dataset_sha256 == result.dataset_sha256
@@ -166,6 +167,7 @@ def test_prune_removes_dead_units_exactly():
     small = prune(model.eval(), imp, 0.5, 0.5).eval()
     assert small.config.layer_heads == [2, 2] and small.config.layer_ffn == [32, 32]
     assert small.num_parameters() < model.num_parameters()
+    assert small.flops_per_frame() < model.flops_per_frame()
     assert small.layers[0].attn.qkv.weight.shape == (48, 32) and small.layers[0].fc1.weight.shape == (32, 32)
     x = tensors(feats.inputs())
     with torch.no_grad():
