@@ -74,6 +74,20 @@ class Computed:
     noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
 
 
+@dataclass
+class Inferred:
+    """Model outputs of the computed rows (n = len(rows)), before any metric."""
+
+    cols: dict[str, np.ndarray]  # Frames.cols of the whole source table (agents for TTC, conditions)
+    rows: np.ndarray  # (n,) row indices into the source table
+    target: np.ndarray  # (n, T, 3) logged future (featurizer targets)
+    target_mask: np.ndarray  # (n, T) bool
+    teacher: tuple[np.ndarray, np.ndarray]
+    student: tuple[np.ndarray, np.ndarray]
+    noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
+    noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
+
+
 def segments_of(table: pa.Table) -> np.ndarray:
     """Segment id per row (N,): a new one wherever the drive changes or seq does not follow (see featurize)."""
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
@@ -160,8 +174,12 @@ class Shadow:
         """Featurize all rows of `table` (context included) once; run and measure the rows where `mask` (N,) holds.
 
         `table`: FRAMES_LAKE_SCHEMA rows sorted by (drive_id, seq). `noise_mask` (N,) selects the noise-floor frames
-        among the masked ones (default: seq % noise_every == 0).
+        among the masked ones (default: seq % noise_every == 0). Same as `measure(infer(...))`.
         """
+        return self.measure(self.infer(table, mask, noise_mask))
+
+    def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None) -> "Inferred":
+        """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
         feats = fz.featurize(frames, segments=segments_of(table), with_targets=True)
         rows = np.flatnonzero(mask)
@@ -169,21 +187,27 @@ class Shadow:
         inputs = f.inputs()
         t = self.teacher.predict(inputs)
         s = self.student.predict(inputs)
-        agents = agents_in_ego_frame(frames.cols, rows)
-        m = pair_metrics(t, s, self.config.metrics, agents)
-        m["teacher_ade_driver"], m["teacher_fde_driver"] = driver_metrics(t[0], f.traj, f.traj_mask)
-        m["student_ade_driver"], m["student_fde_driver"] = driver_metrics(s[0], f.traj, f.traj_mask)
         if noise_mask is None:
             noise_mask = table["seq"].to_numpy() % self.config.noise_every == 0
         noise_pos = np.flatnonzero(noise_mask[rows])
-        noise: dict[str, np.ndarray] = {}
+        tn = None
         if noise_pos.size:
-            sub = {k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()}
-            tn = self.noise_teacher.predict(sub)
-            noise = pair_metrics((t[0][noise_pos], t[1][noise_pos]), tn, self.config.metrics,
-                                 _take_agents(agents, noise_pos))
-        conditions = {k: frames.cols[k][rows] for k in ("road_type", "lighting", "weather")}
-        return Computed(rows, t, s, m, conditions, noise_pos, noise)
+            tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})
+        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn)
+
+    def measure(self, inf: "Inferred") -> Computed:
+        """The numpy half of `compute`: every divergence metric of what `infer` produced."""
+        rows, t, s = inf.rows, inf.teacher, inf.student
+        agents = agents_in_ego_frame(inf.cols, rows)
+        m = pair_metrics(t, s, self.config.metrics, agents)
+        m["teacher_ade_driver"], m["teacher_fde_driver"] = driver_metrics(t[0], inf.target, inf.target_mask)
+        m["student_ade_driver"], m["student_fde_driver"] = driver_metrics(s[0], inf.target, inf.target_mask)
+        noise: dict[str, np.ndarray] = {}
+        if inf.noise is not None:
+            p = inf.noise_pos
+            noise = pair_metrics((t[0][p], t[1][p]), inf.noise, self.config.metrics, _take_agents(agents, p))
+        conditions = {k: inf.cols[k][rows] for k in ("road_type", "lighting", "weather")}
+        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise)
 
     # ------------------------------------------------------------------------------------------------ table rows
 

@@ -30,23 +30,21 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ENUMS
 from ingest.lake import LakeFile, live_files, remove_stale_temporaries
-from ingest.lake_index import SeqRanges, read_drive_seq, scan_drive_seq
-from shadow import featurize as fz
+from shadow.frames_index import FileInfo, PartitionIndex, load_context
 from shadow.criteria import pass_rates
 from shadow.outputs import Coverage, FrameInfo, Output, write_unit
-from shadow.pipeline import WINDOW_META, PipelineConfig, Shadow
+from shadow.pipeline import WINDOW_META, Inferred, PipelineConfig, Shadow
 from shadow.stream import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -100,64 +98,6 @@ class ReplayReport(BaseModel):
     by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value")
     pass_rates: list[dict] = Field(default_factory=list, description="criteria pass rates vs required")
     noise_floor: dict = Field(default_factory=dict, description="teacher vs itself across runtimes")
-
-
-# ------------------------------------------------------------------------------------------------ partition index
-
-
-@dataclass
-class _File:
-    lake_file: LakeFile
-    date: str
-    drive_seq: dict[str, SeqRanges]
-    rows: int
-    max_ingest_s: float
-
-
-def _file_info(f: LakeFile) -> _File:
-    md = pq.read_metadata(f.path)
-    seqs = read_drive_seq(f.path)
-    if seqs is None:
-        seqs = scan_drive_seq(f.path)
-    ingest = None
-    leaves = [md.schema.column(j).path for j in range(md.num_columns)]
-    if md.num_row_groups and "ingest_time" in leaves:
-        j = leaves.index("ingest_time")
-        stats = [md.row_group(i).column(j).statistics for i in range(md.num_row_groups)]
-        if all(s is not None and s.has_min_max for s in stats):
-            ingest = max(s.max for s in stats).timestamp()  # from the footer: no column read
-    if ingest is None:
-        t = pq.read_table(f.path, columns=["ingest_time"])["ingest_time"]
-        ingest = pc.max(t).as_py().timestamp() if len(t) else 0.0
-    date = f.path.parent.name.split("=", 1)[-1]
-    return _File(f, date, seqs, md.num_rows, ingest)
-
-
-class PartitionIndex:
-    """What one partition's live frames files hold, from their footers: per drive, the seq ranges and where."""
-
-    def __init__(self, files: list[LakeFile]) -> None:
-        self.files = [_file_info(f) for f in files]
-        self.ranges: dict[str, SeqRanges] = {}
-        self.where: dict[str, list[tuple[int, int, int]]] = {}  # drive -> (lo, hi, file index)
-        self.last_ingest: dict[str, float] = {}
-        for i, info in enumerate(self.files):
-            for d, r in info.drive_seq.items():
-                known = self.ranges.setdefault(d, SeqRanges())
-                for lo, hi in r.ranges:
-                    known.add(lo, hi)
-                    self.where.setdefault(d, []).append((lo, hi, i))
-                self.last_ingest[d] = max(self.last_ingest.get(d, 0.0), info.max_ingest_s)
-
-    def files_for(self, drive: str, lo: int, hi: int) -> set[int]:
-        return {i for a, b, i in self.where.get(drive, ()) if a <= hi and b >= lo}
-
-    def first_stored(self, drive: str, lo: int, hi: int) -> int | None:
-        """Smallest stored seq of `drive` in [lo, hi], None if none."""
-        for a, b in self.ranges.get(drive, SeqRanges()).ranges:
-            if b >= lo and a <= hi:
-                return max(a, lo)
-        return None
 
 
 @dataclass
@@ -220,16 +160,19 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
     totals = _Totals()
     if progress:
         progress(0, total)
-    for topic, partition, index, units in plans:
-        cache: OrderedDict[int, pa.Table] = OrderedDict()
-        for group in _groups(units, config.group_frames):
-            coverage.refresh(topic, partition)  # the streaming worker may have covered some offsets meanwhile
-            have = coverage.get("divergences", "pair", shadow.pair, topic, partition)
-            group = [_Unit(u.file, a, b, u.frames) for u in group for a, b in have.missing(u.lo, u.hi)]
-            if not group:
-                continue
-            for u, n in _replay_group(shadow, coverage, topic, partition, index, group, cache, config, report,
-                                      totals):
+    # Two stages: a background thread loads, featurizes and runs the models on group k + 1 while this thread
+    # measures and writes group k; the models keep both cores busy and the single-threaded numpy and Parquet work
+    # of the other stage fills the gaps. Writes stay in this thread, in order.
+    jobs = [(topic, partition, index, g) for topic, partition, index, units in plans
+            for g in _groups(units, config.group_frames)]
+    caches: dict[tuple[str, int], OrderedDict] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="shadow-infer") as ex:
+        nxt = ex.submit(_prepare, shadow, jobs[0], caches, config) if jobs else None
+        for k in range(len(jobs)):
+            ready = nxt.result()
+            nxt = ex.submit(_prepare, shadow, jobs[k + 1], caches, config) if k + 1 < len(jobs) else None
+            coverage.refresh(ready.topic, ready.partition)  # a streaming worker may have covered offsets meanwhile
+            for u in _finish(shadow, coverage, ready, config, report, totals):
                 done_frames += u.frames
                 if progress:
                     progress(min(done_frames, total), total)
@@ -242,7 +185,7 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
     return report
 
 
-def _settled(info: _File, index: PartitionIndex, config: ReplayConfig) -> bool:
+def _settled(info: FileInfo, index: PartitionIndex, config: ReplayConfig) -> bool:
     """Whether every drive of a frames file has its context after it in the lake, or has ended."""
     need = config.context_after()
     now = time.time()
@@ -265,50 +208,6 @@ def _groups(units: list[_Unit], frames: int):
             group, n = [], 0
     if group:
         yield group
-
-
-def _read(index: PartitionIndex, i: int, cache: OrderedDict, keep: int = 6) -> pa.Table:
-    if i in cache:
-        cache.move_to_end(i)
-        return cache[i]
-    t = pq.read_table(index.files[i].lake_file.path)
-    cache[i] = t
-    while len(cache) > keep:
-        cache.popitem(last=False)
-    return t
-
-
-def _load(index: PartitionIndex, group: list[_Unit], cache: OrderedDict, config: ReplayConfig
-          ) -> tuple[pa.Table, np.ndarray]:
-    """Rows the group needs (its units' frames and their context), sorted by (drive_id, seq); and the file
-    index each row came from (N,)."""
-    before, after = config.history_frames(), config.context_after()
-    need: dict[str, list[int]] = {}
-    for u in group:
-        for d, r in index.files[u.file].drive_seq.items():
-            lo, hi = r.ranges[0][0] - before, r.max + after
-            cur = need.setdefault(d, [lo, hi])
-            cur[0], cur[1] = min(cur[0], lo), max(cur[1], hi)
-    files: set[int] = set()
-    for d, (lo, hi) in need.items():
-        files |= index.files_for(d, lo, hi)
-    drives = pa.array(list(need), pa.string())
-    lo_a = np.array([v[0] for v in need.values()], np.int64)
-    hi_a = np.array([v[1] for v in need.values()], np.int64)
-    parts, src = [], []
-    for i in sorted(files):
-        t = _read(index, i, cache)
-        di = pc.index_in(t["drive_id"], value_set=drives).fill_null(-1).to_numpy(zero_copy_only=False)
-        seq = t["seq"].to_numpy()
-        d = np.maximum(di, 0)
-        mask = (di >= 0) & (seq >= lo_a[d]) & (seq <= hi_a[d])
-        if mask.any():
-            parts.append(t.filter(pa.array(mask)))
-            src.append(np.full(int(mask.sum()), i))
-    table = pa.concat_tables(parts)
-    src_a = np.concatenate(src)
-    order = pc.sort_indices(table, [("drive_id", "ascending"), ("seq", "ascending")]).to_numpy()
-    return table.take(pa.array(order)), src_a[order]
 
 
 def _windows(table: pa.Table, unit_of: np.ndarray, index: PartitionIndex, w_frames: int
@@ -335,10 +234,25 @@ def _windows(table: pa.Table, unit_of: np.ndarray, index: PartitionIndex, w_fram
     return window, np.array(emitters, np.int64)
 
 
-def _replay_group(shadow: Shadow, coverage: Coverage, topic: str, partition: int, index: PartitionIndex,
-                  group: list[_Unit], cache: OrderedDict, config: ReplayConfig, report: ReplayReport,
-                  totals: _Totals):
-    table, src = _load(index, group, cache, config)
+@dataclass
+class _Prepared:
+    topic: str
+    partition: int
+    index: PartitionIndex
+    group: list[_Unit]
+    table: pa.Table  # the group's rows and context, sorted by (drive_id, seq)
+    unit_of: np.ndarray  # (N,) unit of each row in `group`, -1 for context
+    window: np.ndarray  # (N,) scenario window id, -1 for none
+    emitter: np.ndarray  # (W,) unit that writes each window
+    inferred: Inferred
+
+
+def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig) -> _Prepared:
+    """Load a group with its context, decide what to compute, run the models (background stage)."""
+    topic, partition, index, group = job
+    cache = caches.setdefault((topic, partition), OrderedDict())
+    table, src = load_context(index, sorted({u.file for u in group}), cache, config.history_frames(),
+                              config.context_after())
     off = table["kafka_offset"].to_numpy()
     seq = table["seq"].to_numpy()
     unit_of = np.full(table.num_rows, -1, np.int64)
@@ -346,21 +260,31 @@ def _replay_group(shadow: Shadow, coverage: Coverage, topic: str, partition: int
         unit_of[(src == u.file) & (off >= u.lo) & (off <= u.hi)] = k
     window, emitter = _windows(table, unit_of, index, config.window_frames)
     mine = unit_of >= 0
-    c = shadow.compute(table, mine | (window >= 0), mine & (seq % config.noise_every == 0))
+    inferred = shadow.infer(table, mine | (window >= 0), mine & (seq % config.noise_every == 0))
+    return _Prepared(topic, partition, index, group, table, unit_of, window, emitter, inferred)
+
+
+def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConfig, report: ReplayReport,
+            totals: _Totals):
+    """Measure a prepared group and write its units, divergences last; yields each unit once written."""
+    table, unit_of, emitter, index = p.table, p.unit_of, p.emitter, p.index
+    c = shadow.measure(p.inferred)
     rid = report.replay_id
     dec_t = shadow.decisions(table, c, "teacher", rid)
     dec_s = shadow.decisions(table, c, "student", rid)
     div = shadow.divergences(table, c, rid)
     noise = shadow.noise_floor(table, c, rid)
     meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
-    scen = shadow.scenarios(meta, c.metrics, c.conditions, window[c.rows], rid)
+    scen = shadow.scenarios(meta, c.metrics, c.conditions, p.window[c.rows], rid)
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
+    seq = table["seq"].to_numpy()
+    off = table["kafka_offset"].to_numpy()
     ts_ms = table["ingest_time"].cast(pa.int64()).to_numpy()
     _accumulate(totals, c, c_unit >= 0, scen)
     report.frames_computed += int(c.rows.shape[0])
-    for k, u in enumerate(group):
+    for k, u in enumerate(p.group):
         sel = c_unit == k
         outputs = [Output("decisions", "model", shadow.teacher_id, dec_t.filter(pa.array(sel))),
                    Output("decisions", "model", shadow.student_id, dec_s.filter(pa.array(sel))),
@@ -371,14 +295,14 @@ def _replay_group(shadow: Shadow, coverage: Coverage, topic: str, partition: int
         ended = {d for d in np.unique(drive[m]).tolist() if index.ranges[d].max <= int(seq[m & (drive == d)].max())
                  and time.time() - index.last_ingest.get(d, 0.0) >= config.drive_end_idle_s}
         info = FrameInfo(drive[m], seq[m], off[m], ts_ms[m], ended)
-        res = write_unit(coverage, index.files[u.file].date, topic, partition, u.lo, u.hi, outputs, info,
+        res = write_unit(coverage, index.files[u.file].date, p.topic, p.partition, u.lo, u.hi, outputs, info,
                          {"flywheel.shadow.replay_id": rid}, config.row_group_rows)
         report.units += 1
         report.files_written += len(res.files)
         report.frames_replayed += int(sel.sum())
         report.windows += int((emitter == k).sum())
         report.noise_frames += int((n_unit == k).sum())
-        yield u, int(sel.sum())
+        yield u
 
 
 def _accumulate(totals: _Totals, c, written: np.ndarray, scen: pa.Table) -> None:

@@ -43,7 +43,6 @@ from pydantic import Field
 from ingest.config import KafkaConfig
 from ingest.contract import ChunkRejected, decode_chunk, parse_chunk
 from ingest.lake import TABLES, remove_stale_temporaries
-from ingest.lake_index import SeqRanges, read_drive_seq
 from ingest.sink import MAX_FRAMES_PER_CHUNK, ingest_date
 from shadow.outputs import Coverage, FrameInfo, Output, key_live_files, resume_context, write_unit
 from shadow.pipeline import WINDOW_META, PipelineConfig, Shadow
