@@ -28,14 +28,14 @@ from typing import Any, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from ingest.auth import TokenStore, bearer
 from ingest.wire import control_pb2 as pb
 from ingest.wire import control_pb2_grpc
 from retrain.job_runner import CycleAdapter, JobRunner, default_reporter
-from retrain.jobs import (CoolingDown, Job, JobError, JobFinished, JobNotFound, JobsConfig, JobSpec,
-                          JobState, JobStore, RequestConflict, ScoreRule, StudentBusy)
+from retrain.jobs import (ControlConfig, CoolingDown, Job, JobError, JobFinished, JobNotFound, JobsConfig,
+                          JobSpec, JobState, JobStore, NotConfigured, RequestConflict, ScoreRule, StudentBusy)
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["RetrainControl"].full_name
@@ -47,30 +47,9 @@ STATUS_OF: dict[type, grpc.StatusCode] = {
     StudentBusy: grpc.StatusCode.FAILED_PRECONDITION,
     JobFinished: grpc.StatusCode.FAILED_PRECONDITION,
     CoolingDown: grpc.StatusCode.FAILED_PRECONDITION,
+    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     RequestConflict: grpc.StatusCode.ALREADY_EXISTS,
 }
-
-
-class ControlConfig(BaseModel):
-    """The control service and what `flywheel control` runs beside it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    listen: str = Field("127.0.0.1:50061", description="host:port of the RetrainControl gRPC service")
-    token_file: Path | None = Field(None, description="JSON identity -> sha256 of its bearer token (`flywheel token "
-                                    "issue`); None disables authentication")
-    tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
-    tls_key: Path | None = Field(None, description="server private key (PEM)")
-    runners: int = Field(1, ge=0, le=16, description="job runner threads beside the service (0: service only)")
-    policy_file: Path | None = Field(None, description="trigger policy (retrain.policy, TOML); None: no policy")
-    policy_interval_s: float = Field(300.0, gt=0, description="how often the policy is evaluated")
-    grace_s: float = Field(5.0, ge=0, description="on shutdown, how long open calls get to finish")
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> "ControlConfig":
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-        return self
 
 
 class InvalidRequest(JobError):
@@ -122,9 +101,13 @@ class Validator:
             else:
                 self._catalog.refresh()
             try:
-                self._catalog.sql(stmts[0])
+                columns = set(self._catalog.sql(stmts[0]).columns)
             except QueryError as exc:
                 raise InvalidRequest(f"mining query does not bind against the lake: {exc}") from None
+        # retrain.mining's contract: frames (drive_id, seq) or windows (drive_id, window_start_seq, window_end_seq)
+        if "drive_id" not in columns or not ("seq" in columns or {"window_start_seq", "window_end_seq"} <= columns):
+            raise InvalidRequest("a mining query must return drive_id and seq (frames), or drive_id, "
+                                 f"window_start_seq and window_end_seq (windows); it returns {sorted(columns)}")
 
     def check(self, spec: JobSpec) -> None:
         if spec.sql is not None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from retrain.jobs import Job, JobCancelled, JobSpec, JobState, JobsConfig, JobStore, LeaseLost
+from retrain.jobs import Job, JobCancelled, JobSpec, JobState, JobsConfig, JobStore, LeaseLost, NotConfigured
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class RealCycle:
         from retrain.cycle import CycleConfig
 
         if self.jobs.lake_dir is None or self.jobs.registry_dir is None:
-            raise ValueError("the job runner needs jobs.lake_dir and jobs.registry_dir to run a cycle")
+            raise NotConfigured("this service runs no cycles: set [jobs] lake_dir and registry_dir")
         taken = sorted(self.RESERVED & set(spec.options))
         if taken:
             raise ValueError(f"options may not set {taken}: they come from the job and the service's configuration")

@@ -116,6 +116,7 @@ def test_trigger_get_list_cancel(server):
     (lambda: spec(sql="SELECT 1; SELECT 2"), "INVALID_ARGUMENT", "one statement"),
     (lambda: spec(sql="SELECT * FROM no_such_table"), "INVALID_ARGUMENT", "does not bind"),
     (lambda: spec(sql="SELECT no_such_column FROM scenarios"), "INVALID_ARGUMENT", "does not bind"),
+    (lambda: spec(sql="SELECT drive_id, score FROM divergences"), "INVALID_ARGUMENT", "must return drive_id and seq"),
     (lambda: spec(targets=("cpu", "tpu9")), "INVALID_ARGUMENT", "unknown target tpu9; known targets: "),
     (lambda: spec(options={"epochs_x": 3}), "INVALID_ARGUMENT", "unknown cycle option"),
 ])
@@ -250,3 +251,13 @@ def test_cli_against_the_service(served, tmp_path):
     r = cli.invoke(app, ["retrain", "--by-score", "1", "--student", "s2", "--road-type", "merge",
                          "--option", "promote=false", "--wait", *server])
     assert r.exit_code == 2, r.output  # rejected by its gates
+
+
+def test_a_service_without_lake_or_registry_refuses_real_cycles_as_a_precondition(jobs_config):
+    from retrain.control import STATUS_OF, Validator
+    from retrain.job_runner import RealCycle
+    from retrain.jobs import NotConfigured
+
+    with pytest.raises(NotConfigured, match="registry_dir"):
+        Validator(jobs_config, RealCycle(jobs_config)).check(spec())
+    assert STATUS_OF[NotConfigured] == grpc.StatusCode.FAILED_PRECONDITION
