@@ -124,6 +124,7 @@ def cycle(work_dir: Annotated[Path, typer.Option("--work-dir", "-w", help="the c
     from retrain.cycle import STEPS, CycleConfig, CycleError, format_result, run_cycle
     from retrain.dataset import SnapshotError
     from retrain.finetune import FinetuneError
+    from retrain.gates import VerificationError
     from retrain.mining import MiningError
 
     fields = _load_config(cycle_config)
@@ -148,7 +149,7 @@ def cycle(work_dir: Annotated[Path, typer.Option("--work-dir", "-w", help="the c
 
         try:
             result = run_cycle(cfg, work_dir, progress=show, resume=not fresh)
-        except (MiningError, SnapshotError, FinetuneError, CycleError, KeyError) as exc:
+        except (MiningError, SnapshotError, FinetuneError, CycleError, VerificationError, KeyError) as exc:
             _fail(exc)
     Console().print(format_result(result), highlight=False, markup=False)
     if as_json:

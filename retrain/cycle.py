@@ -13,10 +13,11 @@ exists, so a killed cycle continues where it stopped; the fine-tune also resumes
 2. snapshot  an immutable dataset snapshot split by drive (`retrain.dataset`);
 3. finetune  distillation on the mined train windows plus a replay sample (`retrain.finetune`);
 4. compress  the fine-tuned model for every target chip (`retrain.compress`), one result per chip;
-5. verify    shadow replay (`shadow.replay`) of the current student and the candidate (the `verification.chip`
-             artifact) on the snapshot's test drives, written as a lake of its own under work_dir/verify; the
-             divergence where mined (test mined windows) and elsewhere (test ordinary windows), per condition;
-             closed-loop episodes in highway-env (`retrain.closed_loop`) for both, and the expert as reference;
+5. verify    `retrain.gates.verify`: shadow replay (`shadow.replay`) of the current student and the candidate (the
+             `verification.chip` artifact) on the snapshot's test drives, written as a lake of its own under
+             work_dir/verify; the divergence where mined (test mined windows) and elsewhere (test ordinary
+             windows), per condition; closed-loop episodes in highway-env (`retrain.closed_loop`) for both, and
+             the expert as reference;
 6. gate      `retrain.gates` rules on those figures;
 7. register  the candidate in the registry with lineage (parents: current student and teacher; dataset: snapshot
              hash; every target's artifact as <name>-<chip>), then promoted, or rejected with the reasons.
@@ -33,23 +34,17 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ingest.fleet.config import CONDITIONS
 from ingest.lake import model_id, pair_id
-from retrain.closed_loop import EXPERT, ClosedLoopConfig, OnnxPlanner, evaluate
 from retrain.compress import CompressConfig, TargetResult, compress_for_target
-from retrain.dataset import DatasetConfig, Snapshot, compress_frames, create_snapshot, load_snapshot, write_frames_lake
+from retrain.dataset import DatasetConfig, compress_frames, create_snapshot, load_snapshot
 from retrain.finetune import FinetuneConfig, FinetuneResult, finetune, planner_from_onnx
-from retrain.gates import GateConfig, GateDecision, closed_loop_figures, divergence_figures, evaluate_gates
+from retrain.gates import GateConfig, GateDecision, VerificationConfig, evaluate_gates, verify
 from retrain.mining import MiningConfig, MiningResult, mine
 from retrain.registry import ModelEntry, Registry
 from retrain.targets import load_targets
 from retrain.teacher import export_with_spec, load_checkpoint, save_checkpoint
-from shadow.catalog import Catalog
-from shadow.replay import ReplayConfig, replay
 from shadow.spec import MODEL_FILE, read_spec, write_spec
 
 log = logging.getLogger(__name__)
@@ -61,30 +56,6 @@ STEPS = ("mine", "snapshot", "finetune", "compress", "verify", "gate", "register
 
 class CycleError(RuntimeError):
     """A cycle that cannot run: unknown models, a work_dir holding another cycle, a missing artifact."""
-
-
-class VerificationConfig(BaseModel):
-    """How a candidate is verified against the current student."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    chip: str = Field("cpu", description="target whose artifact is replayed and driven (the others are checked "
-                      "numerically against their FP32 reference by the compression)")
-    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(drive_end_idle_s=0.0, noise_every=1_000_000),
-                                 description="shadow replay of both students on the test drives (their drives have "
-                                 "ended: no idle wait; the noise floor is not needed here)")
-    closed_loop: ClosedLoopConfig = Field(default_factory=lambda: ClosedLoopConfig(episodes=2),
-                                          description="episodes per scenario and their length")
-    conditions: list[str] = Field(default_factory=lambda: ["nominal", "glare"], min_length=1,
-                                  description="perception conditions the closed loop runs under, each in turn")
-    expert: bool = Field(True, description="also drive the expert on the same episodes (reference)")
-
-    @model_validator(mode="after")
-    def _known(self) -> "VerificationConfig":
-        bad = [c for c in self.conditions if c not in CONDITIONS]
-        if bad:
-            raise ValueError(f"unknown closed-loop conditions {bad}; known: {list(CONDITIONS)}")
-        return self
 
 
 class CycleConfig(BaseModel):
@@ -326,46 +297,6 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         steps=step.timing, wall_s=time.perf_counter() - t0)
     _write_json(work / "result.json", result.model_dump(mode="json"))
     return result
-
-
-def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path, candidate: Path, out: Path,
-           progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
-    """Shadow replay and closed loop of the current student ("before") and the candidate ("after"); see step 5."""
-    test = _test_rows(snap)
-    lake = out / "lake"
-    write_frames_lake(lake, test, topic="flywheel.verify")  # same names on a rerun: idempotent
-    tell = progress or (lambda *a: None)
-    pairs = {}
-    for who, model in (("before", parent), ("after", candidate)):
-        rep = replay(lake, teacher, model, cfg.replay, progress=lambda d, n, w=who: tell(f"replay {w}", d, n, {}))
-        pairs[who] = rep.pair
-    if pairs["before"] == pairs["after"]:
-        raise CycleError(f"candidate and current student have the same model id ({pairs['after']})")
-    cols = ("drive_id, seq, score, ade_4s, fde_4s, miss_4s, maneuver_disagree, lighting::VARCHAR AS lighting, "
-            "weather::VARCHAR AS weather, road_type::VARCHAR AS road_type")
-    with Catalog(lake) as cat:
-        rows = {w: cat.arrow(f"SELECT {cols} FROM divergences WHERE pair = $p", {"p": p}) for w, p in pairs.items()}
-    roles = test.select(["drive_id", "seq", "role"])
-    divergence = divergence_figures(rows["before"], rows["after"], roles.filter(pc.not_equal(roles["role"], "context")))
-    policies = {**({"expert": EXPERT} if cfg.expert else {}), "before": OnnxPlanner(parent / MODEL_FILE, "before"),
-                "after": OnnxPlanner(candidate / MODEL_FILE, "after")}
-    records = []
-    for i, cond in enumerate(cfg.conditions):
-        recs = evaluate(policies, cfg.closed_loop.model_copy(update={"condition": cond}))
-        records += [{**r, "condition": cond} for r in recs]
-        tell("closed loop", i + 1, len(cfg.conditions), {"condition": cond})
-    agg = closed_loop_figures(records)
-    return {"lake": str(lake), "pairs": pairs, "divergence": divergence,
-            "closed_loop": {"before": agg["before"], "after": agg["after"], "expert": agg.get("expert", {}),
-                            "conditions": cfg.conditions, "records": records}}
-
-
-def _test_rows(snap: Snapshot) -> pa.Table:
-    t = snap.table()
-    test = t.filter(pc.equal(t["split"], "test"))
-    if test.num_rows == 0:
-        raise CycleError(f"snapshot {snap.id} has no test drives to verify on")
-    return test
 
 
 def target_summary(t: dict) -> dict:

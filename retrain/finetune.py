@@ -274,12 +274,17 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     k_mined = config.batch_size if pools["ordinary"].n == 0 else max(
         1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
 
+    early = any(len(v[0]) for v in val.values())
+    if not early:
+        log.warning("snapshot %s has no val frames: no early stopping, the last state is kept", snapshot.id)
+
     def evaluate(step: int) -> dict:
         model.eval()
         m = _scores(model, *val["val_mined"])
         o = _scores(model, *val["val_ordinary"])
         obj = (m if np.isfinite(m) else 0.0) + config.regression_weight * (o if np.isfinite(o) else 0.0)
-        return {"step": step, "val_mined_score": m, "val_ordinary_score": o, "objective": obj}
+        # without val frames every evaluation counts as an improvement: the last state wins
+        return {"step": step, "val_mined_score": m, "val_ordinary_score": o, "objective": obj if early else -step}
 
     state_path = out / STATE_FILE
     step, resumed, recent = 0, 0, []

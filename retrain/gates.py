@@ -17,19 +17,58 @@ Checks (each can be switched off or re-tuned):
 - enough evidence: at least `min_mined_frames` held-out mined frames and `min_elsewhere_frames` ordinary ones.
 
 A missing figure fails its check (nothing is passed by default).
+
+The figures come from `verify`: shadow replay (`shadow.replay`) of the current student ("before") and the candidate
+("after") on the snapshot's test drives, written as a lake of its own, and the same seeded closed-loop episodes in
+highway-env (`retrain.closed_loop`) for both, with the expert as reference.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ingest.fleet.config import CONDITIONS
+from retrain.closed_loop import EXPERT, ClosedLoopConfig, OnnxPlanner, evaluate
+from retrain.dataset import Snapshot, write_frames_lake
 from retrain.mining import condition_of
+from shadow.catalog import Catalog
+from shadow.replay import ReplayConfig, replay
+from shadow.spec import MODEL_FILE
+
+
+class VerificationError(RuntimeError):
+    """A candidate that cannot be verified: no test drives in the snapshot, the same model id as the student."""
+
+
+class VerificationConfig(BaseModel):
+    """How a candidate is verified against the current student."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chip: str = Field("cpu", description="target whose artifact is replayed and driven (the others are checked "
+                      "numerically against their FP32 reference by the compression)")
+    replay: ReplayConfig = Field(default_factory=lambda: ReplayConfig(drive_end_idle_s=0.0, noise_every=1_000_000),
+                                 description="shadow replay of both students on the test drives (their drives have "
+                                 "ended: no idle wait; the noise floor is not needed here)")
+    closed_loop: ClosedLoopConfig = Field(default_factory=lambda: ClosedLoopConfig(episodes=2),
+                                          description="episodes per scenario and their length")
+    conditions: list[str] = Field(default_factory=lambda: ["nominal", "glare"], min_length=1,
+                                  description="perception conditions the closed loop runs under, each in turn")
+    expert: bool = Field(True, description="also drive the expert on the same episodes (reference)")
+
+    @model_validator(mode="after")
+    def _known(self) -> "VerificationConfig":
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown closed-loop conditions {bad}; known: {list(CONDITIONS)}")
+        return self
 
 
 class GateConfig(BaseModel):
@@ -231,3 +270,46 @@ def closed_loop_figures(records: list[dict]) -> dict:
                        "comfortable_rate": w("comfortable_rate"), "mean_speed_mps": w("mean_speed_mps"),
                        "progress_vs_expert": w("progress_vs_expert")}
     return out
+
+
+# ------------------------------------------------------------------------------------------- verification
+
+
+def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path, candidate: Path, out: Path,
+           progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
+    """Shadow replay and closed loop of the current student ("before") and the candidate ("after"); see step 5."""
+    test = _test_rows(snap)
+    lake = out / "lake"
+    write_frames_lake(lake, test, topic="flywheel.verify")  # same names on a rerun: idempotent
+    tell = progress or (lambda *a: None)
+    pairs = {}
+    for who, model in (("before", parent), ("after", candidate)):
+        rep = replay(lake, teacher, model, cfg.replay, progress=lambda d, n, w=who: tell(f"replay {w}", d, n, {}))
+        pairs[who] = rep.pair
+    if pairs["before"] == pairs["after"]:
+        raise VerificationError(f"candidate and current student have the same model id ({pairs['after']})")
+    cols = ("drive_id, seq, score, ade_4s, fde_4s, miss_4s, maneuver_disagree, lighting::VARCHAR AS lighting, "
+            "weather::VARCHAR AS weather, road_type::VARCHAR AS road_type")
+    with Catalog(lake) as cat:
+        rows = {w: cat.arrow(f"SELECT {cols} FROM divergences WHERE pair = $p", {"p": p}) for w, p in pairs.items()}
+    roles = test.select(["drive_id", "seq", "role"])
+    divergence = divergence_figures(rows["before"], rows["after"], roles.filter(pc.not_equal(roles["role"], "context")))
+    policies = {**({"expert": EXPERT} if cfg.expert else {}), "before": OnnxPlanner(parent / MODEL_FILE, "before"),
+                "after": OnnxPlanner(candidate / MODEL_FILE, "after")}
+    records = []
+    for i, cond in enumerate(cfg.conditions):
+        recs = evaluate(policies, cfg.closed_loop.model_copy(update={"condition": cond}))
+        records += [{**r, "condition": cond} for r in recs]
+        tell("closed loop", i + 1, len(cfg.conditions), {"condition": cond})
+    agg = closed_loop_figures(records)
+    return {"lake": str(lake), "pairs": pairs, "divergence": divergence,
+            "closed_loop": {"before": agg["before"], "after": agg["after"], "expert": agg.get("expert", {}),
+                            "conditions": cfg.conditions, "records": records}}
+
+
+def _test_rows(snap: Snapshot) -> pa.Table:
+    t = snap.table()
+    test = t.filter(pc.equal(t["split"], "test"))
+    if test.num_rows == 0:
+        raise VerificationError(f"snapshot {snap.id} has no test drives to verify on")
+    return test

@@ -16,9 +16,9 @@ from ingest.contract import frames_to_arrow
 from ingest.lake import live_files, write_drive
 from ingest.synth import EPOCH_NS, synthetic_frames
 from retrain.architectures import PlannerConfig
-from retrain.cycle import CycleConfig, CycleResult, VerificationConfig, format_result, run_cycle
+from retrain.cycle import CycleConfig, CycleResult, format_result, run_cycle
 from retrain.dataset import load_snapshot, write_frames_lake
-from retrain.gates import GateConfig, evaluate_gates
+from retrain.gates import GateConfig, VerificationConfig, evaluate_gates
 from retrain.registry import Registry
 from retrain.teacher import load_checkpoint, save_checkpoint
 from shadow.replay import ReplayConfig, replay
