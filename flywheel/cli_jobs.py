@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flywheel.cli import app, console, settings
@@ -31,16 +32,19 @@ ServerOpt = Annotated[Optional[str], typer.Option("--server", help="host:port of
 TokenOpt = Annotated[Optional[str], typer.Option("--token", envvar="FLYWHEEL_CONTROL_TOKEN",
                                                  help="bearer token of the control service")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+RegistryOpt = Annotated[Optional[Path], typer.Option("--registry", help="model registry; overrides [jobs] "
+                                                     "registry_dir")]
 EXIT = {"succeeded": 0, "rejected": 2, "failed": 1, "cancelled": 1}
 
 
-def jobs_config():
+def jobs_config(registry: Path | None = None):
     """[jobs] of the settings (defaults until the settings carry it), the lake defaulting to [sink] lake_dir."""
     from retrain.jobs import JobsConfig
 
     s = settings()
     cfg = getattr(s, "jobs", None) or JobsConfig()
-    return cfg if cfg.lake_dir is not None else cfg.model_copy(update={"lake_dir": s.sink.lake_dir})
+    update = {"lake_dir": cfg.lake_dir or s.sink.lake_dir, "registry_dir": registry or cfg.registry_dir}
+    return cfg.model_copy(update=update)
 
 
 def control_config():
@@ -52,14 +56,14 @@ def control_config():
 class _Backend:
     """The same calls on the service (gRPC) or on the local store; errors become a message and exit 1."""
 
-    def __init__(self, local: bool, server: str | None, token: str | None) -> None:
+    def __init__(self, local: bool, server: str | None, token: str | None, registry: Path | None = None) -> None:
         self.local = local
         if local:
             from retrain.control import Validator
             from retrain.job_runner import RealCycle
             from retrain.jobs import JobStore
 
-            self.cfg = jobs_config()
+            self.cfg = jobs_config(registry)
             self.store = JobStore.from_config(self.cfg)
             self.validator = Validator(self.cfg, RealCycle(self.cfg))
         else:
@@ -80,14 +84,18 @@ class _Backend:
                 return self.store.create(args[0], kw.get("request_id") or None, "cli", kw.get("queue_behind", False))[0]
             return getattr(self.store, what)(*args, **kw)
         except grpc.RpcError as exc:
-            console.print(f"[red]{exc.code().name}[/]: {exc.details()}")
+            console.print(f"[red]{exc.code().name}[/]: {escape(str(exc.details()))}")
         except JobError as exc:
-            console.print(f"[red]{type(exc).__name__}[/]: {exc}")
+            console.print(f"[red]{type(exc).__name__}[/]: {escape(str(exc))}")
         raise typer.Exit(1)
 
 
 def _when(t: float | None) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _mining(job) -> str:
@@ -101,7 +109,7 @@ def _mining(job) -> str:
 def print_job(job, events: list[dict] | None = None) -> None:
     t = Table(show_header=False, title=f"job {job.id}")
     for k, v in [("state", job.state.value), ("student", job.student), ("mining", job.spec.sql or _mining(job)),
-                 ("targets", ", ".join(job.spec.targets) or "all"), ("options", json.dumps(job.spec.options)),
+                 ("targets", ", ".join(job.spec.targets) or "all"), ("options", _short(json.dumps(job.spec.options), 160)),
                  ("created", _when(job.created_at)), ("started", _when(job.started_at)),
                  ("finished", _when(job.finished_at)), ("step", job.current_step or "-"),
                  ("steps done", ", ".join(job.steps_done) or "-"), ("attempts", str(job.attempts)),
@@ -167,7 +175,8 @@ def retrain(sql: Annotated[Optional[str], typer.Option("--sql", help="mining que
             queue_behind: Annotated[bool, typer.Option(help="queue even if the student has an active job")] = False,
             wait: Annotated[bool, typer.Option("--wait", help="follow the job to its end (with --local: run it "
                                                "here)")] = False,
-            local: LocalOpt = False, server: ServerOpt = None, token: TokenOpt = None) -> None:
+            local: LocalOpt = False, server: ServerOpt = None, token: TokenOpt = None,
+            registry: RegistryOpt = None) -> None:
     """Trigger a targeted retraining of a student: mine by SQL (--sql/--file) or by score (--by-score)."""
     from pydantic import ValidationError
 
@@ -183,7 +192,7 @@ def retrain(sql: Annotated[Optional[str], typer.Option("--sql", help="mining que
                        targets=tuple(target or ()), options=_options(option or [], options_file))
     except ValidationError as exc:
         raise typer.BadParameter("; ".join(e["msg"] for e in exc.errors())) from None
-    backend = _Backend(local, server, token)
+    backend = _Backend(local, server, token, registry)
     job = backend.call("trigger", spec, request_id=request_id, queue_behind=queue_behind)
     console.print(f"job [bold]{job.id}[/] {job.state.value} (student {job.student}, work dir {job.work_dir})")
     typer.echo(job.id)
@@ -287,11 +296,11 @@ def jobs_policy(file: Annotated[Path, typer.Argument(help="policy TOML (retrain.
 
 
 @jobs_app.command("runner")
-def jobs_runner() -> None:
+def jobs_runner(registry: RegistryOpt = None) -> None:
     """Run queued jobs (and resume those of dead runners) until SIGTERM/Ctrl-C; start several for more."""
     from flywheel.cli import wait_for_stop
 
-    runner = _local_runner(jobs_config()).start()
+    runner = _local_runner(jobs_config(registry)).start()
     console.print(f"runner {runner.owner} polling {jobs_config().db_path}; Ctrl-C stops it after the current job")
     wait_for_stop()
     runner.stop()
@@ -302,7 +311,8 @@ def control(listen: Annotated[Optional[str], typer.Option(help="host:port; overr
             runners: Annotated[Optional[int], typer.Option(help="job runner threads; overrides the config")] = None,
             policy: Annotated[Optional[Path], typer.Option(help="trigger policy TOML; overrides the config")] = None,
             token_file: Annotated[Optional[Path], typer.Option(help="hashed bearer tokens (`flywheel token issue "
-                                                               "NAME --token-file ...`)")] = None) -> None:
+                                                               "NAME --token-file ...`)")] = None,
+            registry: RegistryOpt = None) -> None:
     """Serve the RetrainControl gRPC service with job runners (and the trigger policy) until SIGTERM/Ctrl-C."""
     from retrain.control import serve
     from retrain.job_runner import RealCycle
@@ -310,6 +320,6 @@ def control(listen: Annotated[Optional[str], typer.Option(help="host:port; overr
     update = {k: v for k, v in {"listen": listen, "runners": runners, "policy_file": policy,
                                 "token_file": token_file}.items() if v is not None}
     cfg = control_config().model_copy(update=update)
-    jobs = jobs_config()
+    jobs = jobs_config(registry)
     asyncio.run(serve(jobs, type(cfg).model_validate(cfg.model_dump()), RealCycle(jobs),
                       ready=lambda port: typer.echo(f"retrain control listening on port {port}", err=True)))
