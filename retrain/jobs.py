@@ -16,7 +16,8 @@ The database, not the process, keeps the rules, so several runner processes may 
 * a running job carries a lease (owner, expiry) that its runner renews every lease/3 seconds; a job whose lease
   expired belongs to a dead runner and is claimed again (before new work), and every write of a runner names its
   lease, so a runner that lost its job (paused past its lease) can no longer change it;
-* a client request id is unique: a retried trigger returns the job it created the first time.
+* a client request id is unique: a retried trigger returns the job it created the first time;
+* a trigger for a student with a queued or running job is refused (StudentBusy) unless it asks to queue behind.
 
 The runner (`retrain.job_runner.JobRunner`) reaches the cycle (`retrain.cycle.run_cycle`) through a small adapter, so
 this machinery is tested with stand-in cycles and with the real one.
