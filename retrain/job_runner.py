@@ -220,9 +220,10 @@ class RealCycle:
 
 
 def _default_verification_chip() -> str:
-    from retrain.cycle import VerificationConfig
+    from retrain.cycle import CycleConfig
 
-    return VerificationConfig().chip
+    # read through CycleConfig: where VerificationConfig lives is the cycle's business
+    return CycleConfig.model_fields["verification"].default_factory().chip
 
 
 def _jsonable(result: Any) -> dict:
