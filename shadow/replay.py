@@ -62,6 +62,8 @@ class ReplayConfig(PipelineConfig):
     topic: str | None = Field(None, description="only frames files of this Kafka topic (None: all)")
     partitions: list[int] | None = Field(None, description="only these Kafka partitions (None: all)")
     row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
+    prefetch: bool = Field(True, description="load, featurize and run the models on the next group in a background "
+                           "thread while this one is measured and written")
 
 
 class ShadowConfig(BaseModel):
@@ -167,10 +169,11 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
             for g in _groups(units, config.group_frames)]
     caches: dict[tuple[str, int], OrderedDict] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="shadow-infer") as ex:
-        nxt = ex.submit(_prepare, shadow, jobs[0], caches, config) if jobs else None
+        nxt = ex.submit(_prepare, shadow, jobs[0], caches, config) if jobs and config.prefetch else None
         for k in range(len(jobs)):
-            ready = nxt.result()
-            nxt = ex.submit(_prepare, shadow, jobs[k + 1], caches, config) if k + 1 < len(jobs) else None
+            ready = nxt.result() if config.prefetch else _prepare(shadow, jobs[k], caches, config)
+            if config.prefetch and k + 1 < len(jobs):
+                nxt = ex.submit(_prepare, shadow, jobs[k + 1], caches, config)
             coverage.refresh(ready.topic, ready.partition)  # a streaming worker may have covered offsets meanwhile
             for u in _finish(shadow, coverage, ready, config, report, totals):
                 done_frames += u.frames

@@ -80,23 +80,25 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     if not keep.any():
         return out
     idx = np.flatnonzero(keep)
-    f, ax0, ay0, avx, avy, speed = f[idx], ax0[idx], ay0[idx], avx[idx], avy[idx], speed[idx]
+    f, ax0, ay0, avx, avy = f[idx], ax0[idx], ay0[idx], avx[idx], avy[idx]
     a_off, a_r, a_bound = a_off[idx], a_r[idx], a_bound[idx]
     ah = agent_heading[idx].astype(np.float64)
 
-    # broad phase on the coarse grid (every `sub` steps = the plan's waypoints): the centre distance d changes at
-    # most (agent speed + ego speed) per second, so within a segment of length T it stays above
-    # (d_start + d_end - v T) / 2; only segments where that bound is under the bounding radii get fine samples
+    # broad phase per segment of the coarse grid (every `sub` steps = the plan's waypoints): within a segment the
+    # ego moves at constant velocity (linear interpolation), so the reference points' relative motion is linear and
+    # its closest approach is exact; only segments where the bounding discs can touch get fine samples
     sub = max(1, int(round(dt / step_s)))
     coarse = np.unique(np.append(np.arange(0, steps + 1, sub), steps))  # (C+1,) fine indices
-    px = ax0[:, None] + avx[:, None] * times[None, coarse]
-    py = ay0[:, None] + avy[:, None] * times[None, coarse]
-    d = np.hypot(px - ex[:, coarse][f], py - ey[:, coarse][f])  # (M', C+1)
-    seg_len = np.diff(times[coarse])  # (C,) s
-    e_step = np.hypot(np.diff(ex, axis=1), np.diff(ey, axis=1)) / step_s  # (N, S-1) ego speed per fine step
-    e_speed = np.maximum.reduceat(e_step, coarse[:-1], axis=1) if e_step.shape[1] else np.zeros((n, 0))
-    slack = (speed[:, None] + e_speed[f]) * seg_len[None, :]
-    live = (d[:, :-1] + d[:, 1:] - slack) / 2 < (e_bound + a_bound)[:, None]  # (M', C)
+    tc = times[coarse]
+    ego_cx, ego_cy = ex[:, coarse][f], ey[:, coarse][f]  # (M', C+1)
+    rx = ax0[:, None] + avx[:, None] * tc[None, :] - ego_cx  # agent relative to the ego at the segment ends
+    ry = ay0[:, None] + avy[:, None] * tc[None, :] - ego_cy
+    seg = np.diff(tc)[None, :]  # (1, C) s
+    vx, vy = np.diff(rx, axis=1) / seg, np.diff(ry, axis=1) / seg  # relative velocity in each segment
+    v2 = np.maximum(vx * vx + vy * vy, 1e-12)
+    tau = np.clip(-(rx[:, :-1] * vx + ry[:, :-1] * vy) / v2, 0.0, seg)
+    mx, my = rx[:, :-1] + vx * tau, ry[:, :-1] + vy * tau
+    live = mx * mx + my * my < ((e_bound + a_bound) ** 2)[:, None]  # (M', C)
     seg_of = np.minimum(np.searchsorted(coarse, np.arange(steps + 1), side="right") - 1, live.shape[1] - 1)
     need = live[:, seg_of]  # a fine step belongs to the segment starting at or before it...
     boundary = np.isin(np.arange(steps + 1), coarse[1:-1])
@@ -104,12 +106,21 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     mi, si = np.nonzero(need)
     if mi.size == 0:
         return out
-    # fine broad phase on those samples only; the sample before a near one is kept to interpolate the crossing
+    # fine broad phase on those samples only: separating axes of the ego. Every ego disc is centred on the ego's
+    # axis, so no disc pair overlaps when the agent's discs lie further to the side (or ahead) than the ego's reach.
+    # This rejects agents in the neighbouring lanes, which the bounding discs would keep.
     t_s = times[si]
-    cx = ax0[mi] + avx[mi] * t_s - ex[f[mi], si]
-    cy = ay0[mi] + avy[mi] * t_s - ey[f[mi], si]
+    fm = f[mi]
+    cx = ax0[mi] + avx[mi] * t_s - ex[fm, si]
+    cy = ay0[mi] + avy[mi] * t_s - ey[fm, si]
+    cyaw, syaw = np.cos(eyaw[fm, si]), np.sin(eyaw[fm, si])
+    rel = ah[mi] - eyaw[fm, si]
+    a_reach = np.abs(a_off[mi]).max(axis=1)
+    lat = np.abs(cyaw * cy - syaw * cx) < e_r + np.abs(np.sin(rel)) * a_reach + a_r[mi]
+    lon = np.abs(cyaw * cx + syaw * cy) < e_bound + np.abs(np.cos(rel)) * a_reach + a_r[mi]
     near = np.zeros(need.shape, bool)
-    near[mi, si] = cx * cx + cy * cy < ((e_bound + a_bound)[mi]) ** 2  # squared: no square roots
+    near[mi, si] = lat & lon
+    # the sample before a near one is kept to interpolate the crossing time
     near[:, :-1] |= near[:, 1:]
     mi, si = np.nonzero(near)
     if mi.size == 0:

@@ -129,6 +129,49 @@ def test_ttc_takes_the_earliest_agent_per_frame_and_separates_frames():
     assert math.isnan(out[1])
 
 
+def brute_force_ttc(traj, agents, dt=0.5, horizon=4.0, step=0.1):
+    """Every (agent, time) sample, every disc pair, no pruning: the reference for the fast version."""
+    from shadow.ttc import ego_poses
+
+    times = np.arange(int(round(horizon / step)) + 1) * step
+    ex, ey, eyaw = ego_poses(traj, dt, times)
+    e_off, e_r = disc_cover(np.float64(5.0), np.float64(2.0))
+    out = np.full(traj.shape[0], np.nan)
+    for j in range(agents.shape[0]):
+        fr, x, y, vx, vy, h, ln, wd = agents[j]
+        fr = int(fr)
+        a_off, a_r = disc_cover(np.float64(ln), np.float64(wd))
+        ecx = ex[fr][:, None] + np.cos(eyaw[fr])[:, None] * e_off
+        ecy = ey[fr][:, None] + np.sin(eyaw[fr])[:, None] * e_off
+        acx = (x + vx * times)[:, None] + math.cos(h) * a_off
+        acy = (y + vy * times)[:, None] + math.sin(h) * a_off
+        gap = np.hypot(ecx[:, :, None] - acx[:, None, :], ecy[:, :, None] - acy[:, None, :]).min(axis=(1, 2)) \
+            - (e_r + a_r)
+        if (gap <= 0).any():
+            k = int(np.argmax(gap <= 0))
+            t = 0.0 if k == 0 else times[k - 1] + step * gap[k - 1] / (gap[k - 1] - gap[k])
+            out[fr] = np.fmin(out[fr], t)
+    return out
+
+
+def test_fast_ttc_equals_brute_force_on_random_scenes():
+    rng = np.random.default_rng(7)
+    n, m = 60, 900
+    yaw = np.cumsum(rng.normal(0, 0.08, (n, 8)), axis=1)
+    speed = rng.uniform(0, 30, (n, 1))
+    traj = np.stack([np.cumsum(speed * 0.5 * np.cos(yaw), axis=1), np.cumsum(speed * 0.5 * np.sin(yaw), axis=1),
+                     yaw], axis=-1).astype(np.float32)
+    heading = rng.uniform(-math.pi, math.pi, m)
+    v = rng.uniform(0, 30, m)
+    agents = np.stack([rng.integers(0, n, m), rng.uniform(-40, 120, m), rng.uniform(-15, 15, m),
+                       v * np.cos(heading), v * np.sin(heading), heading, rng.uniform(3, 12, m),
+                       rng.uniform(1.5, 2.6, m)], axis=1)
+    fast = time_to_collision(traj, 0.5, agents[:, 0].astype(np.int64), *agents[:, 1:].T, 5.0, 2.0, 4.0)
+    slow = brute_force_ttc(traj, agents)
+    assert np.isfinite(slow).sum() > 10, "the scenes must hold collisions to compare"
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-9, equal_nan=True)
+
+
 def test_agents_are_moved_into_the_ego_frame():
     # ego at (100, -50) facing +y (heading pi/2); agent 10 m ahead moving at 5 m/s along +y, heading pi/2
     cols = {"agent_count": np.array([1]), "ego_x": np.array([100.0]), "ego_y": np.array([-50.0]),
