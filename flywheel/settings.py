@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
 from ingest.fleet.config import FleetConfig
+from retrain.job_models import ControlConfig, JobsConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
 
@@ -35,6 +36,8 @@ class Settings(BaseSettings):
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Kafka -> Parquet sink")
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="`flywheel fleet simulate`")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="`flywheel demo`")
+    jobs: JobsConfig = Field(default_factory=JobsConfig, description="retraining jobs: store, work dirs, runners")
+    control: ControlConfig = Field(default_factory=ControlConfig, description="RetrainControl gRPC service")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
