@@ -27,6 +27,14 @@ TINY_TEACHER = PlannerConfig(width=32, depth=2, heads=2, head_dim=16, ffn=64)
 TINY_STUDENT = PlannerConfig(width=16, depth=2, heads=2, head_dim=8, ffn=32)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def drives(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("drives")
@@ -39,7 +47,8 @@ def drives(tmp_path_factory) -> Path:
 
 
 def teacher_config(drives: Path, out: Path, seed: int = 0, **kw) -> TeacherConfig:
-    return TeacherConfig(drives_dir=drives, out_dir=out, seed=seed, model=TINY_TEACHER,
+    # One thread: tiny matrices gain nothing from two, and a shared machine punishes oversubscription.
+    return TeacherConfig(drives_dir=drives, out_dir=out, seed=seed, model=TINY_TEACHER, threads=1,
                          optim=OptimConfig(steps=40, batch_size=64, warmup_steps=5, lr=2e-3), **kw)
 
 
@@ -57,7 +66,7 @@ def student(drives, teacher):
         drives_dir=drives, teacher=root / "teacher", out_dir=root / "student", model=TINY_STUDENT,
         optim=OptimConfig(steps=40, batch_size=64, warmup_steps=5, lr=2e-3),
         prune={"importance_batches": 2, "finetune": {"steps": 10, "warmup_steps": 2}},
-        quant={"calibration_frames": 256}, registry=root / "registry"))
+        quant={"calibration_frames": 256}, registry=root / "registry", threads=1))
 
 
 def test_forward_shapes_and_masking():
