@@ -12,6 +12,12 @@ candidate, the student or the teacher) by shadow replay and in closed loop, gate
 
 Targets (DESIGN.md): where mined, divergence down >= 50%; elsewhere, up <= 10% relative; closed-loop collisions not
 up. Reported as measured, whatever they are. Prints a table and, as its last line, one JSON object.
+
+Control (`--control`, on at the reference size): the same cycle on the same snapshot with an UNTARGETED fine-tune
+(replay_ratio 127: one mined frame per batch of 128, the rest ordinary frames of the same train drives), same steps,
+CPU target only, not registered. Its figures on the same held-out frames tell how much of the cut where mined comes
+from targeting and how much from more distillation alone, and how much from selecting windows where the current
+student happened to be worst (regression to the mean shows up in the control too).
 """
 
 from __future__ import annotations
@@ -151,6 +157,15 @@ def cycle_config(world: World, size: Size, **override) -> CycleConfig:
     return CycleConfig.model_validate(fields)
 
 
+def control_figures(result: CycleResult) -> dict:
+    d, cl = result.divergence, result.closed_loop
+    return {"mined_change": d["mined"]["change"]["mean_score"], "elsewhere_change": d["elsewhere"]["change"]["mean_score"],
+            "mined_score_after": d["mined"]["after"]["mean_score"],
+            "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"],
+            "collisions_after": cl["after"]["collisions"], "mean_min_ttc_after_s": cl["after"]["mean_min_ttc_s"],
+            "finetune_steps": result.finetune["steps_run"], "wall_s": result.wall_s}
+
+
 def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
     d = result.divergence
     cl = result.closed_loop
@@ -169,6 +184,7 @@ def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
         "meets_mined": mined_change is not None and mined_change <= MINED_TARGET,
         "meets_elsewhere": else_change is not None and else_change <= ELSEWHERE_TARGET,
         "collisions_before": cl["before"]["collisions"], "collisions_after": cl["after"]["collisions"],
+        "mean_min_ttc_before_s": cl["before"]["mean_min_ttc_s"], "mean_min_ttc_after_s": cl["after"]["mean_min_ttc_s"],
         "collision_rate_before": cl["before"]["collision_rate"], "collision_rate_after": cl["after"]["collision_rate"],
         "collision_rate_expert": cl.get("expert", {}).get("collision_rate"),
         "closed_loop_episodes": cl["after"]["episodes"],
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny fleets and models (smoke run)")
     ap.add_argument("--root", type=Path, help="cache directory (default data/bench/flywheel/<size>)")
+    ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the untargeted control (default: on at the reference size, off with --quick)")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -201,6 +219,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_cycle(cycle_config(world, size), work, resume=False)
     print(format_result(result))
     out = summary(result, name, world.setup_seconds)
+    if args.control if args.control is not None else not args.quick:
+        ft = {**size.cycle.get("finetune", {}), "replay_ratio": 127.0}
+        ctrl = run_cycle(cycle_config(world, size, finetune=ft, targets=["cpu"], update_registry=False,
+                                      candidate_version="control"), work.with_name(work.name + "-control"),
+                         resume=False)
+        out["control"] = control_figures(ctrl)
+        c = out["control"]
+        print(f"control (untargeted fine-tune, same steps and snapshot): where mined {c['mined_change']:+.1%}, "
+              f"elsewhere {c['elsewhere_change']:+.1%}, collisions {out['collisions_before']} -> "
+              f"{c['collisions_after']}")
     print(f"where mined: {out['mined_change']:+.1%} (target <= {MINED_TARGET:+.0%}) "
           f"{'OK' if out['meets_mined'] else 'MISSED'}; elsewhere: {out['elsewhere_change']:+.1%} (target <= "
           f"{ELSEWHERE_TARGET:+.0%}) {'OK' if out['meets_elsewhere'] else 'MISSED'}; collisions "

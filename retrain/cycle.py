@@ -218,8 +218,10 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
     ident = _start(config, work, resume)
     cycle_id = ident["cycle_id"]
     reg = Registry(config.registry)
-    teacher = reg.get(*_ref(config.teacher))
-    parent = reg.get(*_ref(config.student))
+    if "parent" not in ident:  # pinned at the first start: a resumed cycle keeps its models whatever was promoted
+        ident.update(teacher=reg.get(*_ref(config.teacher)).ref, parent=reg.get(*_ref(config.student)).ref)
+        _write_json(work / "cycle.json", ident)
+    teacher, parent = reg.get(*_ref(ident["teacher"])), reg.get(*_ref(ident["parent"]))
     teacher_dir, parent_dir = reg.version_dir(teacher.name, teacher.version), reg.version_dir(parent.name,
                                                                                                parent.version)
     ckpt, ckpt_source = _checkpoint_of(reg, parent, config, work)

@@ -170,9 +170,8 @@ def write_frames_lake(lake: Path, table: pa.Table, topic: str = "flywheel.frames
         lake_rows = pa.Table.from_arrays([*rows.columns, *extra], schema=FRAMES_LAKE_SCHEMA)
         seq = rows["seq"].to_numpy()
         r = SeqRanges()
-        brk = np.flatnonzero(np.diff(seq) != 1) + 1
-        for lo, hi in zip(np.split(seq, brk), np.split(seq, brk)):
-            r.add(int(lo[0]), int(hi[-1]))
+        for run in np.split(seq, np.flatnonzero(np.diff(seq) != 1) + 1):
+            r.add(int(run[0]), int(run[-1]))
         date = time.strftime("%Y-%m-%d", time.gmtime(ms / 1000))
         path = partition_dir(Path(lake), "frames", date) / file_name(topic, p, off, off)
         paths.append(write_parquet_atomic(lake_rows, path, metadata={DRIVE_SEQ_KEY: encode_drive_seq({d: r})}))
