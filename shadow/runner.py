@@ -4,8 +4,9 @@
     traj, logits = model.predict(features.inputs())     # (N, T, 3) [m, m, rad], (N, 6) unnormalised
 
 A `RuntimeConfig` names everything about how onnxruntime executes a model. Two configurations matter to shadow mode:
-the reference one (`RuntimeConfig()`, tuned for throughput on this machine) and a deliberately different one
-(`NOISE_RUNTIME`: no graph optimisation, one thread, another batch size) under which the teacher is run again on a
+the reference one (`RuntimeConfig()`, tuned for throughput on this machine: full graph optimisation, small batches
+run concurrently, one single-threaded run per physical core) and a deliberately different one (`NOISE_RUNTIME`: no
+graph optimisation, one run at a time over two threads, an odd batch size) under which the teacher is run again on a
 sample of frames, so the divergence a mere change of runtime causes (the noise floor) is measured, not mined.
 """
 
@@ -70,7 +71,9 @@ class RuntimeConfig(BaseModel):
     allow_spinning: bool = Field(True, description="intra-op threads spin between operators instead of sleeping: "
                                  "faster back-to-back operators, at the price of CPU burnt while idle")
     batch_size: int = Field(64, ge=1, le=1 << 20, description="frames per session run; every run but the last "
-                            "of a call has exactly this size, so the memory plan is reused")
+                            "of a call has exactly this size, so the memory plan is reused. Small on purpose: "
+                            "measured here, 32-64 frames (576-1152 token rows) keep a run's activations in the 2 MB "
+                            "L2 cache of a core and beat 1024-4096 by 20-30% on the reference teacher")
 
     def threads(self) -> int:
         return self.intra_op_threads or physical_cores()

@@ -28,6 +28,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -121,7 +122,7 @@ class StreamWorker:
         self.group_id = self.config.group_id or f"flywheel-shadow-{self.shadow.pair}"
         self.on_write = on_write
         self.stats = StreamStats()
-        self.replay_id = f"stream-{time.strftime('%Y%m%dT%H%M%S')}-{id(self) & 0xffff:04x}"
+        self.replay_id = uuid.uuid4().hex  # one per worker run, like a batch replay's
         self.coverage = Coverage(self.lake)
         self._parts: dict[int, PartitionState] = {}
         self._pending: set[TopicPartition] = set()

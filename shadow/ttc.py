@@ -115,7 +115,7 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     cy = ay0[mi] + avy[mi] * t_s - ey[fm, si]
     cyaw, syaw = np.cos(eyaw[fm, si]), np.sin(eyaw[fm, si])
     rel = ah[mi] - eyaw[fm, si]
-    a_reach = np.abs(a_off[mi]).max(axis=1)
+    a_reach = (a_bound - a_r)[mi]  # how far the agent's disc centres reach from its reference point
     lat = np.abs(cyaw * cy - syaw * cx) < e_r + np.abs(np.sin(rel)) * a_reach + a_r[mi]
     lon = np.abs(cyaw * cx + syaw * cy) < e_bound + np.abs(np.cos(rel)) * a_reach + a_r[mi]
     near = np.zeros(need.shape, bool)
@@ -137,19 +137,18 @@ def time_to_collision(traj: np.ndarray, dt: float, agent_frame: np.ndarray, agen
     dx = ecx[:, :, None] - acx[:, None, :]  # (P, n, n)
     dy = ecy[:, :, None] - acy[:, None, :]
     d2 = (dx * dx + dy * dy).reshape(dx.shape[0], -1).min(axis=1)  # squared: one square root per sample
-    gap = np.full(near.shape, np.inf)
-    gap[mi, si] = np.sqrt(d2) - (e_r + a_r[mi])
+    gap = np.sqrt(d2) - (e_r + a_r[mi])  # (P,), samples in (agent, time) order
 
-    hit = gap <= 0
-    any_hit = hit.any(axis=1)
-    if not any_hit.any():
+    hit = np.flatnonzero(gap <= 0)
+    if hit.size == 0:
         return out
-    rows = np.flatnonzero(any_hit)
-    k = hit[rows].argmax(axis=1)  # first colliding sample
-    ttc = times[k].copy()
-    later = k > 0
-    g0 = gap[rows[later], k[later] - 1]  # > 0 and finite: that sample was computed (see `near`)
-    g1 = gap[rows[later], k[later]]
-    ttc[later] = times[k[later] - 1] + step_s * g0 / (g0 - g1)
-    np.fmin.at(out, f[rows], ttc)
+    agent, first = np.unique(mi[hit], return_index=True)
+    j = hit[first]  # first colliding sample of each colliding agent
+    ttc = times[si[j]].copy()
+    later = si[j] > 0
+    jl = j[later]
+    # the previous sample of the same agent sits just before it (see `near`), with a positive gap
+    g0, g1 = gap[jl - 1], gap[jl]
+    ttc[later] = times[si[jl] - 1] + step_s * g0 / (g0 - g1)
+    np.fmin.at(out, f[agent], ttc)
     return out
