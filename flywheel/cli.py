@@ -169,4 +169,4 @@ def fleet_simulate(out: Annotated[Path, typer.Option(help="drive directory to wr
 
 
 # registers the subcommands of each stage
-from flywheel import cli_ingest, cli_jobs, cli_retrain, cli_shadow, cli_sql  # noqa: E402,F401
+from flywheel import cli_ingest, cli_jobs, cli_models, cli_retrain, cli_shadow, cli_sql  # noqa: E402,F401
