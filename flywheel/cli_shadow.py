@@ -4,6 +4,7 @@ the streaming consumer group). Registered on the umbrella app by importing this 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -105,7 +106,8 @@ def run(lake: LakeOpt = None, teacher: TeacherOpt = None, student: StudentOpt = 
     if as_json:
         typer.echo(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
-        print_report(report, Console())
+        # piped or captured output gets room for the tables instead of rich's 80-column default
+        print_report(report, Console(width=None if sys.stdout.isatty() else 160))
 
 
 @shadow_app.command("stream")

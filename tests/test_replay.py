@@ -289,3 +289,26 @@ def test_models_with_another_featurizer_are_refused(models, tmp_path):
          "agent_mask": np.zeros((3, 16), np.float32), "lane": np.zeros((3, 17), np.float32)}
     traj, logits = m.predict(x, batch_size=2)
     assert traj.shape == (3, 8, 3) and logits.shape == (3, 6)
+
+
+def test_cli_run_prints_the_summary_and_json(models, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+    from flywheel import cli_shadow  # noqa: F401  (registers `flywheel shadow`)
+
+    lake = tmp_path / "lake"
+    small_lake(lake, {"d0": 120, "d1": 60})
+    args = ["shadow", "run", "--lake", str(lake), "--teacher", str(models["teacher"]), "--student",
+            str(models["student"])]
+    out = CliRunner().invoke(app, args, terminal_width=160)
+    assert out.exit_code == 0, out.output
+    assert "frames replayed" in out.output and "pass rate" in out.output and "noise floor" in out.output
+    again = CliRunner().invoke(app, [*args, "--json"])
+    assert again.exit_code == 0
+    report = json.loads(again.output[again.output.index("{"):])
+    assert report["frames_replayed"] == 0 and report["files_covered"] > 0
+    bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "no model file" in bad.output

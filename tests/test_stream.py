@@ -165,3 +165,31 @@ def test_kill_9_mid_stream_then_restart_each_frame_once(models, kafka_config, gr
     for p, c in committed(kafka_config, group_id).items():
         if c:
             assert not covered(lake, "divergences", "pair", PAIR, kafka_config.frames_topic, p).missing(0, c - 1)
+
+
+def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafka_config, group_id, tmp_path):
+    """A second worker joining mid-stream takes partitions over (revoke: the first writes what is done and
+    commits); together they write every frame exactly once."""
+    lengths = {f"d{i}": 90 + 10 * i for i in range(6)}
+    chunks = fleet_chunks(lengths, 10)  # 63 chunks, ~16 s at the pace below: the second worker joins midway
+    lake = tmp_path / "lake"
+    cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
+    workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    threads[0].start()
+    try:
+        producer = threading.Thread(target=produce, args=(kafka_config, chunks, 0.25), daemon=True)
+        producer.start()
+        wait_until(lambda: workers[0].stats.files > 0, 30, "the first worker's files")
+        threads[1].start()
+        wait_until(lambda: workers[1]._parts, 30, "the second worker's partitions")
+        assert producer.is_alive(), "the stream ended before the second worker joined; the test proves nothing"
+        producer.join(60)
+        wait_until(lambda: rows(lake) >= sum(lengths.values()), 60, "every frame")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert all(w.stats.frames > 0 for w in workers), "the second worker never got a partition"
+    check_exactly_once(lake, lengths, *IDS)
