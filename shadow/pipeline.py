@@ -121,7 +121,8 @@ def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[s
 
 def _take_agents(agents: dict[str, np.ndarray], positions: np.ndarray) -> dict[str, np.ndarray]:
     """The agents of the frames at `positions` (k,) of an agents dict, renumbered 0..k-1."""
-    remap = np.full(int(agents["frame"].max(initial=-1)) + 1, -1)
+    # sized for both: a sampled frame may come after the last frame that has any agent
+    remap = np.full(max(int(agents["frame"].max(initial=-1)), int(positions.max(initial=-1))) + 1, -1)
     remap[positions] = np.arange(positions.shape[0])
     keep = remap[agents["frame"]] >= 0 if agents["frame"].size else np.zeros(0, bool)
     out = {k: v[keep] for k, v in agents.items()}
