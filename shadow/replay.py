@@ -19,9 +19,16 @@ Otherwise the unit is deferred to a later run (counted in the report).
 Scenario windows are frames seq // W of a drive. A window's row is written with the unit holding the window's first
 stored frame, aggregated over all of its frames (later ones come from the loaded context).
 
+Throughput: each group of units (`group_frames`) is featurized once and fed to both models (`shadow.pipeline`);
+a background stage loads and runs the models on the next group while this thread computes the metrics and writes
+the current one, in order (writes never leave this thread).
+
 Coexistence with the streaming worker (shadow.stream): both write the same tables with the same naming, so
-whatever offsets one covered the other skips. The batch refreshes the pair's coverage before each group; do not
-run both on the same pair and partition at the same moment (their files could overlap by a few offsets).
+whatever offsets one covered the other skips. Before writing each group the batch lists the lake again and writes
+each table only for offsets it does not hold yet; two writers on the same pair and partition at the very same
+moment could still overlap by the offsets in flight, so run the backfill where the stream is not consuming, or
+after it. A drive that resumes after `drive_end_idle_s` of silence keeps the null driver metrics of the frames
+replayed before it resumed.
 """
 
 from __future__ import annotations

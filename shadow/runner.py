@@ -100,9 +100,10 @@ class RuntimeConfig(BaseModel):
 
 
 NOISE_RUNTIME = RuntimeConfig(intra_op_threads=2, workers=1, graph_optimization="disable", memory_pattern=False,
-                              batch_size=333)
+                              allow_spinning=False, batch_size=333)
 """The second configuration of the noise floor: unfused graph, operators split over two threads (another reduction
-order than the reference's one thread per batch), one batch at a time, an odd batch size."""
+order than the reference's one thread per batch), one batch at a time, an odd batch size; its threads sleep between
+runs (it runs on one frame in 20: spinning would only take the cores from the reference runs)."""
 
 
 class ModelError(ValueError):
