@@ -23,6 +23,7 @@ student happened to be worst (regression to the mean shows up in the control too
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -79,9 +80,8 @@ SIZES = {
         service_fleet={**_FLEET, "seed": 201, "vehicles": 24, "drives_per_vehicle": 3},
         teacher={"model": {"width": 128, "depth": 3, "heads": 4, "head_dim": 32, "ffn": 512},
                  "optim": {"steps": 800, "batch_size": 128, "warmup_steps": 50}},
-        student={"model": {"width": 64, "depth": 2, "heads": 4, "head_dim": 16, "ffn": 256},
-                 "optim": {"steps": 600, "batch_size": 128, "lr": 1e-3, "warmup_steps": 30},
-                 "prune": {"finetune": {"steps": 150, "lr": 3e-4, "warmup_steps": 10}}},
+        # the student v0 recipe's own schedule (1500 distillation steps, 400 after pruning), on a narrower planner
+        student={"model": {"width": 64, "depth": 2, "heads": 4, "head_dim": 16, "ffn": 256}},
         cycle={"verification": {"closed_loop": {"episodes": 2, "max_steps": 150},
                                 "conditions": ["nominal", "glare"]}}),
 }
@@ -103,14 +103,22 @@ def _fleet(root: Path, fields: dict) -> Path:
     from ingest.fleet import FleetConfig, simulate_fleet
 
     cfg = FleetConfig.model_validate(fields)
-    out = root / f"fleet-s{cfg.seed}"
+    out = root / "fleets" / f"fleet-s{cfg.seed}"  # simulate_fleet keeps drives of the same fingerprint
     summary = simulate_fleet(cfg, out)
     log.info("%s", summary)
     return out
 
 
-def prepare(root: Path, size: Size, seed: int = 0) -> World:
-    """Fleets, teacher and student v0 (registered), the service lake and its shadow replay; cached under `root`."""
+def size_key(size: Size, seed: int = 0) -> str:
+    """Fingerprint of what shapes the models and the lake: another size is built afresh, not mixed with this one."""
+    blob = json.dumps({"size": {k: getattr(size, k) for k in ("train_fleet", "service_fleet", "teacher", "student")},
+                       "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def prepare(base: Path, name: str, size: Size, seed: int = 0) -> World:
+    """Fleets (under `base`/fleets), teacher and student v0 (registered), the service lake and its shadow replay
+    (under `base`/<name>-<size key>); everything cached."""
     from retrain.registry import Registry
     from retrain.student import StudentConfig
     from retrain.student import run as run_student
@@ -118,11 +126,12 @@ def prepare(root: Path, size: Size, seed: int = 0) -> World:
     from retrain.teacher import run as run_teacher
     from shadow.replay import ReplayConfig, replay
 
+    root = base / f"{name}-{size_key(size, seed)}"
     root.mkdir(parents=True, exist_ok=True)
     took: dict[str, float] = {}
     t = time.perf_counter()
-    train_drives = _fleet(root, size.train_fleet)
-    service_drives = _fleet(root, size.service_fleet)
+    train_drives = _fleet(base, size.train_fleet)
+    service_drives = _fleet(base, size.service_fleet)
     took["simulate"] = time.perf_counter() - t
     reg_dir = root / "registry"
     reg = Registry(reg_dir)
@@ -159,7 +168,8 @@ def cycle_config(world: World, size: Size, **override) -> CycleConfig:
 
 def control_figures(result: CycleResult) -> dict:
     d, cl = result.divergence, result.closed_loop
-    return {"mined_change": d["mined"]["change"]["mean_score"], "elsewhere_change": d["elsewhere"]["change"]["mean_score"],
+    return {"mined_change": d["mined"]["change"]["mean_score"],
+            "elsewhere_change": d["elsewhere"]["change"]["mean_score"],
             "mined_score_after": d["mined"]["after"]["mean_score"],
             "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"],
             "collisions_after": cl["after"]["collisions"], "mean_min_ttc_after_s": cl["after"]["mean_min_ttc_s"],
@@ -175,7 +185,8 @@ def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
         "bench": "flywheel", "size": size_name, "status": result.status, "gate_passed": result.passed,
         "reasons": result.reasons,
         "mined_frames": d["mined"]["after"]["frames"], "elsewhere_frames": d["elsewhere"]["after"]["frames"],
-        "mined_score_before": d["mined"]["before"]["mean_score"], "mined_score_after": d["mined"]["after"]["mean_score"],
+        "mined_score_before": d["mined"]["before"]["mean_score"],
+        "mined_score_after": d["mined"]["after"]["mean_score"],
         "mined_change": mined_change,
         "elsewhere_score_before": d["elsewhere"]["before"]["mean_score"],
         "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"], "elsewhere_change": else_change,
@@ -204,7 +215,7 @@ def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny fleets and models (smoke run)")
-    ap.add_argument("--root", type=Path, help="cache directory (default data/bench/flywheel/<size>)")
+    ap.add_argument("--root", type=Path, default=Path("data/bench/flywheel"), help="cache directory")
     ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the untargeted control (default: on at the reference size, off with --quick)")
     ap.add_argument("--verbose", "-v", action="store_true")
@@ -213,9 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                         format="%(asctime)s %(name)s %(message)s")
     name = "quick" if args.quick else "default"
     size = SIZES[name]
-    root = args.root or Path("data/bench/flywheel") / name
-    world = prepare(root, size)
-    work = root / "cycles" / time.strftime("%Y%m%d-%H%M%S")
+    world = prepare(args.root, name, size)
+    work = world.root / "cycles" / time.strftime("%Y%m%d-%H%M%S")
     result = run_cycle(cycle_config(world, size), work, resume=False)
     print(format_result(result))
     out = summary(result, name, world.setup_seconds)

@@ -17,14 +17,20 @@ from rich.table import Table
 
 from flywheel.cli import app, console, settings
 
-LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory (default: the sink's lake_dir)")]
+LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory (default: jobs.lake_dir, else the "
+                                                                  "sink's lake_dir)")]
 SqlOpt = Annotated[Optional[str], typer.Option("--sql", help="read-only query returning drive_id and seq, or "
                                                "drive_id, window_start_seq and window_end_seq")]
 FileOpt = Annotated[Optional[Path], typer.Option("--file", "-f", help="file holding the mining query")]
 
 
 def _lake(lake: Path | None) -> Path:
-    return lake or settings().sink.lake_dir
+    s = settings()
+    return lake or s.jobs.lake_dir or s.sink.lake_dir
+
+
+def _registry(registry: Path | None) -> Path:
+    return registry or settings().jobs.registry_dir or Path("data/registry")
 
 
 def _query(sql: str | None, file: Path | None, by_score: bool) -> str | None:
@@ -112,7 +118,8 @@ def _load_config(path: Path | None) -> dict:
 def cycle(work_dir: Annotated[Path, typer.Option("--work-dir", "-w", help="the cycle's directory (records, "
                                                  "fine-tune state, artifacts); rerun to resume")],
           lake: LakeOpt = None,
-          registry: Annotated[Path, typer.Option(help="model registry")] = Path("data/registry"),
+          registry: Annotated[Optional[Path], typer.Option(help="model registry (default: jobs.registry_dir, else "
+                                                           "data/registry)")] = None,
           teacher: Annotated[str, typer.Option(help="teacher: name[:version]")] = "teacher",
           student: Annotated[str, typer.Option(help="current student: name[:version]")] = "student",
           cycle_config: Annotated[Optional[Path], typer.Option(help="TOML or JSON file of CycleConfig fields "
@@ -128,8 +135,10 @@ def cycle(work_dir: Annotated[Path, typer.Option("--work-dir", "-w", help="the c
     from retrain.mining import MiningError
 
     fields = _load_config(cycle_config)
-    fields.update(lake=_lake(lake if lake is not None else fields.get("lake")), registry=fields.get(
-        "registry", registry), teacher=fields.get("teacher", teacher), student=fields.get("student", student))
+    # command-line values win over the file, the file over the settings
+    fields.update(lake=_lake(lake or fields.get("lake")), registry=_registry(registry or fields.get("registry")),
+                  teacher=teacher if teacher != "teacher" else fields.get("teacher", teacher),
+                  student=student if student != "student" else fields.get("student", student))
     if sql is not None or file is not None:
         fields.setdefault("mining", {})["sql"] = _query(sql, file, False)
     try:

@@ -365,7 +365,8 @@ def format_result(r: CycleResult) -> str:
     c = r.candidate
     lines = [f"cycle {r.cycle_id}: {c['name']}:{c['version']} from {r.parent['ref']} -> {r.status.upper()}",
              f"mined {r.mining.get('windows')} windows ({r.mining.get('rule')}), snapshot {r.snapshot['id']} "
-             f"(drives {r.snapshot['drives']}); fine-tune {r.finetune['steps_run']} steps, best {r.finetune['best_step']}",
+             f"(drives {r.snapshot['drives']}); fine-tune {r.finetune['steps_run']} steps, best "
+             f"{r.finetune['best_step']}",
              "", "divergence on held-out test drives (mean score; ADE 4 s in m)",
              f"{'set':<10} {'condition':<12} {'frames':>7} {'before':>8} {'after':>8} {'change':>8} "
              f"{'ADE bef':>8} {'ADE aft':>8}"]

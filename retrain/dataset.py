@@ -58,7 +58,8 @@ ROLES = ("mined", "ordinary", "context")
 SNAPSHOT_COLUMNS = [pa.field("split", pa.string(), nullable=False), pa.field("role", pa.string(), nullable=False),
                     pa.field("item", pa.int32(), nullable=False)]
 SNAPSHOT_SCHEMA = pa.schema([*FRAME_SCHEMA, *SNAPSHOT_COLUMNS],
-                            metadata={"flywheel.table": "snapshot", "flywheel.format_version": str(SNAPSHOT_FORMAT_VERSION)})
+                            metadata={"flywheel.table": "snapshot",
+                                      "flywheel.format_version": str(SNAPSHOT_FORMAT_VERSION)})
 
 
 class SnapshotError(ValueError):

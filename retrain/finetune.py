@@ -34,7 +34,7 @@ import torch
 from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrain.architectures import Planner, PlannerConfig, tensors
+from retrain.architectures import Planner, PlannerConfig
 from retrain.dataset import Snapshot
 from retrain.evaluate import predict, session
 from retrain.student import DistillConfig, distill_loss
@@ -117,7 +117,8 @@ def planner_from_onnx(path: Path) -> Planner:
     for node in graph.node:
         parts = node.name.strip("/").split("/")[:-1]
         module = ""
-        for p in parts:  # "/ego_embed/ego_embed.0/Gemm" -> ego_embed.0; "/layers.0/attn/qkv/MatMul" -> layers.0.attn.qkv
+        # "/ego_embed/ego_embed.0/Gemm" -> ego_embed.0; "/layers.0/attn/qkv/MatMul" -> layers.0.attn.qkv
+        for p in parts:
             module = p if (module and p.startswith(module + ".")) or not module else f"{module}.{p}"
         weights = [i for i in node.input if i in init]
         if node.op_type == "Gemm" and len(weights) == 2:

@@ -123,6 +123,10 @@ def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def relative_change(before: float | None, after: float | None) -> float | None:
     """(after - before) / before; None when either is missing or before is 0."""
     if before is None or after is None or before == 0:
@@ -176,13 +180,15 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
                 ok = tb is not None and ta is not None and ta >= tb - config.ttc_margin_s
                 checks.append(Check(name="closed_loop_min_ttc", passed=ok, value=ta,
                                     limit=None if tb is None else tb - config.ttc_margin_s,
-                                    detail=f"mean min TTC {tb} -> {ta} s; may drop {config.ttc_margin_s} s"))
+                                    detail=f"mean min TTC {_fmt(tb)} -> {_fmt(ta)} s; may drop at most "
+                                           f"{config.ttc_margin_s} s"))
             if config.comfort_margin is not None:
                 fb, fa = _num(before.get("comfortable_rate")), _num(after.get("comfortable_rate"))
                 ok = fb is not None and fa is not None and fa >= fb - config.comfort_margin
                 checks.append(Check(name="closed_loop_comfort", passed=ok, value=fa,
                                     limit=None if fb is None else fb - config.comfort_margin,
-                                    detail=f"comfortable episodes {fb} -> {fa}; may drop {config.comfort_margin}"))
+                                    detail=f"comfortable episodes {_fmt(fb)} -> {_fmt(fa)}; may drop at most "
+                                           f"{config.comfort_margin}"))
     targets = figures.get("targets") or []
     if (config.budgets or config.verification) and not targets:
         checks.append(Check(name="targets", passed=False, detail="no compressed targets"))

@@ -177,3 +177,21 @@ def test_split_by_drive_is_stable_and_covers_mined_drives():
         assert got["test"] == round(0.25 * len(group)) and got["val"] == round(0.15 * len(group))
     assert condition_of("glare", "rain") == "glare" and condition_of("day", "rain") == "rain"
     assert condition_of("day", "clear") == "nominal"
+
+
+def test_flywheel_mine_command(lake, tmp_path):
+    from typer.testing import CliRunner
+
+    from flywheel.cli import app
+
+    run = CliRunner().invoke
+    res = run(app, ["mine", "--by-score", "--pair", PAIR, "--lake", str(lake), "--max-windows", "20",
+                    "--max-per-drive", "3", "--snapshots", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "glare" in res.output and "rain" in res.output and "total" in res.output
+    snap = load_snapshot(res.output.strip().splitlines()[-1])
+    assert snap.manifest["rule"]["windows"] == 20
+    res = run(app, ["mine", "--sql", "DROP TABLE frames", "--lake", str(lake)])
+    assert res.exit_code == 2 and "refused" in res.output
+    res = run(app, ["mine", "--lake", str(lake)])
+    assert res.exit_code == 2 and "exactly one of --sql, --file or --by-score" in res.output
