@@ -18,7 +18,7 @@ shadow_app = typer.Typer(help="Shadow mode: replay teacher and student on logged
                          no_args_is_help=True)
 app.add_typer(shadow_app, name="shadow")
 
-LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory; default [shadow] lake_dir")]
+LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory; default: the shadow.lake_dir setting")]
 TeacherOpt = Annotated[Optional[Path], typer.Option("--teacher", help="teacher model dir or .onnx (spec.json beside)")]
 StudentOpt = Annotated[Optional[Path], typer.Option("--student", help="student model dir or .onnx (spec.json beside)")]
 CriteriaOpt = Annotated[Optional[Path], typer.Option("--criteria", help="criteria YAML; default: the packaged one")]
@@ -34,7 +34,7 @@ def shadow_settings():
 def _models(cfg, teacher: Path | None, student: Path | None) -> tuple[Path, Path]:
     t, s = teacher or cfg.teacher, student or cfg.student
     if t is None or s is None:
-        console.print("[red]give --teacher and --student (or set [shadow] teacher / student)[/]")
+        console.print("[red]give --teacher and --student (or set shadow.teacher and shadow.student)[/]")
         raise typer.Exit(2)
     return Path(t), Path(s)
 
