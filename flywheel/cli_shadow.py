@@ -18,7 +18,7 @@ shadow_app = typer.Typer(help="Shadow mode: replay teacher and student on logged
                          no_args_is_help=True)
 app.add_typer(shadow_app, name="shadow")
 
-LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory; default: the shadow.lake_dir setting")]
+LakeOpt = Annotated[Optional[Path], typer.Option("--lake", help="lake directory; default: shadow.lake_dir")]
 TeacherOpt = Annotated[Optional[Path], typer.Option("--teacher", help="teacher model dir or .onnx (spec.json beside)")]
 StudentOpt = Annotated[Optional[Path], typer.Option("--student", help="student model dir or .onnx (spec.json beside)")]
 CriteriaOpt = Annotated[Optional[Path], typer.Option("--criteria", help="criteria YAML; default: the packaged one")]
