@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
     reps = 5 if args.quick else 20
     rates = gemm_rates(threads, repeats=reps)
     t_flops, s_flops = graph_flops(teacher), graph_flops(student)
-    runtime = RuntimeConfig(**{k: v for k, v in {"batch_size": args.batch_size, "intra_op_threads": args.threads or None}
-                               .items() if v})
+    given = {"batch_size": args.batch_size, "intra_op_threads": args.threads or None}
+    runtime = RuntimeConfig(**{k: v for k, v in given.items() if v})
     tuned = ReplayConfig(runtime=runtime, **({"group_frames": args.group_frames} if args.group_frames else {}))
     runs = {"tuned": (Shadow(teacher, student, tuned), tuned)}
     if not args.no_baseline:

@@ -42,7 +42,8 @@ class PipelineConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="onnxruntime setup of both models")
     noise_runtime: RuntimeConfig = Field(NOISE_RUNTIME, description="second setup of the teacher for the noise floor")
     noise_every: int = Field(20, ge=1, description="noise floor on frames whose seq is a multiple of this")
-    window_frames: int = Field(50, ge=1, le=10_000, description="scenario window: frames seq // W of a drive (50 = 5 s)")
+    window_frames: int = Field(50, ge=1, le=10_000,
+                               description="scenario window: frames seq // W of a drive (50 = 5 s at 10 Hz)")
     frame_period_s: float = Field(0.1, gt=0, description="logging period of the fleet's frames [s] (10 Hz); sizes "
                                   "the future context a frame needs for its driver metrics")
     criteria: Path | None = Field(None, description="criteria YAML; None = the packaged shadow/criteria_default.yaml")
