@@ -15,10 +15,12 @@ the partition's offset is committed only after that, so committed offsets never 
 
 Restart and coexistence with the batch replayer (`shadow.replay`): the lake, not the committed offset, says what is
 done. On assignment a partition resumes at the first offset at or after the committed one that the pair's live
-divergences files do not cover; it re-reads from the `context_offset` in the footer of the file just before that
-(the records holding the ego history of drives still going) and treats those records, and any record another writer
-covered (e.g. a batch replay), as context only. Frames already replayed (the footers' seq ranges) are never computed
-again. So the batch replay skips what the stream covered, and the stream skips what the batch covered.
+divergences files do not cover; it re-reads from the earliest record holding the ego history of a drive that may
+still continue (`shadow.outputs.resume_context`, from the files' drive-context footers, written alike by the batch
+replayer and this worker) and treats those records, and any record another writer covered (e.g. a batch replay),
+as context only: history for the drives, never computed or written again; windows they opened are not this
+worker's. Frames already replayed (the footers' seq ranges) are never computed again, so a resent chunk is dropped.
+The batch replay skips what the stream covered, and the stream skips what the batch covered.
 """
 
 from __future__ import annotations
