@@ -1,8 +1,10 @@
-"""`flywheel demo`: the pipeline on embedded defaults, stage by stage, reusing what earlier runs finished.
+"""`flywheel demo`: the whole flywheel on embedded defaults, stage by stage, reusing what earlier runs finished.
 
 Stages: simulate the fleet (highway-env, cached) -> start the embedded broker, the ingest server and the sink ->
 every vehicle streams its drives concurrently through the agent -> wait until the lake holds every frame -> compact
--> summarise the lake with SQL. Ctrl-C stops every process and thread it started.
+-> register the shipped reference teacher and student v0 -> shadow replay (incremental) -> SQL summary of where they
+diverge -> one retraining cycle for three chips (resumable) -> the HTML report. Ctrl-C stops every process and thread
+it started (the broker runs in its own process group and is stopped on the way out).
 """
 
 from __future__ import annotations
@@ -122,13 +124,108 @@ def summarize(lake: Path, console: Console) -> None:
     console.print(table)
 
 
+REFERENCE = Path(__file__).resolve().parent.parent / "retrain" / "reference"
+
+
+def register_reference(registry_dir: Path, console: Console) -> None:
+    """The shipped teacher and student v0 in the demo's registry (once); the student is the promoted one."""
+    from retrain.registry import Registry
+
+    registry = Registry(registry_dir)
+    known = {(e.name, e.version) for e in registry.list()}
+    for name, version, sub, parents in [("teacher", "v1", "teacher", []),
+                                        ("student-fp32", "v0", "student-v0-fp32", ["teacher:v1"]),
+                                        ("student", "v0", "student-v0", ["teacher:v1"])]:
+        if (name, version) not in known:
+            registry.register(name, version, REFERENCE / sub, parents=parents, recipe="retrain/reference")
+    if not any(e.name == "student" and e.status == "promoted" for e in registry.list("student")):
+        registry.promote("student", "v0", note="shipped reference student v0")
+    console.print(f"models: {', '.join(f'{e.name}:{e.version} ({e.status})' for e in registry.list())}")
+
+
+def shadow_replay(settings: Settings, lake: Path, registry_dir: Path, console: Console) -> None:
+    from retrain.registry import Registry
+    from shadow.replay import ReplayConfig, replay
+
+    registry = Registry(registry_dir)
+    teacher = registry.version_dir("teacher", registry.get("teacher").version)
+    student = registry.version_dir("student", registry.get("student").version)
+    # every upload was acknowledged to its last frame: no drive is still growing
+    cfg = ReplayConfig(drive_end_idle_s=0.0)
+    with _bar(console, "shadow replay (teacher + student)") as bar:
+        task = bar.add_task("replay", total=None)
+        report = replay(lake, teacher, student, cfg, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    console.print(f"shadow: {report.frames_replayed} frames replayed ({report.files_covered} files already done) "
+                  f"at {report.frames_per_s:,.0f} frames/s, pair {report.pair}")
+
+
+def sql_summary(lake: Path, console: Console) -> None:
+    from shadow.catalog import Catalog
+
+    shown = {
+        "divergence_by_condition": ("where the student diverges (saved query divergence_by_condition)",
+                                    ["road_type", "lighting", "weather", "frames", "mean_score", "mean_ade_4s",
+                                     "miss_rate_4s", "disagree_rate"], 12),
+        "top_divergent_scenarios": ("worst scenario windows per condition (saved query top_divergent_scenarios)",
+                                    ["condition", "value", "rank", "drive_id", "window_start_seq", "max_score",
+                                     "mean_ade_4s", "passed"], 10),
+    }
+    cat = Catalog(lake)
+    try:
+        for name, (title, columns, limit) in shown.items():
+            t = cat.saved(name).select(columns).slice(0, limit)
+            table = Table(*columns, title=title)
+            for row in t.to_pylist():
+                table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+            console.print(table)
+    finally:
+        cat.close()
+
+
+def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: Console) -> dict:
+    from retrain.cycle import CycleConfig, run_cycle
+
+    work = settings.demo.data_dir / "cycle"
+    targets = list(settings.demo.targets)
+    # the candidate is verified (shadow replay, closed loop) through the first chip's artifact, numerics included
+    fields = {"lake": lake, "registry": registry_dir, "teacher": "teacher", "student": "student:v0",
+              "student_checkpoint": REFERENCE / "student-v0" / "checkpoint.pt", "targets": targets,
+              "verification": {"chip": targets[0]}}
+    for key, value in settings.demo.cycle.items():  # nested sections merge, so an override keeps the other keys
+        fields[key] = {**fields[key], **value} if isinstance(value, dict) and isinstance(fields.get(key), dict) else value
+    cfg = CycleConfig.model_validate(fields)
+    with _bar(console, "retraining cycle") as bar:
+        task = bar.add_task("cycle", total=None)
+
+        def progress(step, done=None, total=None, info=None) -> None:
+            bar.update(task, description=str(step), completed=done or 0, total=total)
+
+        result = run_cycle(cfg, work, progress=progress, resume=True)
+    console.print(f"cycle: {result.status}; " + ("; ".join(result.reasons) if result.reasons else "all gates passed"))
+    return result.model_dump(mode="json")
+
+
+def write_report(result: dict, lake: Path, out: Path, console: Console) -> None:
+    from retrain.report import render_report
+
+    render_report(result, out, lake)
+    console.print(f"report: {out}")
+
+
 def run_demo(settings: Settings, console: Console | None = None) -> None:
     console = console or Console()
     started = time.perf_counter()
-    lake = settings.demo.data_dir / "lake"
+    data = settings.demo.data_dir
+    lake = data / "lake"
+    registry = data / "registry"
     drives_dir = simulate(settings, console)
     ingest(settings, drives_dir, lake, console)
     report = compact(lake, "frames", target_rows=settings.sink.compact_target_rows)
-    console.print(f"compaction: {report}")
+    console.print(f"compaction: {report.small_files_removed} small files merged")
     summarize(lake, console)
+    register_reference(registry, console)
+    shadow_replay(settings, lake, registry, console)
+    sql_summary(lake, console)
+    result = retrain_cycle(settings, lake, registry, console)
+    write_report(result, lake, data / "report.html", console)
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")

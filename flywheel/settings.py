@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -24,6 +25,10 @@ class DemoConfig(BaseModel):
     data_dir: Path = Field(Path("data/demo"), description="where the demo keeps drives, lake and models between runs")
     fleet: FleetConfig = Field(default_factory=lambda: FleetConfig(vehicles=8, drives_per_vehicle=3, drive_duration_s=40.0),
                                description="the simulated fleet of the demo")
+    targets: tuple[str, ...] = Field(("orin", "ascend310", "journey6"), min_length=1,
+                                     description="chips the demo's retraining cycle compresses for (deploy/targets/)")
+    cycle: dict[str, Any] = Field(default_factory=dict, description="retrain.cycle.CycleConfig fields that override "
+                                  "the demo's (e.g. {finetune = {steps = 50}}); validated by CycleConfig")
 
 
 class Settings(BaseSettings):
