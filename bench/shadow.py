@@ -1,7 +1,7 @@
 """Shadow replay benchmark: frames/s of the whole batch replay against the machine's measured matrix-multiply rate
 and against a per-frame eager torch loop of the same models.
 
-    python -m bench.shadow                       # reference-size teacher and INT8 student (random weights), cached lake
+    python -m bench.shadow                       # the shipped reference teacher and INT8 student v0, cached lake
     python -m bench.shadow --teacher T --student S --frames 50000
     python -m bench.shadow --quick               # small lake, fewer repetitions (smoke run)
 
@@ -14,7 +14,10 @@ In one run it measures:
   featurize once, teacher, student, noise-floor teacher on every 20th frame, metrics with TTC, windows, criteria,
   Parquet writes), models loaded before the clock starts; best of `--repeats` on a fresh output tree;
 - the achieved rate = teacher FLOPs/frame x replay frames/s, as a fraction of the FP32 GEMM rate (target >= 60%);
-- an eager torch loop of the same models (batch 1, torch.no_grad, features precomputed) and the ratio (target >= 20x).
+- an eager torch loop of the same models (batch 1, torch.no_grad, features precomputed) and the ratio (target >= 20x):
+  torch modules of the architectures in the models' specs (weights random: the arithmetic is the same).
+Models: --teacher/--student, else the shipped reference ones (retrain/reference), else reference-size ones built here
+with random weights (the student pruned to half its heads and FFN channels and quantized to INT8 like student v0).
 Prints a table; the LAST line is one JSON object with every figure and target.
 """
 
@@ -45,7 +48,7 @@ from shadow.featurize import featurize
 from shadow.pipeline import Shadow
 from shadow.replay import ReplayConfig, replay
 from shadow.runner import RuntimeConfig, physical_cores
-from shadow.spec import ModelSpec, model_file, write_spec
+from shadow.spec import ModelSpec, model_file, read_spec, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ RATE_TARGET = 0.60
 EAGER_TARGET = 20.0
 STUDENT_CFG = PlannerConfig(width=128, depth=2, heads=4, head_dim=32, ffn=512)  # retrain.student's default
 TOPIC = "flywheel.frames"
+SHIPPED = Path(__file__).resolve().parent.parent / "retrain" / "reference"
 
 
 # ------------------------------------------------------------------------------------------------------ the inputs
@@ -88,26 +92,35 @@ def build_lake(root: Path, frames: int, drive_frames: int = 600, chunk: int = 10
     return lake
 
 
-def build_models(root: Path) -> tuple[Path, Path, Planner, Planner]:
-    """Reference-size teacher (FP32) and student (pruned to half the heads and FFN, INT8 QDQ), random weights, cached.
-    Returns their directories and the torch modules (the student's in FP32, pruned) for the eager loop."""
+def build_models(root: Path) -> tuple[Path, Path]:
+    """Reference-size teacher (FP32) and student (pruned to half the heads and FFN, INT8 QDQ), random weights, cached."""
     from retrain.student import QuantConfig, quantize
 
-    torch.manual_seed(0)
-    teacher = Planner(PlannerConfig()).eval()
-    student = Planner(STUDENT_CFG).eval()
-    student = prune(student, Importance(student), keep_heads=0.5, keep_ffn=0.5).eval()
     t_dir, s_dir = root / "teacher-ref", root / "student-ref"
     if not (t_dir / "spec.json").exists():
+        torch.manual_seed(0)
+        teacher = Planner(PlannerConfig()).eval()
         write_spec(ModelSpec(name="teacher", version="bench", parameters=teacher.num_parameters(),
                              architecture=teacher.config.model_dump()), export_onnx(teacher, t_dir / "model.onnx"))
     if not (s_dir / "int8" / "spec.json").exists():
+        torch.manual_seed(0)
+        student = Planner(STUDENT_CFG).eval()
+        student = prune(student, Importance(student), keep_heads=0.5, keep_ffn=0.5).eval()
         write_spec(ModelSpec(name="student", version="bench", parameters=student.num_parameters(),
                              architecture=student.config.model_dump()),
                    export_onnx(student, s_dir / "fp32" / "model.onnx"))
         calib = featurize(synthetic_frames(512, agents=20, seed=99), with_targets=False)
         quantize(s_dir / "fp32", s_dir / "int8", calib, QuantConfig(calibration_frames=512))
-    return t_dir, s_dir / "int8", teacher, student
+    return t_dir, s_dir / "int8"
+
+
+def torch_twin(model_dir: Path) -> Planner:
+    """An eager torch Planner of the architecture in a model's spec (random weights: same arithmetic)."""
+    spec = read_spec(model_dir, verify=False)
+    if not spec.architecture:
+        raise ValueError(f"{model_dir}: the spec has no architecture to rebuild in torch")
+    torch.manual_seed(0)
+    return Planner(PlannerConfig.model_validate(spec.architecture)).eval()
 
 
 # -------------------------------------------------------------------------------------------------- machine rates
@@ -333,8 +346,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.frames, args.repeats, args.eager_frames = 4800, 1, 100
     threads = args.threads or physical_cores()
     args.data.mkdir(parents=True, exist_ok=True)
-    t_dir, s_dir, t_torch, s_torch = build_models(args.data / "models")
-    teacher, student = args.teacher or t_dir, args.student or s_dir
+    if args.teacher and args.student:
+        teacher, student = args.teacher, args.student
+    elif (SHIPPED / "teacher" / "spec.json").exists() and (SHIPPED / "student-v0" / "spec.json").exists():
+        teacher, student = args.teacher or SHIPPED / "teacher", args.student or SHIPPED / "student-v0"
+    else:
+        t_dir, s_dir = build_models(args.data / "models")
+        teacher, student = args.teacher or t_dir, args.student or s_dir
     lake = build_lake(args.data, args.frames)
     load_before = load_average()
     reps = 5 if args.quick else 20
@@ -354,14 +372,13 @@ def main(argv: list[str] | None = None) -> dict:
     fps = report["frames_per_s"]
     fp32 = max(rates["ort_fp32"], rates["torch_fp32"])
     achieved = t_flops["total"] * fps / 1e9
-    eager = {}
-    if not (args.teacher or args.student):
-        eager = {t: eager_fps(t_torch, s_torch, lake, t, args.eager_frames) for t in sorted({1, threads})}
+    t_torch, s_torch = torch_twin(teacher), torch_twin(student)
+    eager = {t: eager_fps(t_torch, s_torch, lake, t, args.eager_frames) for t in sorted({1, threads})}
     eager_best = max(eager.values()) if eager else float("nan")
     result = {
         "bench": "shadow", "threads": threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
         "load_average_before": load_before, "load_average_after": load_average(),
-        "lake_frames": report["frames_replayed"], "replay_seconds": report["seconds"], "replay_fps": fps,
+        "teacher": str(teacher), "student": str(student), "lake_frames": report["frames_replayed"], "replay_seconds": report["seconds"], "replay_fps": fps,
         "runtime": runs["tuned"][0].teacher.runtime.label(), "group_frames": tuned.group_frames,
         "gemm_gflops": rates, "fp32_reference_gflops": fp32,
         "teacher_mflops_per_frame": t_flops["total"] / 1e6, "student_mflops_per_frame": s_flops["total"] / 1e6,
