@@ -32,12 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from onnx import TensorProto, helper, numpy_helper, shape_inference
+from onnx import TensorProto, helper, numpy_helper
 
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.lake_index import SeqRanges, encode_drive_seq
@@ -45,10 +44,11 @@ from ingest.sink import ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 from retrain.architectures import Importance, Planner, PlannerConfig, export_onnx, prune, tensors
 from shadow.featurize import featurize
+from shadow.flops import graph_flops
 from shadow.pipeline import Shadow
 from shadow.replay import ReplayConfig, replay
 from shadow.runner import RuntimeConfig, physical_cores
-from shadow.spec import ModelSpec, model_file, read_spec, write_spec
+from shadow.spec import ModelSpec, read_spec, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -199,43 +199,6 @@ def gemm_rates(threads: int, m: int = 4096, k: int = 1024, n: int = 1024, repeat
     return out
 
 
-def graph_flops(path: Path) -> dict[str, float]:
-    """MatMul-like FLOPs per frame of an ONNX planner (batch 1): {"total": ..., per op type ...}."""
-    model = onnx.load(str(model_file(path)))
-    for vi in [*model.graph.input, *model.graph.output]:
-        for d in vi.type.tensor_type.shape.dim:
-            if d.dim_param:
-                d.Clear()
-                d.dim_value = 1
-    model = shape_inference.infer_shapes(model)
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim]
-              for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
-    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
-    out: dict[str, float] = {"total": 0.0}
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat"):
-            continue
-        a_name, b_name = (node.input[0], node.input[3]) if node.op_type == "QLinearMatMul" else node.input[:2]
-        a, b = shapes.get(a_name), shapes.get(b_name)
-        # reshapes to -1 leave the batch axis unknown (0) after inference: it is 1 here
-        a = [d or 1 for d in a[:-1]] + a[-1:] if a else a
-        b = [d or 1 for d in b[:-2]] + b[-2:] if b else b
-        if not a or not b or 0 in a or 0 in b:
-            raise RuntimeError(f"{path}: no static shape for {node.name} ({a_name}: {a}, {b_name}: {b})")
-        if node.op_type == "Gemm":
-            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-            mm, kk = (a[1], a[0]) if trans_a else (a[0], a[1])
-            trans_b = any(at.name == "transB" and at.i for at in node.attribute)
-            nn = b[0] if trans_b else b[1]
-            f = 2.0 * mm * kk * nn
-        else:
-            batch = np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])) if len(a) > 2 or len(b) > 2 else ()
-            f = 2.0 * float(np.prod(batch)) * (a[-2] if len(a) > 1 else 1) * a[-1] * b[-1]
-        out["total"] += f
-        out[node.op_type] = out.get(node.op_type, 0.0) + f
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------ the replay
 
 
@@ -315,6 +278,20 @@ def eager_fps(teacher: Planner, student: Planner, lake: Path, threads: int, fram
         return n / (time.perf_counter() - t0)
 
 
+def teacher_only_fps(runs: dict[str, tuple[Shadow, ReplayConfig]], lake: Path, repeats: int) -> dict[str, float]:
+    """Frames/s of each configuration's teacher alone on the first frames file's features, best of `repeats`,
+    interleaved: the runtime's effect without the rest of the replay."""
+    inputs = featurize(pq.read_table(live_files(lake, "frames")[0].path)).inputs()
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, (sh, _cfg) in runs.items():
+            t0 = time.perf_counter()
+            sh.teacher.predict(inputs)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    n = next(iter(inputs.values())).shape[0]
+    return {name: n / t for name, t in best.items()}
+
+
 def load_average() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -336,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--group-frames", type=int, default=None, help="frames per replay group")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads per run (default: the "
                     "RuntimeConfig's) and the GEMM/eager thread count (0 = physical cores)")
-    ap.add_argument("--repeats", type=int, default=2, help="replays timed; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="replays timed per configuration; the best counts")
     ap.add_argument("--eager-frames", type=int, default=300, help="frames of the eager torch loop")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration")
     ap.add_argument("--quick", action="store_true", help="4,800 frames, one replay, short GEMMs")
@@ -364,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {"tuned": (Shadow(teacher, student, tuned), tuned)}
     if not args.no_baseline:
         runs["baseline"] = (Shadow(teacher, student, BASELINE), BASELINE)
+    alone = teacher_only_fps(runs, lake, 3 if args.quick else 6)
     timer = instrument([sh for sh, _ in runs.values()])
     best = time_replays(lake, runs, args.repeats, timer)
     after = gemm_rates(threads, repeats=reps)  # the machine is shared: keep the best rate seen around the replays
@@ -388,10 +366,13 @@ def main(argv: list[str] | None = None) -> dict:
         "eager_torch_fps_by_threads": eager, "eager_torch_fps": eager_best, "speedup_vs_eager": fps / eager_best,
         "eager_target": EAGER_TARGET, "meets_eager_target": fps / eager_best >= EAGER_TARGET,
         "breakdown_s": {k: round(v, 3) for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])},
+        "teacher_only_fps": alone["tuned"],
+        "teacher_only_fraction_of_fp32_rate": t_flops["total"] * alone["tuned"] / 1e9 / fp32,
     }
     if "baseline" in best:
         b = best["baseline"][0]
         result.update(baseline_fps=b["frames_per_s"], baseline_runtime=BASELINE.runtime.label(),
+                      baseline_teacher_only_fps=alone["baseline"],
                       baseline_fraction_of_fp32_rate=t_flops["total"] * b["frames_per_s"] / 1e9 / fp32,
                       speedup_vs_baseline=fps / b["frames_per_s"])
     print(f"{'GEMM rate (' + str(threads) + ' threads), best seen':<44} "
@@ -403,6 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * result['baseline_fraction_of_fp32_rate']:.1f}% of FP32")
     print(f"{'replay, tuned (' + result['runtime'] + ')':<44} {report['frames_replayed']:,} frames in "
           f"{report['seconds']:.2f} s = {fps:,.0f} frames/s")
+    print(f"{'teacher alone (same features, interleaved)':<44} "
+          + ", ".join(f"{name} {v:,.0f} frames/s" for name, v in alone.items())
+          + f" = {100 * result['teacher_only_fraction_of_fp32_rate']:.1f}% of FP32 (tuned)")
     print(f"{'teacher FLOPs achieved':<44} {achieved:,.1f} GFLOP/s = {100 * achieved / fp32:.1f}% of FP32 "
           f"{fp32:,.0f} (target {100 * RATE_TARGET:.0f}%) {'OK' if result['meets_rate_target'] else 'MISSED'}")
     print(f"{'eager torch loop (batch 1), frames/s':<44} "

@@ -312,3 +312,18 @@ def test_cli_run_prints_the_summary_and_json(models, tmp_path):
     assert report["frames_replayed"] == 0 and report["files_covered"] > 0
     bad = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "no model file" in bad.output
+
+
+def test_graph_flops_match_the_architecture(models):
+    from shadow.flops import graph_flops
+
+    def macs(c: PlannerConfig) -> int:
+        s, d = 18, c.width  # tokens: ego, 16 agents, lane
+        layer = s * d * 3 * c.heads * c.head_dim + s * c.heads * c.head_dim * d + 2 * s * d * c.ffn \
+            + 2 * c.heads * s * s * c.head_dim
+        embed = (90 * d + d * d) + 16 * (16 * d + d * d) + (17 * d + d * d)
+        heads = d * d + d * 24 + d * 6
+        return c.depth * layer + embed + heads
+
+    assert graph_flops(models["teacher"])["total"] == 2 * macs(TEACHER_CFG)
+    assert graph_flops(models["student"])["total"] == 2 * macs(STUDENT_CFG)
