@@ -168,7 +168,9 @@ def cycle_config(world: World, size: Size, **override) -> CycleConfig:
 
 def control_figures(result: CycleResult) -> dict:
     d, cl = result.divergence, result.closed_loop
-    return {"mined_change": d["mined"]["change"]["mean_score"],
+    return {"fp32_mined_change": (d.get("fp32") or {}).get("mined", {}).get("change", {}).get("mean_score"),
+            "fp32_elsewhere_change": (d.get("fp32") or {}).get("elsewhere", {}).get("change", {}).get("mean_score"),
+            "mined_change": d["mined"]["change"]["mean_score"],
             "elsewhere_change": d["elsewhere"]["change"]["mean_score"],
             "mined_score_after": d["mined"]["after"]["mean_score"],
             "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"],
@@ -190,6 +192,8 @@ def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
         "mined_change": mined_change,
         "elsewhere_score_before": d["elsewhere"]["before"]["mean_score"],
         "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"], "elsewhere_change": else_change,
+        "fp32_mined_change": (d.get("fp32") or {}).get("mined", {}).get("change", {}).get("mean_score"),
+        "fp32_elsewhere_change": (d.get("fp32") or {}).get("elsewhere", {}).get("change", {}).get("mean_score"),
         "mined_ade_4s_change": d["mined"]["change"]["mean_ade_4s"],
         "elsewhere_ade_4s_change": d["elsewhere"]["change"]["mean_ade_4s"],
         "meets_mined": mined_change is not None and mined_change <= MINED_TARGET,

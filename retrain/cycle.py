@@ -274,7 +274,8 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
     chip_art = {t["chip"]: Path(t["artifact"]).parent for t in compressed}
     verified = step("verify", lambda: verify(
         config.verification, snap, teacher_dir, parent_dir, chip_art[config.verification.chip], work / "verify",
-        progress=(lambda s, d, n, info: step.tell("verify", d, n, {"stage": s, **info})) if progress else None))
+        progress=(lambda s, d, n, info: step.tell("verify", d, n, {"stage": s, **info})) if progress else None,
+        fp32=_fp32_models(reg, parent, compressed, config, work)))
     gate = GateDecision.model_validate(step("gate", lambda: evaluate_gates(config.gates, {
         "divergence": verified["divergence"], "closed_loop": verified["closed_loop"],
         "targets": compressed}).model_dump(mode="json")))
@@ -307,6 +308,26 @@ def target_summary(t: dict) -> dict:
             "cpu_latency_fp32_ms_measured", "latency_ms_estimate", "latency_budget_ms", "latency_budget_basis",
             "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact")
     return {**{k: t.get(k) for k in keys}, "latency_estimate_label": "estimate (roofline, datasheet figures)"}
+
+
+def _fp32_models(reg: Registry, parent: ModelEntry, compressed: list[dict], config: CycleConfig,
+                 work: Path) -> tuple[Path, Path] | None:
+    """(current student's registered FP32, candidate's FP32 export of the verified chip, as <name>-fp32) for the
+    attribution replay; None when the student has no FP32 entry."""
+    if not config.verification.fp32_reference:
+        return None
+    found = [e for e in reg.list(f"{parent.name}-fp32") if e.version == parent.version]
+    if not found:
+        return None
+    src = Path(next(t for t in compressed if t["chip"] == config.verification.chip)["fp32_artifact"])
+    dest = work / "verify" / "candidate-fp32"
+    if not (dest / MODEL_FILE).is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / MODEL_FILE)
+        spec = read_spec(src)
+        spec.name = f"{spec.name}-fp32"  # its own model id: the INT8 candidate has the plain name
+        write_spec(spec, dest / MODEL_FILE)
+    return reg.version_dir(found[0].name, found[0].version), dest
 
 
 def _register(reg: Registry, gate: GateDecision, parent: ModelEntry, teacher: ModelEntry, version: str,
@@ -377,6 +398,11 @@ def format_result(r: CycleResult) -> str:
         lines.append(f"{w:<10} {cond:<12} {a['frames']:>7d} {_f(b['mean_score']):>8} {_f(a['mean_score']):>8} "
                      f"{_f(ch['mean_score'], '+.1%'):>8} {_f(b['mean_ade_4s'], '.3f'):>8} "
                      f"{_f(a['mean_ade_4s'], '.3f'):>8}")
+    fp = r.divergence.get("fp32")
+    if fp:
+        lines.append("FP32 models, before compression (attribution, not gated): " + "; ".join(
+            f"{w} {_f(fp[w]['before']['mean_score'])} -> {_f(fp[w]['after']['mean_score'])} "
+            f"({_f(fp[w]['change']['mean_score'], '+.1%')})" for w in ("mined", "elsewhere")))
     lines += ["", f"closed loop ({', '.join(r.closed_loop['conditions'])})",
               f"{'policy':<14} {'episodes':>8} {'collisions':>10} {'rate':>6} {'mean min TTC s':>14} "
               f"{'min TTC s':>9} {'comfortable':>11}"]

@@ -62,6 +62,8 @@ class VerificationConfig(BaseModel):
     conditions: list[str] = Field(default_factory=lambda: ["nominal", "glare"], min_length=1,
                                   description="perception conditions the closed loop runs under, each in turn")
     expert: bool = Field(True, description="also drive the expert on the same episodes (reference)")
+    fp32_reference: bool = Field(True, description="also replay both students' FP32 models (when both exist): "
+                                 "the fine-tune's effect without the compression's, for attribution (not gated)")
 
     @model_validator(mode="after")
     def _known(self) -> "VerificationConfig":
@@ -282,24 +284,34 @@ def closed_loop_figures(records: list[dict]) -> dict:
 
 
 def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path, candidate: Path, out: Path,
-           progress: Callable[[str, int, int, dict], None] | None = None) -> dict:
-    """Shadow replay and closed loop of the current student ("before") and the candidate ("after"); see step 5."""
+           progress: Callable[[str, int, int, dict], None] | None = None,
+           fp32: tuple[Path, Path] | None = None) -> dict:
+    """Shadow replay of the current student ("before") and the candidate ("after") (model directories) on the
+    snapshot's test drives in a lake of its own under `out`, and both in the same closed-loop episodes. `fp32`:
+    (student FP32, candidate FP32) directories with distinct model ids, replayed too (divergence["fp32"])."""
     test = _test_rows(snap)
     lake = out / "lake"
     write_frames_lake(lake, test, topic="flywheel.verify")  # same names on a rerun: idempotent
     tell = progress or (lambda *a: None)
+    models = {"before": parent, "after": candidate}
+    if cfg.fp32_reference and fp32 is not None:
+        models.update(before_fp32=fp32[0], after_fp32=fp32[1])
     pairs = {}
-    for who, model in (("before", parent), ("after", candidate)):
+    for who, model in models.items():
         rep = replay(lake, teacher, model, cfg.replay, progress=lambda d, n, w=who: tell(f"replay {w}", d, n, {}))
         pairs[who] = rep.pair
-    if pairs["before"] == pairs["after"]:
-        raise VerificationError(f"candidate and current student have the same model id ({pairs['after']})")
+    if len(set(pairs.values())) < len(pairs):
+        raise VerificationError(f"two of the replayed models have the same model id: {pairs}")
     cols = ("drive_id, seq, score, ade_4s, fde_4s, miss_4s, maneuver_disagree, lighting::VARCHAR AS lighting, "
             "weather::VARCHAR AS weather, road_type::VARCHAR AS road_type")
     with Catalog(lake) as cat:
         rows = {w: cat.arrow(f"SELECT {cols} FROM divergences WHERE pair = $p", {"p": p}) for w, p in pairs.items()}
     roles = test.select(["drive_id", "seq", "role"])
-    divergence = divergence_figures(rows["before"], rows["after"], roles.filter(pc.not_equal(roles["role"], "context")))
+    roles = roles.filter(pc.not_equal(roles["role"], "context"))
+    divergence = divergence_figures(rows["before"], rows["after"], roles)
+    if "after_fp32" in rows:  # the same figures for the FP32 models: what the fine-tune did before compression
+        fp = divergence_figures(rows["before_fp32"], rows["after_fp32"], roles)
+        divergence["fp32"] = {k: fp[k] for k in ("mined", "elsewhere", "by_condition")}
     policies = {**({"expert": EXPERT} if cfg.expert else {}), "before": OnnxPlanner(parent / MODEL_FILE, "before"),
                 "after": OnnxPlanner(candidate / MODEL_FILE, "after")}
     records = []

@@ -123,6 +123,8 @@ def test_cycle_result_has_every_section(cycle_run, world):
             assert d[where][when]["frames"] > 0 and d[where][when]["mean_score"] >= 0
         assert d[where]["change"]["mean_score"] is not None
     assert {r["set"] for r in d["by_condition"]} == {"mined", "elsewhere"}
+    for where in ("mined", "elsewhere"):  # the FP32 models too (attribution)
+        assert d["fp32"][where]["after"]["frames"] == d[where]["after"]["frames"]
     assert {r["condition"] for r in d["by_condition"]} <= {"nominal", "glare", "night", "rain"}
     for who in ("before", "after", "expert"):
         cl = result.closed_loop[who]
