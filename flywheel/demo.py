@@ -10,6 +10,7 @@ it started (the broker runs in its own process group and is stopped on the way o
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -26,7 +27,7 @@ from flywheel.settings import Settings
 from ingest.agent import run_agent
 from ingest.broker import EmbeddedBroker, ensure_topics
 from ingest.compact import compact
-from ingest.lake import is_uploaded, list_drive_files, live_files
+from ingest.lake import DRIVE_SUFFIX, is_uploaded, list_drive_files, live_files, uploaded_marker
 from ingest.server import IngestService
 from ingest.sink import run_sink
 
@@ -82,13 +83,42 @@ def lake_rows(lake: Path) -> int:
     return sum(pq.read_metadata(f.path).num_rows for f in live_files(lake, "frames"))
 
 
+def lake_drive_rows(lake: Path) -> dict[str, int]:
+    """Frames per drive in the lake."""
+    files = [str(f.path) for f in live_files(lake, "frames")]
+    if not files:
+        return {}
+    con = duckdb.connect()
+    try:
+        rows = con.read_parquet(files).aggregate("drive_id, count(*)", "drive_id").fetchall()
+    finally:
+        con.close()
+    return dict(rows)
+
+
+def forget_lost_uploads(files: list[Path], lake: Path, console: Console) -> None:
+    """The embedded broker keeps records in memory only: drives it acknowledged but died with before the sink wrote
+    them (a Ctrl-C, a crash) are marked uploaded yet missing from the lake. Upload those again; the sink's dedup by
+    (drive_id, seq) keeps whatever part did land from being stored twice."""
+    stored = lake_drive_rows(lake)
+    lost = [f for f in files if is_uploaded(f) and stored.get(f.name[: -len(DRIVE_SUFFIX)], 0) < pq.read_metadata(f).num_rows]
+    for f in lost:
+        uploaded_marker(f).unlink()
+    if lost:
+        console.print(f"ingest: {len(lost)} drives were acknowledged by the embedded broker but never reached the "
+                      "lake (it keeps records in memory); uploading them again")
+
+
 def ingest(settings: Settings, drives_dir: Path, lake: Path, console: Console) -> None:
     files = list_drive_files(drives_dir)
+    forget_lost_uploads(files, lake, console)
     todo = [f for f in files if not is_uploaded(f)]
     if not todo:
         console.print(f"ingest: all {len(files)} drives already uploaded; lake holds {lake_rows(lake)} frames")
         return
-    expected = lake_rows(lake) + sum(pq.read_metadata(f).num_rows for f in todo)
+    stored = lake_drive_rows(lake)
+    expected = lake_rows(lake) + sum(pq.read_metadata(f).num_rows - stored.get(f.name[: -len(DRIVE_SUFFIX)], 0)
+                                     for f in todo)
     with ingest_services(settings, lake) as (port, _):
         agent_cfg = settings.agent.model_copy(update={"server": f"127.0.0.1:{port}"})
         with _bar(console, "vehicles uploading drives") as bar:
@@ -185,7 +215,6 @@ def sql_summary(lake: Path, console: Console) -> None:
 def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: Console) -> dict:
     from retrain.cycle import CycleConfig, run_cycle
 
-    work = settings.demo.data_dir / "cycle"
     targets = list(settings.demo.targets)
     # the candidate is verified (shadow replay, closed loop) through the first chip's artifact, numerics included
     fields = {"lake": lake, "registry": registry_dir, "teacher": "teacher", "student": "student:v0",
@@ -194,6 +223,9 @@ def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: C
     for key, value in settings.demo.cycle.items():  # nested sections merge, so an override keeps the other keys
         fields[key] = {**fields[key], **value} if isinstance(value, dict) and isinstance(fields.get(key), dict) else value
     cfg = CycleConfig.model_validate(fields)
+    # one work dir per configuration: the same settings resume their cycle, changed ones start a new one
+    key = hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:12]
+    work = settings.demo.data_dir / "cycles" / key
     with _bar(console, "retraining cycle") as bar:
         task = bar.add_task("cycle", total=None)
 

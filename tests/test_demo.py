@@ -41,7 +41,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert sum(pq.read_metadata(f.path).num_rows for f in live_files(tmp_path / "lake", "divergences")) == 600
     report = (tmp_path / "report.html").read_text()
     assert "<html" in report and "data:image/png;base64," in report
-    cycle = json.loads((tmp_path / "cycle" / "result.json").read_text())
+    [result] = (tmp_path / "cycles").glob("*/result.json")
+    cycle = json.loads(result.read_text())
     assert cycle["status"] in ("promoted", "rejected")
 
     second = _demo(tmp_path)
