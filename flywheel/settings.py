@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
 from ingest.fleet.config import FleetConfig
 from retrain.job_models import ControlConfig, JobsConfig
+from shadow.replay import ShadowConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
 
@@ -41,6 +42,7 @@ class Settings(BaseSettings):
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Kafka -> Parquet sink")
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="`flywheel fleet simulate`")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="`flywheel demo`")
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="shadow replay: batch and streaming")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="retraining jobs: store, work dirs, runners")
     control: ControlConfig = Field(default_factory=ControlConfig, description="RetrainControl gRPC service")
 
