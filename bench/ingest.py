@@ -112,11 +112,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=300_000)
     ap.add_argument("--agents", type=int, default=30)
-    ap.add_argument("--chunk", type=int, default=100, help="frames per DriveChunk")
+    ap.add_argument("--chunk", type=int, default=250, help="frames per DriveChunk (the agent default)")
     ap.add_argument("--drives", type=int, default=60)
     ap.add_argument("--streams", type=int, default=16, help="concurrent vehicle streams")
     ap.add_argument("--window", type=int, default=8, help="un-acked chunks per stream")
     ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--sinks", type=int, default=1, help="sink worker processes in one consumer group")
     args = ap.parse_args()
 
     drives = make_chunks(args.frames, args.agents, args.chunk, args.drives)
@@ -139,15 +140,15 @@ def main() -> None:
                "FLYWHEEL_SERVER__LISTEN": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
         server = subprocess.Popen([sys.executable, "-m", "flywheel", "server"], env=env,
                                   stderr=subprocess.PIPE, text=True)
-        sink = subprocess.Popen([sys.executable, "-m", "ingest.sink", "--bootstrap", broker.bootstrap,
-                                 "--lake", str(lake), "--group", "bench", "--max-age-s", "1.0"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sinks = [subprocess.Popen([sys.executable, "-m", "ingest.sink", "--bootstrap", broker.bootstrap,
+                                   "--lake", str(lake), "--group", "bench", "--max-age-s", "1.0"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(args.sinks)]
         try:
             for line in server.stderr:
                 if line.startswith("listening on port"):
                     break
             threading.Thread(target=server.stderr.read, daemon=True).start()
-            time.sleep(4)  # the sink joins its consumer group (~3 s on Tansu) before the clock starts
+            time.sleep(4 + 4 * (args.sinks - 1))  # the sinks join their group (~3 s on Tansu, each join rebalances)
             t0 = time.perf_counter()
             asyncio.run(stream_all(port, drives, args.streams, args.window))
             acked_s = time.perf_counter() - t0
@@ -157,9 +158,9 @@ def main() -> None:
                 time.sleep(0.05)
             e2e_s = time.perf_counter() - t0
         finally:
-            for p in (server, sink):
+            for p in (server, *sinks):
                 p.terminate()
-            for p in (server, sink):
+            for p in (server, *sinks):
                 try:
                     p.wait(30)
                 except subprocess.TimeoutExpired:
@@ -173,7 +174,7 @@ def main() -> None:
     print(f"ratio to raw produce: {e2e_fps / raw_fps:.2f}   targets: >= 25,000 frames/s and >= 0.50 of raw")
     print(json.dumps({
         "bench": "ingest", "frames": n_frames, "agents_per_frame": args.agents, "bytes": n_bytes,
-        "frames_per_chunk": args.chunk, "streams": args.streams, "cpu_count": os.cpu_count(),
+        "frames_per_chunk": args.chunk, "streams": args.streams, "sinks": args.sinks, "cpu_count": os.cpu_count(),
         "end_to_end_frames_per_s": round(e2e_fps), "grpc_acked_frames_per_s": round(n_frames / acked_s),
         "raw_produce_frames_per_s": round(raw_fps), "ratio_to_raw": round(e2e_fps / raw_fps, 3),
         "lake_rows": rows, "target_frames_per_s": 25000, "target_ratio": 0.5,
