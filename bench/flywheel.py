@@ -175,7 +175,8 @@ def control_figures(result: CycleResult) -> dict:
             "mined_score_after": d["mined"]["after"]["mean_score"],
             "elsewhere_score_after": d["elsewhere"]["after"]["mean_score"],
             "collisions_after": cl["after"]["collisions"], "mean_min_ttc_after_s": cl["after"]["mean_min_ttc_s"],
-            "finetune_steps": result.finetune["steps_run"], "wall_s": result.wall_s}
+            "finetune_steps": result.finetune["steps_run"], "finetune_best_step": result.finetune["best_step"],
+            "wall_s": result.wall_s}
 
 
 def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         c = out["control"]
         print(f"control (untargeted fine-tune, same steps and snapshot): where mined {c['mined_change']:+.1%}, "
               f"elsewhere {c['elsewhere_change']:+.1%}, collisions {out['collisions_before']} -> "
-              f"{c['collisions_after']}")
+              f"{c['collisions_after']}; its early stopping kept step {c['finetune_best_step']} of "
+              f"{c['finetune_steps']} run (step 0 = the current student's weights, only re-compressed)")
     print(f"where mined: {out['mined_change']:+.1%} (target <= {MINED_TARGET:+.0%}) "
           f"{'OK' if out['meets_mined'] else 'MISSED'}; elsewhere: {out['elsewhere_change']:+.1%} (target <= "
           f"{ELSEWHERE_TARGET:+.0%}) {'OK' if out['meets_elsewhere'] else 'MISSED'}; collisions "

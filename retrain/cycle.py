@@ -40,7 +40,7 @@ from ingest.lake import model_id, pair_id
 from retrain.compress import CompressConfig, TargetResult, compress_for_target
 from retrain.dataset import DatasetConfig, compress_frames, create_snapshot, load_snapshot
 from retrain.finetune import FinetuneConfig, FinetuneResult, finetune, planner_from_onnx
-from retrain.gates import GateConfig, GateDecision, VerificationConfig, evaluate_gates, verify
+from retrain.gates import GateConfig, GateDecision, VerificationConfig, evaluate_gates, target_summary, verify
 from retrain.mining import MiningConfig, MiningResult, mine
 from retrain.registry import ModelEntry, Registry
 from retrain.targets import load_targets
@@ -300,14 +300,6 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         steps=step.timing, wall_s=time.perf_counter() - t0)
     _write_json(work / "result.json", result.model_dump(mode="json"))
     return result
-
-
-def target_summary(t: dict) -> dict:
-    """The figures of a TargetResult a cycle reports (latency on the chip is an ESTIMATE, on this CPU measured)."""
-    keys = ("chip", "name", "bytes", "size_budget_bytes", "size_budget_met", "cpu_latency_ms_measured",
-            "cpu_latency_fp32_ms_measured", "latency_ms_estimate", "latency_budget_ms", "latency_budget_basis",
-            "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact")
-    return {**{k: t.get(k) for k in keys}, "latency_estimate_label": "estimate (roofline, datasheet figures)"}
 
 
 def _fp32_models(reg: Registry, parent: ModelEntry, compressed: list[dict], config: CycleConfig,

@@ -280,6 +280,14 @@ def closed_loop_figures(records: list[dict]) -> dict:
     return out
 
 
+def target_summary(t: dict) -> dict:
+    """The figures of a TargetResult a cycle reports (latency on the chip is an ESTIMATE, on this CPU measured)."""
+    keys = ("chip", "name", "bytes", "size_budget_bytes", "size_budget_met", "cpu_latency_ms_measured",
+            "cpu_latency_fp32_ms_measured", "latency_ms_estimate", "latency_budget_ms", "latency_budget_basis",
+            "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact")
+    return {**{k: t.get(k) for k in keys}, "latency_estimate_label": "estimate (roofline, datasheet figures)"}
+
+
 # ------------------------------------------------------------------------------------------- verification
 
 
