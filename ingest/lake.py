@@ -31,6 +31,7 @@ import json
 import os
 import re
 import time
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,7 @@ TABLES: dict[str, TableSpec] = {
     "noise_floor": TableSpec("noise_floor", NOISE_FLOOR_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
 }
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FILE_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)-p(?P<partition>\d{5})-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$")
 
@@ -299,7 +301,8 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    # writer's host and pid in the name: a restarted process can tell its dead predecessor's leftovers at once
+    tmp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
             pq.write_table(table, fh, row_group_size=row_group_size, compression=PARQUET_COMPRESSION,
@@ -314,17 +317,32 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     return path
 
 
-def remove_stale_temporaries(lake: Path, table: str, min_age_s: float = 600.0) -> int:
-    """Delete temporary files left by a writer that died before its rename; returns how many.
+def _writer_dead(tmp: Path) -> bool:
+    """True when the temp file's writer was a process on this host that no longer runs."""
+    parts = tmp.name.split(".")
+    if len(parts) < 5 or parts[-4] != _HOST or not parts[-3].isdigit():
+        return False
+    try:
+        os.kill(int(parts[-3]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
-    Only files older than `min_age_s`: another sink worker or the compactor may be writing a younger one right now.
+
+def remove_stale_temporaries(lake: Path, table: str, min_age_s: float = 600.0) -> int:
+    """Delete temporary files left by writers that died before their rename; returns how many.
+
+    A temp file goes when its writer was a process on this host that is gone, or when it is older than `min_age_s`
+    (a writer on another host sharing the lake); a live writer's file is never touched.
     """
     root = table_dir(lake, table)
     now = time.time()
     removed = 0
     for p in root.rglob(".*.tmp") if root.exists() else ():
         try:
-            if now - p.stat().st_mtime >= min_age_s:
+            if _writer_dead(p) or now - p.stat().st_mtime >= min_age_s:
                 p.unlink()
                 removed += 1
         except FileNotFoundError:
