@@ -25,4 +25,4 @@ proto: setup
 	$(BIN)/python proto/generate.py
 
 bench: setup
-	$(BIN)/python bench/ingest.py
+	$(BIN)/python -m bench.ingest
