@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import BaseModel, ConfigDict, Field
@@ -151,26 +151,10 @@ def distill_loss(model: Planner, b: dict[str, np.ndarray], cfg: DistillConfig) -
     return loss
 
 
-class _Calibration(CalibrationDataReader):
-    """Feeds featurized frames to the calibrator, `batch` frames at a time."""
-
-    def __init__(self, feats: Features, batch: int) -> None:
-        self.inputs, self.batch, self.pos = feats.inputs(), batch, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        n = next(iter(self.inputs.values())).shape[0]
-        if self.pos >= n:
-            return None
-        out = {k: v[self.pos:self.pos + self.batch] for k, v in self.inputs.items()}
-        self.pos += self.batch
-        return out
-
-    def rewind(self) -> None:
-        self.pos = 0
-
-
 def quantize(fp32_dir: Path, int8_dir: Path, calib: Features, cfg: QuantConfig) -> ModelSpec:
     """INT8 QDQ model of an FP32 planner directory, with its spec. Calibration frames: `calib`."""
+    from retrain.passes.quantize import FeatureCalibration  # here: the prune pass imports this recipe
+
     int8_dir.mkdir(parents=True, exist_ok=True)
     pre = int8_dir / ".preprocessed.onnx"
     quant_pre_process(str(model_file(fp32_dir)), str(pre))  # shape inference + graph optimisation first, as advised
@@ -182,7 +166,7 @@ def quantize(fp32_dir: Path, int8_dir: Path, calib: Features, cfg: QuantConfig) 
     exclude = [n.name for n in products if n.name.startswith(IO_LAYERS)] if cfg.keep_io_fp32 else []
     chosen = [n.name for n in products if n.name not in exclude]
     out = int8_dir / MODEL_FILE
-    quantize_static(str(pre), str(out), _Calibration(calib, cfg.calibration_batch), quant_format=QuantFormat.QDQ,
+    quantize_static(str(pre), str(out), FeatureCalibration(calib, cfg.calibration_batch), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["MatMul", "Gemm"], per_channel=cfg.per_channel,
                     activation_type=QuantType[cfg.activation_type], weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod[cfg.method], nodes_to_quantize=chosen,

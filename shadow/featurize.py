@@ -112,7 +112,7 @@ def _wrap(a: np.ndarray) -> np.ndarray:
     return (a + np.pi) % (2 * np.pi) - np.pi
 
 
-def _segments_of_table(table: pa.Table) -> np.ndarray:
+def segments_of(table: pa.Table) -> np.ndarray:
     """Segment id per row: a new segment starts where the drive changes or seq does not follow its predecessor."""
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
     seq = table["seq"].to_numpy()
@@ -142,7 +142,7 @@ def featurize(source: Frames | pa.Table | pa.RecordBatch, segments: np.ndarray |
     if isinstance(source, (pa.Table, pa.RecordBatch)):
         table = pa.Table.from_batches([source]) if isinstance(source, pa.RecordBatch) else source
         if segments is None and "drive_id" in table.column_names:
-            segments = _segments_of_table(table)
+            segments = segments_of(table)
         frames = arrow_to_frames(table)
     else:
         frames = source

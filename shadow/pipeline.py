@@ -89,16 +89,6 @@ class Inferred:
     noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
 
 
-def segments_of(table: pa.Table) -> np.ndarray:
-    """Segment id per row (N,): a new one wherever the drive changes or seq does not follow (see featurize)."""
-    drive = table["drive_id"].to_numpy(zero_copy_only=False)
-    seq = table["seq"].to_numpy()
-    new = np.ones(len(seq), bool)
-    if len(seq) > 1:
-        new[1:] = (drive[1:] != drive[:-1]) | (seq[1:] != seq[:-1] + 1)
-    return np.cumsum(new) - 1
-
-
 def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     """Flat logged agents of frames `rows` in each frame's ego frame: frame (M,) = position in `rows`, x, y [m],
     vx, vy [m/s] (world velocity rotated, not relative), heading [rad] relative to the ego, length, width [m]."""
@@ -183,7 +173,7 @@ class Shadow:
     def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None) -> "Inferred":
         """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
-        feats = fz.featurize(frames, segments=segments_of(table), with_targets=True)
+        feats = fz.featurize(frames, segments=fz.segments_of(table), with_targets=True)
         rows = np.flatnonzero(mask)
         f = feats.take(rows)
         inputs = f.inputs()

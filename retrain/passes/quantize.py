@@ -52,7 +52,7 @@ def calibration_mix(ordinary: Features, mined: Features | None, frames: int, min
     return Features.concat(parts)  # fields one of the parts lacks (targets) become None
 
 
-class _Reader(CalibrationDataReader):
+class FeatureCalibration(CalibrationDataReader):
     """Feeds featurized frames to onnxruntime's calibrator, `batch` frames at a time."""
 
     def __init__(self, feats: Features, batch: int) -> None:
@@ -153,7 +153,7 @@ class QuantizeInt8(Pass[QuantizeConfig]):
             cache = self.cache_dir / f"calib-{ref_sha[:12]}-{self._data_hash}-{config.method}.json"
             tmp = out / ".ort-quantized.onnx"
             quantize_static(
-                str(reference), str(tmp), _Reader(self.calibration, config.calibration_batch),
+                str(reference), str(tmp), FeatureCalibration(self.calibration, config.calibration_batch),
                 quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZABLE_OPS, nodes_to_quantize=int8,
                 per_channel=num.weight_per_channel, reduce_range=False,
                 activation_type=QuantType.QInt8 if num.activation_signed else QuantType.QUInt8,
