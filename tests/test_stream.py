@@ -171,21 +171,32 @@ def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafk
     """A second worker joining mid-stream takes partitions over (revoke: the first writes what is done and
     commits); together they write every frame exactly once."""
     lengths = {f"d{i}": 90 + 10 * i for i in range(6)}
-    chunks = fleet_chunks(lengths, 10)  # 63 chunks, ~16 s at the pace below: the second worker joins midway
+    chunks = fleet_chunks(lengths, 10)  # 63 chunks
     lake = tmp_path / "lake"
     cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
     workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
     stop = threading.Event()
     threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
     threads[0].start()
+    joined = threading.Event()
+
+    def produce_around_the_join() -> None:
+        # three whole drives before the second worker joins (so the first worker has complete windows to write),
+        # the other three after: the join lands mid-stream however fast or slow the machine is
+        before = [c for c in chunks if c[0] in ("d0", "d1", "d2")]
+        produce(kafka_config, before, 0.05)
+        joined.wait(90)
+        produce(kafka_config, [c for c in chunks if c not in before], 0.05)
+
     try:
-        producer = threading.Thread(target=produce, args=(kafka_config, chunks, 0.25), daemon=True)
+        producer = threading.Thread(target=produce_around_the_join, daemon=True)
         producer.start()
-        wait_until(lambda: workers[0].stats.files > 0, 30, "the first worker's files")
+        wait_until(lambda: workers[0].stats.files > 0, 60, "the first worker's files")
         threads[1].start()
         wait_until(lambda: workers[1]._parts, 30, "the second worker's partitions")
-        assert producer.is_alive(), "the stream ended before the second worker joined; the test proves nothing"
-        producer.join(60)
+        joined.set()
+        producer.join(90)
+        assert not producer.is_alive(), "the producer did not finish"
         wait_until(lambda: rows(lake) >= sum(lengths.values()), 60, "every frame")
     finally:
         stop.set()
