@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.partitioner.default import murmur2
 
 from ingest.config import KafkaConfig
 from ingest.contract import encode_chunk
@@ -170,8 +171,21 @@ def test_kill_9_mid_stream_then_restart_each_frame_once(models, kafka_config, gr
 def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafka_config, group_id, tmp_path):
     """A second worker joining mid-stream takes partitions over (revoke: the first writes what is done and
     commits); together they write every frame exactly once."""
+    partitions = kafka_config.partitions
+
+    def partition_of(drive: str) -> int:  # Kafka's default partitioner for a key
+        return (murmur2(drive.encode()) & 0x7FFFFFFF) % partitions
+
     lengths = {f"d{i}": 90 + 10 * i for i in range(6)}
-    chunks = fleet_chunks(lengths, 10)  # 63 chunks
+    # the drives sent after the join cover every partition, so whichever the second worker takes has new data
+    late = {partition_of(d) for d in ("d3", "d4", "d5")}
+    extra = (f"e{i}" for i in range(1000))
+    while len(late) < partitions:
+        d = next(extra)
+        if partition_of(d) not in late:
+            late.add(partition_of(d))
+            lengths[d] = 90
+    chunks = fleet_chunks(lengths, 10)
     lake = tmp_path / "lake"
     cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
     workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
@@ -183,10 +197,9 @@ def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafk
     def produce_around_the_join() -> None:
         # three whole drives before the second worker joins (so the first worker has complete windows to write),
         # the other three after: the join lands mid-stream however fast or slow the machine is
-        before = [c for c in chunks if c[0] in ("d0", "d1", "d2")]
-        produce(kafka_config, before, 0.05)
+        produce(kafka_config, [c for c in chunks if c[0] in ("d0", "d1", "d2")], 0.05)
         joined.wait(90)
-        produce(kafka_config, [c for c in chunks if c not in before], 0.05)
+        produce(kafka_config, [c for c in chunks if c[0] not in ("d0", "d1", "d2")], 0.05)
 
     try:
         producer = threading.Thread(target=produce_around_the_join, daemon=True)
