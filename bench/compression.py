@@ -15,15 +15,13 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
 from ingest.synth import synthetic_frames
+from retrain.compress import median_run_ms
 from retrain.evaluate import session
 from shadow.featurize import featurize
 from shadow.spec import model_file, read_spec
@@ -32,17 +30,6 @@ log = logging.getLogger(__name__)
 
 SIZE_TARGET = 16.0
 LATENCY_TARGET = 8.0
-
-
-def median_latency_ms(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        sess.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, inputs)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def measure(path: Path, threads: list[int], runs_b1: int, runs_b256: int) -> dict:
@@ -59,8 +46,8 @@ def measure(path: Path, threads: list[int], runs_b1: int, runs_b256: int) -> dic
                  "precision": precision, "flops_per_frame": flops, "b1_ms": {}, "b256_ms": {}}
     for t in threads:
         sess = session(onnx_path, t)
-        row["b1_ms"][t] = median_latency_ms(sess, b1, runs_b1, max(20, runs_b1 // 10))
-        row["b256_ms"][t] = median_latency_ms(sess, frames, runs_b256, 3)
+        row["b1_ms"][t] = median_run_ms(sess, b1, runs_b1, max(20, runs_b1 // 10))
+        row["b256_ms"][t] = median_run_ms(sess, frames, runs_b256, 3)
     # A deployment runs a model at the thread count that serves it best: that is the headline figure.
     row["latency_b1_ms"] = min(row["b1_ms"].values())
     row["latency_b256_ms"] = min(row["b256_ms"].values())

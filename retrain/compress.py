@@ -101,12 +101,8 @@ class TargetResult(BaseModel):
     seconds: float
 
 
-def measure_latency_ms(path: Path, inputs: dict[str, np.ndarray], runs: int, warmup: int, threads: int) -> float:
-    """Median wall time of `runs` onnxruntime runs of a model on `inputs` (measured, this CPU), ms."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def median_run_ms(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int, warmup: int) -> float:
+    """Median wall time of `runs` runs of a session on `inputs` after `warmup` runs (measured, this CPU), ms."""
     for _ in range(warmup):
         sess.run(None, inputs)
     times = []
@@ -115,6 +111,15 @@ def measure_latency_ms(path: Path, inputs: dict[str, np.ndarray], runs: int, war
         sess.run(None, inputs)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def measure_latency_ms(path: Path, inputs: dict[str, np.ndarray], runs: int, warmup: int, threads: int) -> float:
+    """Median wall time of `runs` onnxruntime runs of a model on `inputs` (measured, this CPU), ms."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return median_run_ms(sess, inputs, runs, warmup)
 
 
 def _source(student: Planner | Path, out: Path, chip: str) -> Artifact:

@@ -4,7 +4,7 @@ rollup, refresh, every protection of the sandbox, and the saved queries on empty
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -17,6 +17,7 @@ from ingest.lake import TABLES, file_name, partition_dir, write_parquet_atomic
 from ingest.sink import to_lake_batch
 from ingest.synth import synthetic_frames
 from shadow.catalog import Catalog, QueryError, QueryRefused, connect, duckdb_columns, load_saved, saved_queries
+from tests.lake_rows import rows
 
 DAY, DAY2 = "2026-01-02", "2026-01-03"
 TOPIC = "flywheel.frames"
@@ -26,29 +27,6 @@ PAIR_A, PAIR_B = f"{TEACHER}__student-1.0", f"{TEACHER}__student-1.1"
 FRAMES = [("d1", "v1", s, "highway", "day" if s < 4 else "night", "clear") for s in range(6)] + \
          [("d2", "v2", s, "merge", "day", "rain") for s in range(4)]
 SCORE_A = [1.0, 1.0, 1.0, 1.0, 3.5, 4.5, 2.0, 2.0, 2.0, 2.0]  # mean 2.0; night 4.0, day-clear 1.0, rain 2.0
-
-
-def _default(field: pa.Field):
-    t = field.type
-    if pa.types.is_dictionary(t):
-        return "unknown"
-    if pa.types.is_list(t):
-        return []
-    if field.nullable:
-        return None
-    if pa.types.is_string(t):
-        return "x"
-    if pa.types.is_boolean(t):
-        return False
-    if pa.types.is_timestamp(t):
-        return datetime(2026, 1, 2, tzinfo=timezone.utc)
-    return 0
-
-
-def rows(table: str, records: list[dict]) -> pa.Table:
-    """A table of `table`'s fixed schema; unnamed columns get a type-correct default."""
-    schema = TABLES[table].schema
-    return pa.Table.from_pylist([{f.name: r.get(f.name, _default(f)) for f in schema} for r in records], schema=schema)
 
 
 def write(lake: Path, table: str, data: pa.Table, first: int, last: int, date: str = DAY, partition: int = 0,

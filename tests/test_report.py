@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,10 @@ import pyarrow as pa
 import pytest
 
 from ingest.contract import ENUMS, SCHEMA_VERSION
-from ingest.lake import TABLES, file_name, partition_dir, write_parquet_atomic
+from ingest.lake import file_name, partition_dir, write_parquet_atomic
 from ingest.sink import to_lake_batch
 from ingest.synth import synthetic_frames
+from tests.lake_rows import rows
 
 DAY = "2026-01-02"
 TEACHER, BEFORE, AFTER = "teacher-1.0", "student-1.0", "student-1.1"
@@ -24,29 +24,6 @@ PAIR_BEFORE, PAIR_AFTER = f"{TEACHER}__{BEFORE}", f"{TEACHER}__{AFTER}"
 # drive d1 (night merge for seq >= 30) and d2 (rain highway), 60 frames each
 DRIVES = {"d1": ("merge", "night", "clear"), "d2": ("highway", "day", "rain")}
 N = 60
-
-
-def _default(f: pa.Field):
-    t = f.type
-    if pa.types.is_dictionary(t):
-        return "unknown"
-    if pa.types.is_list(t):
-        return []
-    if f.nullable:
-        return None
-    if pa.types.is_string(t):
-        return "x"
-    if pa.types.is_boolean(t):
-        return False
-    if pa.types.is_timestamp(t):
-        return datetime(2026, 1, 2, tzinfo=timezone.utc)
-    return 0
-
-
-def rows(table: str, records: list[dict]) -> pa.Table:
-    """Rows of a lake table's fixed schema; columns not named get a type-correct default."""
-    schema = TABLES[table].schema
-    return pa.Table.from_pylist([{f.name: r.get(f.name, _default(f)) for f in schema} for r in records], schema=schema)
 
 
 def write(lake: Path, table: str, data: pa.Table, offset: int, date: str = DAY, **keys: str) -> Path:
