@@ -239,7 +239,10 @@ class Sink:
             committed = self._consumer.committed(tp, timeout_ms=KAFKA_CALL_TIMEOUT_MS)
             self._seen[tp.partition] = pos.drive_seq
             if committed is None and pos.next_offset == 0:
-                target = None  # nothing stored, nothing committed: auto_offset_reset (earliest) decides
+                # nothing stored, nothing committed: from the beginning. Explicitly: a partition this consumer gets
+                # back after a rebalance keeps its old fetch position, past records whose buffer was dropped
+                target = None
+                self._consumer.seek_to_beginning(tp)
             else:
                 target = max(committed or 0, pos.next_offset)
                 self._consumer.seek(tp, target)

@@ -192,6 +192,12 @@ class StreamWorker:
                 log.info("partition %d: nothing committed or written; starting at %s", tp.partition,
                          cfg.auto_offset_reset)
                 start = 0
+                # an explicit seek: a partition this consumer gets back after a rebalance keeps its old fetch
+                # position, which would skip the records it had read but not written
+                if cfg.auto_offset_reset == "earliest":
+                    self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek_to_end(tp)
             else:
                 self._consumer.seek(tp, seek)
                 log.info("partition %d: committed %s, resume at %d (context from %d, %d drives seen)", tp.partition,

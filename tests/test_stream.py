@@ -217,3 +217,33 @@ def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafk
             t.join(30)
     assert all(w.stats.frames > 0 for w in workers), "the second worker never got a partition"
     check_exactly_once(lake, lengths, *IDS)
+
+
+def test_a_worker_joining_while_the_first_holds_unwritten_records_loses_none(models, kafka_config, group_id,
+                                                                              tmp_path):
+    """The first worker has read the first chunks of every drive but written nothing (their 4 s future has not
+    arrived) when the second joins; the partitions it gets back must be re-read from the beginning, not from its old
+    fetch position."""
+    lengths = {f"d{i}": 90 + 10 * i for i in range(6)}
+    chunks = fleet_chunks(lengths, 10)
+    early = len(lengths) * 3  # three 1 s chunks of each drive: no frame has its future yet
+    lake = tmp_path / "lake"
+    cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
+    workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    threads[0].start()
+    try:
+        wait_until(lambda: workers[0]._parts, 60, "the first worker's partitions")
+        produce(kafka_config, chunks[:early])
+        wait_until(lambda: workers[0].stats.records >= early, 30, "the first worker reading the early chunks")
+        assert workers[0].stats.files == 0
+        threads[1].start()
+        wait_until(lambda: workers[1]._parts, 60, "the second worker's partitions")
+        produce(kafka_config, chunks[early:])
+        wait_until(lambda: rows(lake) >= sum(lengths.values()), 60, "every frame")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    check_exactly_once(lake, lengths, *IDS)
