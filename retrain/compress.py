@@ -32,6 +32,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrain.architectures import Planner
+from retrain.evaluate import predict, session
 from retrain.passes import (AccuracyAwareFallback, Artifact, ExportConfig, ExportOnnx, FallbackConfig, PruneConfig,
                             PruneToBudget, RooflineConfig, RooflinePass, VerifyArtifact, VerifyConfig,
                             calibration_mix)
@@ -132,7 +133,8 @@ def _source(student: Planner | Path, out: Path, chip: str) -> Artifact:
 def compress_for_target(student: Planner | Path, target: TargetProfile, calibration: Features, validation: Features,
                         out_dir: Path, config: CompressConfig | None = None, teacher: Path | None = None,
                         mined: Features | None = None) -> TargetResult:
-    """Run the passes for one chip; see the module docstring. `teacher` (ONNX) guides pruning when given."""
+    """Run the passes for one chip; see the module docstring. `teacher` (ONNX), when given, guides pruning and
+    sets the fallback's relative tolerance (a share of the FP32 student's divergence from it)."""
     config = config or CompressConfig()
     t0 = time.perf_counter()
     if len(validation) < 2:
@@ -146,7 +148,9 @@ def compress_for_target(student: Planner | Path, target: TargetProfile, calibrat
     if config.prune_enabled:
         art = PruneToBudget(target, calib, teacher).run(art, config.prune, out / "prune")
     fp32 = ExportOnnx(target).run(art, config.export, out / "fp32")
-    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration").run(
+    # the teacher's outputs on the fallback frames let its tolerance scale with the student's own divergence
+    t_out = predict(session(teacher, config.fallback.threads), fb_frames) if teacher is not None else None
+    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration", teacher=t_out).run(
         fp32, config.fallback, out / "fallback")
     chip_art = RooflinePass(target).run(chip_art, RooflineConfig(), out / "roofline")
     chip_art = VerifyArtifact(target, held).run(chip_art, config.verify, out / "verify")

@@ -220,6 +220,25 @@ def test_fallback_reverts_only_when_tolerance_is_tight(built, frames, tmp_path):
     assert [s["error"] for s in fb["steps"]][-1] == fb["final_error"]
 
 
+def test_fallback_tolerance_relative_to_the_students_own_divergence(built, frames, tmp_path):
+    cal, val = frames
+    _, _, arts = built
+    target, fp32, _ = arts["orin"]
+    initial = AccuracyAwareFallback(target, cal, val).run(
+        fp32, FallbackConfig(enabled=False), tmp_path / "plain").metrics["fallback"]["initial_error"]
+    traj, logits = predict(session(fp32.path), val)
+    shifted = traj.copy()
+    shifted[..., 0] += initial  # a teacher exactly `initial` metres (ADE) away from the FP32 student
+    cfg = FallbackConfig(tolerance=1e3, relative_tolerance=0.25)
+    art = AccuracyAwareFallback(target, cal, val, teacher=(shifted, logits)).run(fp32, cfg, tmp_path / "rel")
+    fb = art.metrics["fallback"]
+    assert fb["fp32_vs_teacher"] == pytest.approx(initial, rel=1e-4)
+    assert fb["tolerance"] == pytest.approx(0.25 * initial, rel=1e-4) and fb["tolerance_absolute"] == 1e3
+    assert fb["reverted"] and fb["met"] and fb["final_error"] <= fb["tolerance"]
+    with pytest.raises(ValueError, match="teacher outputs"):
+        AccuracyAwareFallback(target, cal, val, teacher=(shifted[:1], logits[:1]))
+
+
 # ----------------------------------------------------------------------------------------------------- roofline
 
 

@@ -3,6 +3,10 @@ next precision the chip allows until the divergence from the FP32 model is withi
 
 1. Build the default plan's artifact (`QuantizeInt8`, then `ApplyNumericRules`) and measure its divergence from
    the FP32 reference on the fallback frames (onnxruntime, this CPU): by default the mean displacement (ADE, m).
+   The tolerance is the absolute `tolerance`, or, when the teacher's outputs on the fallback frames are given and
+   `relative_tolerance` is set, that share of the FP32 model's own divergence from the teacher if it is smaller:
+   a student that tracks the teacher to 0.2 m ADE must not lose another 0.1 m to quantization, while one that is
+   0.5 m off can afford more. Quantization error adds to the student's divergence, so it is held against it.
 2. Within tolerance: done, nothing reverted.
 3. Otherwise, sensitivity of every quantized node that has a higher precision on the chip (INT8 products; on
    Journey 6 also the INT16 vector operators): the divergence with that node alone moved one step up its ladder
@@ -45,6 +49,12 @@ class FallbackConfig(BaseModel):
     metric: Literal["ade_m", "traj_max_abs", "traj_mean_abs"] = Field(
         "ade_m", description="divergence vs FP32: mean displacement (m), largest or mean |trajectory error|")
     tolerance: float = Field(0.1, gt=0, description="largest divergence accepted, in the metric's unit")
+    relative_tolerance: float | None = Field(
+        0.25, gt=0, description="largest divergence accepted as a share of the FP32 model's own divergence from "
+        "the teacher on the same frames (same metric), when the teacher's outputs are given; the smaller of this "
+        "and `tolerance` applies. 0.25: errors of a quarter of the FP32 divergence add a few percent to it, where "
+        "the absolute 0.1 m alone (half the divergence of a good student) cost about +10% elsewhere; None: only "
+        "the absolute tolerance")
     group_size: int = Field(1, ge=1, description="nodes reverted per step")
     max_reverts: int | None = Field(None, ge=0, description="stop after this many reverted nodes (None: no limit)")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="INT8 quantization options")
@@ -59,11 +69,14 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
     config_class: ClassVar[type[BaseModel]] = FallbackConfig
 
     def __init__(self, target: TargetProfile, calibration: Features, frames: Features,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, teacher: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`teacher`: the teacher's (trajectory, logits) on `frames`, for `relative_tolerance`."""
         super().__init__(target)
         if len(frames) == 0:
             raise ValueError("the fallback needs frames to measure divergence on")
-        self.frames = frames
+        if teacher is not None and len(teacher[0]) != len(frames):
+            raise ValueError(f"teacher outputs for {len(teacher[0])} frames, fallback frames {len(frames)}")
+        self.frames, self.teacher = frames, teacher
         self.quantizer = QuantizeInt8(target, calibration, cache_dir)
         self.rules = ApplyNumericRules(target, calibration)
 
@@ -79,6 +92,10 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
         plan = dict(config.quantize.plan or model.plan or
                     G.default_plan(fp32, self.target, tuple(config.quantize.keep_float)))
         ref_traj, _ = predict(session(reference, config.threads), self.frames)
+        fp32_vs_teacher = None if self.teacher is None else _metric(ref_traj, self.teacher[0], config.metric)
+        tolerance = config.tolerance
+        if fp32_vs_teacher is not None and config.relative_tolerance is not None:
+            tolerance = min(tolerance, config.relative_tolerance * fp32_vs_teacher)
         quantized: dict[frozenset, Artifact] = {}
         builds: list[Path] = []
 
@@ -101,7 +118,7 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
         steps = [{"reverted": [], "error": err}]
         sensitivity: dict[str, float] = {}
         reverted: dict[str, str] = {}
-        if config.enabled and err > config.tolerance:
+        if config.enabled and err > tolerance:
             candidates = G.quantized_nodes(plan, self.target, kinds)
             for n in candidates:
                 trial = {**plan, n: self.target.fallback(kinds[n], plan[n])}
@@ -109,7 +126,7 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
             order = sorted(candidates, key=lambda n: (-sensitivity[n], n))
             limit = len(order) if config.max_reverts is None else min(len(order), config.max_reverts)
             i = 0
-            while err > config.tolerance and i < limit:
+            while err > tolerance and i < limit:
                 group = order[i:min(limit, i + config.group_size)]
                 i += len(group)
                 for n in group:
@@ -123,17 +140,18 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
         for b in builds:  # trial builds are scratch; the chosen one's files stay with its artifact's lineage
             if b not in keep:
                 shutil.rmtree(b, ignore_errors=True)
-        summary = {"metric": config.metric, "tolerance": config.tolerance, "initial_error": initial,
-                   "final_error": err, "met": err <= config.tolerance, "reverted": reverted,
+        summary = {"metric": config.metric, "tolerance": tolerance, "tolerance_absolute": config.tolerance,
+                   "relative_tolerance": config.relative_tolerance, "fp32_vs_teacher": fp32_vs_teacher,
+                   "initial_error": initial, "final_error": err, "met": err <= tolerance, "reverted": reverted,
                    "sensitivity": sensitivity, "steps": steps, "builds": len(builds),
                    "measured_on": f"{len(self.frames)} frames, onnxruntime on this CPU"}
         if config.enabled and not summary["met"]:
             log.warning("%s fallback: %s %.4f still above tolerance %.4f", self.target.chip, config.metric, err,
-                        config.tolerance)
+                        tolerance)
         return self.derive(best, config, path=final, spec=read_spec(final), plan=dict(plan), reference=reference,
                            metrics={**model.metrics, "fallback": summary},
                            notes=[f"{len(reverted)} nodes reverted; {config.metric} {initial:.4g} -> {err:.4g} "
-                                  f"(tolerance {config.tolerance:g})"])
+                                  f"(tolerance {tolerance:.4g})"])
 
 
 def _metric(traj: np.ndarray, ref: np.ndarray, metric: str) -> float:
