@@ -246,6 +246,39 @@ def prune(model: Planner, importance: Importance, keep_heads: float, keep_ffn: f
     return new
 
 
+def grow(model: Planner, heads: int, ffn: int, seed: int = 0) -> Planner:
+    """A new Planner with at least `heads` attention heads and `ffn` FFN channels in every layer, computing exactly
+    what `model` computes: the kept weights are copied, new heads and channels get fresh (seeded) input weights and
+    zero output weights, so they start silent and are learnt by a fine-tune. The inverse of `prune` in size; a
+    pruned student grown back has the capacity pruning took, and the compression prunes it to each chip's budget."""
+    cfg = model.config
+    hs = [max(cfg.heads_of(i), heads) for i in range(cfg.depth)]
+    fs = [max(cfg.ffn_of(i), ffn) for i in range(cfg.depth)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        new = Planner(cfg.model_copy(update={"layer_heads": hs, "layer_ffn": fs}))
+    state, old = new.state_dict(), model.state_dict()
+    for k, v in old.items():
+        if state[k].shape == v.shape:
+            state[k] = v.detach().clone()
+    hd = cfg.head_dim
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}."
+        n0, n1 = layer.attn.heads * hd, hs[i] * hd
+        for j in range(3):  # q, k and v blocks: the old heads first, then the new ones
+            state[p + "attn.qkv.weight"][j * n1:j * n1 + n0] = old[p + "attn.qkv.weight"][j * n0:(j + 1) * n0]
+            state[p + "attn.qkv.bias"][j * n1:j * n1 + n0] = old[p + "attn.qkv.bias"][j * n0:(j + 1) * n0]
+        state[p + "attn.out.weight"] = torch.zeros_like(state[p + "attn.out.weight"])
+        state[p + "attn.out.weight"][:, :n0] = old[p + "attn.out.weight"]
+        f0 = layer.fc1.out_features
+        state[p + "fc1.weight"][:f0], state[p + "fc1.bias"][:f0] = old[p + "fc1.weight"], old[p + "fc1.bias"]
+        state[p + "fc2.weight"] = torch.zeros_like(state[p + "fc2.weight"])
+        state[p + "fc2.weight"][:, :f0] = old[p + "fc2.weight"]
+    new.load_state_dict(state)
+    log.info("grew %d -> %d parameters (heads %s, ffn %s)", model.num_parameters(), new.num_parameters(), hs, fs)
+    return new
+
+
 # ------------------------------------------------------------------------------------------------------------ export
 
 OUTPUT_NAMES = ("trajectory", "maneuver_logits")

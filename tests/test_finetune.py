@@ -90,3 +90,27 @@ def test_planner_rebuilt_from_fp32_onnx(setup):
     feats = feats.take(slice(0, 64))
     a, b = predict(session(setup["fp32"]), feats), torch_predict(model, feats)
     assert abs(a[0] - b[0]).max() < 1e-3 and abs(a[1] - b[1]).max() < 1e-3
+
+
+def test_regrow_restores_the_unpruned_size_and_computes_the_same(setup):
+    from retrain.architectures import grow
+
+    start = load_checkpoint(setup["start"])
+    cfg = start.config
+    grown = grow(start, cfg.heads, cfg.ffn, seed=1).eval()
+    assert [layer.attn.heads for layer in grown.layers] == [cfg.heads] * cfg.depth
+    assert [layer.fc1.out_features for layer in grown.layers] == [cfg.ffn] * cfg.depth
+    feats, _ = setup["snapshot"].features()
+    feats = feats.take(slice(0, 64))
+    a, b = torch_predict(start, feats), torch_predict(grown, feats)
+    assert abs(a[0] - b[0]).max() < 1e-4 and abs(a[1] - b[1]).max() < 1e-4
+
+
+def test_finetuned_candidate_of_a_regrown_student_is_the_unpruned_size(setup, tmp_path):
+    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path)
+    start, cand = load_checkpoint(setup["start"]).config, load_checkpoint(res.checkpoint).config
+    if res.best_step > 0:
+        assert cand.layer_heads == [start.heads] * start.depth and cand.layer_ffn == [start.ffn] * start.depth
+    no_regrow = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG.model_copy(update={"regrow": False}),
+                         tmp_path / "plain")
+    assert load_checkpoint(no_regrow.checkpoint).config == start
