@@ -104,6 +104,15 @@ async def stream_all(port: int, drives: list[list[tuple[str, bytes]]], streams: 
         await asyncio.gather(*(one(c) for c in drives))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (Linux /proc), NaN when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def lake_rows(lake: Path) -> int:
     return sum(pq.read_metadata(f.path).num_rows for f in live_files(lake, "frames"))
 
@@ -129,8 +138,10 @@ def main() -> None:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         kafka = KafkaConfig(bootstrap_servers=broker.bootstrap, partitions=args.partitions)
         ensure_topics(kafka)
+        broker0, own0 = cpu_seconds(broker.proc.pid), sum(os.times()[:2])
         raw_s = raw_produce(broker.bootstrap, drives, args.partitions)
         raw_fps = n_frames / raw_s
+        raw_cpu = {"producer": sum(os.times()[:2]) - own0, "broker": cpu_seconds(broker.proc.pid) - broker0}
         print(f"raw kafka-python produce: {raw_s:.2f}s  {raw_fps:,.0f} frames/s  {n_bytes / raw_s / 1e6:.0f} MB/s")
 
         lake = Path(tmp) / "lake"
@@ -149,6 +160,9 @@ def main() -> None:
                     break
             threading.Thread(target=server.stderr.read, daemon=True).start()
             time.sleep(4 + 4 * (args.sinks - 1))  # the sinks join their group (~3 s on Tansu, each join rebalances)
+            procs = {"server": server.pid, "broker": broker.proc.pid, **{f"sink{i}": s.pid for i, s in enumerate(sinks)}}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in procs.items()}
+            own0 = sum(os.times()[:2])
             t0 = time.perf_counter()
             asyncio.run(stream_all(port, drives, args.streams, args.window))
             acked_s = time.perf_counter() - t0
@@ -157,6 +171,8 @@ def main() -> None:
                     raise TimeoutError("lake incomplete after 600 s")
                 time.sleep(0.05)
             e2e_s = time.perf_counter() - t0
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in procs.items()}
+            cpu["vehicles (gRPC client)"] = sum(os.times()[:2]) - own0
         finally:
             for p in (server, *sinks):
                 p.terminate()
@@ -172,12 +188,20 @@ def main() -> None:
     print(f"gRPC acked (durable in Kafka): {acked_s:.2f}s  {n_frames / acked_s:,.0f} frames/s")
     print(f"end to end, durable in the lake: {e2e_s:.2f}s  {e2e_fps:,.0f} frames/s  ({rows} rows in {files} files)")
     print(f"ratio to raw produce: {e2e_fps / raw_fps:.2f}   targets: >= 25,000 frames/s and >= 0.50 of raw")
+    print("CPU during the raw produce (us/frame): "
+          + ", ".join(f"{name} {1e6 * sec / n_frames:.1f}" for name, sec in raw_cpu.items())
+          + f"; total {1e6 * sum(raw_cpu.values()) / n_frames:.1f}")
+    print("CPU during the end-to-end run (us/frame): "
+          + ", ".join(f"{name} {1e6 * sec / n_frames:.1f}" for name, sec in cpu.items())
+          + f"; total {1e6 * sum(cpu.values()) / n_frames:.1f} on {os.cpu_count()} cores")
     print(json.dumps({
         "bench": "ingest", "frames": n_frames, "agents_per_frame": args.agents, "bytes": n_bytes,
         "frames_per_chunk": args.chunk, "streams": args.streams, "sinks": args.sinks, "cpu_count": os.cpu_count(),
         "end_to_end_frames_per_s": round(e2e_fps), "grpc_acked_frames_per_s": round(n_frames / acked_s),
         "raw_produce_frames_per_s": round(raw_fps), "ratio_to_raw": round(e2e_fps / raw_fps, 3),
         "lake_rows": rows, "target_frames_per_s": 25000, "target_ratio": 0.5,
+        "raw_cpu_us_per_frame": {name: round(1e6 * sec / n_frames, 2) for name, sec in raw_cpu.items()},
+        "cpu_us_per_frame": {name: round(1e6 * sec / n_frames, 2) for name, sec in cpu.items()},
     }))
 
 

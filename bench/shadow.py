@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
         "achieved_teacher_gflops": achieved, "fraction_of_fp32_rate": achieved / fp32,
         "fraction_with_student_flops": (t_flops["total"] + s_flops["total"]) * fps / 1e9 / fp32,
         "rate_target": RATE_TARGET, "meets_rate_target": achieved / fp32 >= RATE_TARGET,
+        "ceiling_fps_at_fp32_rate": fp32 * 1e9 / t_flops["total"],
+        "ceiling_speedup_vs_eager": fp32 * 1e9 / t_flops["total"] / eager_best,
         "eager_torch_fps_by_threads": eager, "eager_torch_fps": eager_best, "speedup_vs_eager": fps / eager_best,
         "eager_target": EAGER_TARGET, "meets_eager_target": fps / eager_best >= EAGER_TARGET,
         "breakdown_s": {k: round(v, 3) for k, v in sorted(breakdown.items(), key=lambda kv: -kv[1])},
@@ -393,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
           + ", ".join(f"{t} thread(s) {v:,.1f}" for t, v in eager.items())
           + f"; replay is {fps / eager_best:,.1f}x the best (target {EAGER_TARGET:.0f}x) "
           + ("OK" if result["meets_eager_target"] else "MISSED"))
+    print(f"{'ceiling: teacher FLOPs at 100% of FP32':<44} {result['ceiling_fps_at_fp32_rate']:,.0f} frames/s = "
+          f"{result['ceiling_speedup_vs_eager']:,.1f}x the eager loop (a replay cannot beat this with an FP32 teacher)")
     print(f"{'time inside (s, stages overlap)':<44} " + ", ".join(f"{k} {v}" for k, v in result["breakdown_s"].items()))
     print(f"{'load average before / after':<44} {load_before:.2f} / {result['load_average_after']:.2f} "
           f"(this machine is shared; rates are the best seen)")
