@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
-from ingest.lake import (DRIVE_SEQ_KEY, TABLES, LakeFile, file_name, live_files, superseded_files,
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, TABLES, LakeFile, file_name, live_files, superseded_files,
                          write_parquet_atomic)
-from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
+from ingest.lake_index import (SeqRanges, encode_drive_final, encode_drive_seq, merge_drive_final, read_drive_final,
+                               read_drive_seq)
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,11 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
     run = sorted(run)
     parts: list[pa.Table] = []
     seqs: dict[str, SeqRanges] = {}
+    finals: dict[str, int] = {}
     have_seqs = True
     for f in run:
         t = pq.ParquetFile(f.path).read()
+        merge_drive_final(finals, read_drive_final(f.path, t.schema.metadata or {}))
         got = read_drive_seq(f.path)
         if got is None:
             have_seqs = False
@@ -121,6 +124,8 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
     meta = {"flywheel.compacted_from": str(len(run))}
     if have_seqs:  # a partial union would let the sink take stored frames for new ones: then leave the key out
         meta[DRIVE_SEQ_KEY] = encode_drive_seq(seqs)
+    if finals:
+        meta[DRIVE_FINAL_KEY] = encode_drive_final(finals)
     merged = merged.replace_schema_metadata(spec.schema.metadata)
     write_parquet_atomic(merged, out, row_group_size=row_group_rows, metadata=meta)
     return MergedRun(out, tuple(f.path for f in run), merged.num_rows)

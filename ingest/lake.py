@@ -425,6 +425,10 @@ def is_uploaded(drive_file: Path) -> bool:
 DRIVE_SEQ_KEY = "flywheel.drive_seq"
 """Footer of every frames file: {drive_id: [[lo, hi], ...]}, the sorted disjoint seq ranges of the drive's rows."""
 
+DRIVE_FINAL_KEY = "flywheel.drive_final"
+"""Footer of a frames file holding the rows of a drive's final chunk (the vehicle's `final` flag): {drive_id: last
+seq of the drive}. Readers know a drive has ended without waiting for it to go quiet. Absent when no drive ended."""
+
 
 # ------------------------------------------------------------------------------ simulator truth (evaluation only)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ingest.lake import DRIVE_SEQ_KEY, live_files
+from ingest.lake import DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, live_files
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,27 @@ def read_drive_seq(path: Path) -> dict[str, SeqRanges] | None:
     if raw is None:
         return None
     return {d: SeqRanges(ranges) for d, ranges in json.loads(raw).items()}
+
+
+def encode_drive_final(finals: dict[str, int]) -> str:
+    return json.dumps(finals, sort_keys=True, separators=(",", ":"))
+
+
+def read_drive_final(path: Path, metadata: dict[bytes, bytes] | None = None) -> dict[str, int]:
+    """drive_id -> last seq of each drive whose final chunk a frames file holds (footer `DRIVE_FINAL_KEY`); {} if
+    none. `metadata`: the file's key-value metadata when the caller has read it already."""
+    if metadata is None:
+        metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(DRIVE_FINAL_KEY.encode())
+    if raw is None:
+        return {}
+    return {str(d): int(s) for d, s in json.loads(raw).items()}
+
+
+def merge_drive_final(into: dict[str, int], more: dict[str, int]) -> None:
+    """Union of finals: a drive re-chunked on a resend ends at the same seq, the larger is kept if not."""
+    for d, s in more.items():
+        into[d] = max(into.get(d, s), s)
 
 
 def scan_drive_seq(path: Path) -> dict[str, SeqRanges]:

@@ -41,9 +41,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import (DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, partition_dir, remove_stale_temporaries,
-                         write_parquet_atomic)
-from ingest.lake_index import SeqRanges, encode_drive_seq, lake_positions
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, partition_dir,
+                         remove_stale_temporaries, write_parquet_atomic)
+from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq, lake_positions, merge_drive_final
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class _Buffer:
     rows: int = 0
     nbytes: int = 0  # record value bytes
     drive_seq: dict[str, SeqRanges] = field(default_factory=dict)  # drive_id -> seq ranges in this buffer
+    finals: dict[str, int] = field(default_factory=dict)  # drive_id -> last seq, for final chunks in this buffer
     dead_letters: list = field(default_factory=list)  # producer futures, awaited before the commit
 
 
@@ -303,6 +304,8 @@ class Sink:
             log.exception("unexpected error decoding partition %d offset %d", partition, record.offset)
             self._dead_letter(buf, record, RejectReason.MALFORMED.value, f"unexpected {type(exc).__name__}: {exc}")
             return
+        if chunk.final:
+            merge_drive_final(buf.finals, {chunk.drive_id: last})
         in_buffer = buf.drive_seq.setdefault(chunk.drive_id, SeqRanges())
         for (lo, hi), batch in zip(pieces, batches):
             seen.add(lo, hi)
@@ -390,6 +393,8 @@ class Sink:
         meta = {DRIVE_SEQ_KEY: encode_drive_seq(buf.drive_seq),
                 "flywheel.kafka_topic": self.kafka.frames_topic, "flywheel.kafka_partition": str(partition),
                 "flywheel.first_offset": str(buf.first), "flywheel.last_offset": str(buf.last)}
+        if buf.finals:
+            meta[DRIVE_FINAL_KEY] = encode_drive_final(buf.finals)
         try:
             return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta)
         except FileNotFoundError:

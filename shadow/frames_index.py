@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.lake import LakeFile
-from ingest.lake_index import SeqRanges, read_drive_seq, scan_drive_seq
+from ingest.lake_index import SeqRanges, merge_drive_final, read_drive_final, read_drive_seq, scan_drive_seq
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,12 @@ class FileInfo:
     drive_seq: dict[str, SeqRanges]
     rows: int
     max_ingest_s: float
+    finals: dict[str, int]  # drive -> its last seq, for drives whose final chunk this file holds
 
 
 def file_info(f: LakeFile) -> FileInfo:
     md = pq.read_metadata(f.path)
+    finals = read_drive_final(f.path, md.metadata or {})
     seqs = read_drive_seq(f.path)
     if seqs is None:
         seqs = scan_drive_seq(f.path)
@@ -47,7 +49,7 @@ def file_info(f: LakeFile) -> FileInfo:
         t = pq.read_table(f.path, columns=["ingest_time"])["ingest_time"]
         ingest = pc.max(t).as_py().timestamp() if len(t) else 0.0
     date = f.path.parent.name.split("=", 1)[-1]
-    return FileInfo(f, date, seqs, md.num_rows, ingest)
+    return FileInfo(f, date, seqs, md.num_rows, ingest, finals)
 
 
 class PartitionIndex:
@@ -58,13 +60,24 @@ class PartitionIndex:
         self.ranges: dict[str, SeqRanges] = {}
         self.where: dict[str, list[tuple[int, int, int]]] = {}  # drive -> (lo, hi, file index)
         self.last_ingest: dict[str, float] = {}
+        self.final: dict[str, int] = {}  # drive -> last seq, once its final chunk is stored
         for i, info in enumerate(self.files):
+            merge_drive_final(self.final, info.finals)
             for d, r in info.drive_seq.items():
                 known = self.ranges.setdefault(d, SeqRanges())
                 for lo, hi in r.ranges:
                     known.add(lo, hi)
                     self.where.setdefault(d, []).append((lo, hi, i))
                 self.last_ingest[d] = max(self.last_ingest.get(d, 0.0), info.max_ingest_s)
+
+    def ended(self, drive: str, idle_s: float, now: float) -> bool:
+        """Whether a drive has ended: its final chunk and every frame before it are stored, or it has been quiet for
+        `idle_s` (a vehicle that never sent a final chunk)."""
+        last = self.final.get(drive)
+        r = self.ranges.get(drive)
+        if last is not None and r is not None and r.missing(0, last) == []:
+            return True
+        return now - self.last_ingest.get(drive, 0.0) >= idle_s
 
     def files_for(self, drive: str, lo: int, hi: int) -> set[int]:
         return {i for a, b, i in self.where.get(drive, ()) if a <= hi and b >= lo}

@@ -13,7 +13,8 @@ Context. A frame's features need the ego history (9 frames before it), its drive
 in one Kafka partition, so the partition's files hold the context; which file holds which seqs of which drive comes
 from the `flywheel.drive_seq` footers alone, and only those rows are read (tables cached per group). A unit is
 replayed once its context is in the lake: every drive in it has its frames up to `context_after` frames past its
-last frame stored, or has been quiet for `drive_end_idle_s` (it ended; its last frames get null driver metrics).
+last frame stored, or has ended: its final chunk is stored (the `flywheel.drive_final` footer) with every frame
+before it, or it has been quiet for `drive_end_idle_s`. An ended drive's last frames get null driver metrics.
 Otherwise the unit is deferred to a later run (counted in the report).
 
 Scenario windows are frames seq // W of a drive. A window's row is written with the unit holding the window's first
@@ -64,8 +65,9 @@ class ReplayConfig(PipelineConfig):
 
     group_frames: int = Field(16384, ge=1, description="frames loaded, featurized and run together (several "
                               "units of a partition); larger amortises per-call costs, costs memory")
-    drive_end_idle_s: float = Field(120.0, ge=0, description="a drive whose newest stored frame arrived this long "
-                                    "ago has ended: replay its last frames without waiting for their future")
+    drive_end_idle_s: float = Field(120.0, ge=0, description="a drive without a stored final chunk whose newest "
+                                    "stored frame arrived this long ago has ended: replay its last frames without "
+                                    "waiting for their future")
     topic: str | None = Field(None, description="only frames files of this Kafka topic (None: all)")
     partitions: list[int] | None = Field(None, description="only these Kafka partitions (None: all)")
     row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
@@ -200,9 +202,9 @@ def _settled(info: FileInfo, index: PartitionIndex, config: ReplayConfig) -> boo
     need = config.context_after()
     now = time.time()
     for d, r in info.drive_seq.items():
-        if index.ranges[d].max >= r.max + need:
-            continue
-        if now - index.last_ingest.get(d, 0.0) >= config.drive_end_idle_s:
+        if not index.ranges[d].missing(r.max + 1, r.max + need):
+            continue  # its whole future is stored (a gap before it may still be filled by a resend)
+        if index.ended(d, config.drive_end_idle_s, now):
             continue
         return False
     return True
@@ -303,7 +305,7 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
                    Output("divergences", "pair", shadow.pair, div.filter(pa.array(sel)))]
         m = unit_of == k
         ended = {d for d in np.unique(drive[m]).tolist() if index.ranges[d].max <= int(seq[m & (drive == d)].max())
-                 and time.time() - index.last_ingest.get(d, 0.0) >= config.drive_end_idle_s}
+                 and index.ended(d, config.drive_end_idle_s, time.time())}
         info = FrameInfo(drive[m], seq[m], off[m], ts_ms[m], ended)
         res = write_unit(coverage, index.files[u.file].date, p.topic, p.partition, u.lo, u.hi, outputs, info,
                          {"flywheel.shadow.replay_id": rid}, config.row_group_rows)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.compact import compact, merge_run
-from ingest.lake import DRIVE_SEQ_KEY
-from ingest.lake_index import lake_positions
+from ingest.lake import DRIVE_FINAL_KEY, DRIVE_SEQ_KEY
+from ingest.lake_index import lake_positions, read_drive_final
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.sink import to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
@@ -30,9 +30,12 @@ def put_files(lake: Path, date: str, partition: int, first_offset: int, sizes: l
     for i, n in enumerate(sizes):
         offset = first_offset + i
         batch = to_lake_batch(frames.slice(seq, seq + n), drive, "veh-1", seq, 1, T0_MS + offset, partition, offset)
+        meta = {DRIVE_SEQ_KEY: json.dumps({drive: [[seq, seq + n - 1]]})}
+        if i == len(sizes) - 1:  # the drive's final chunk
+            meta[DRIVE_FINAL_KEY] = json.dumps({drive: seq + n - 1})
         write_parquet_atomic(pa.Table.from_batches([batch]),
                              partition_dir(lake, "frames", date) / file_name(TOPIC, partition, offset, offset),
-                             metadata={DRIVE_SEQ_KEY: json.dumps({drive: [[seq, seq + n - 1]]})})
+                             metadata=meta)
         seq += n
 
 
@@ -79,6 +82,11 @@ def test_small_files_are_merged_with_every_row_kept(lake):
         assert offsets == sorted(offsets) and f.first == offsets[0] and f.last == offsets[-1]
         seq = t["seq"].to_pylist()
         assert json.loads(pf.schema_arrow.metadata[DRIVE_SEQ_KEY.encode()]) == {t["drive_id"][0].as_py(): [[min(seq), max(seq)]]}
+        # the file holding a drive's last frame still says the drive ended there
+        finals = read_drive_final(f.path)
+        ends = {"drive-a": 199, "drive-b": 329, "drive-c": 59}
+        drive = t["drive_id"][0].as_py()
+        assert finals == ({drive: ends[drive]} if max(seq) == ends[drive] else {})
     # the sink resumes at the same place, with the same dedup knowledge, from the merged footers
     now = lake_positions(lake, TOPIC, {0, 1})
     def summary(pos):

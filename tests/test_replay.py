@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ingest.contract import Frames
-from ingest.lake import (DRIVE_SEQ_KEY, TABLES, file_name, live_files, partition_dir, write_parquet_atomic)
-from ingest.lake_index import SeqRanges, encode_drive_seq
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, TABLES, file_name, live_files, partition_dir, write_parquet_atomic)
+from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq
 from ingest.sink import ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 from retrain.architectures import Planner, PlannerConfig, export_onnx
@@ -64,8 +64,10 @@ def records(drives: dict[str, Frames], chunk: int, partitions: int) -> list[tupl
     return out
 
 
-def write_frames(lake: Path, recs: list[tuple], per_file: int, ingest_ms: int = T0_MS) -> list[Path]:
-    """Frames files as the sink writes them: `per_file` consecutive records of a partition per file."""
+def write_frames(lake: Path, recs: list[tuple], per_file: int, ingest_ms: int = T0_MS,
+                 finals: dict[str, int] | None = None) -> list[Path]:
+    """Frames files as the sink writes them: `per_file` consecutive records of a partition per file; `finals`
+    {drive: last seq}: the file holding that seq gets the drive-final footer (the vehicle's final chunk)."""
     paths = []
     for p in sorted({r[0] for r in recs}):
         mine = sorted((r for r in recs if r[0] == p), key=lambda r: r[1])
@@ -77,8 +79,11 @@ def write_frames(lake: Path, recs: list[tuple], per_file: int, ingest_ms: int = 
                 seqs.setdefault(d, SeqRanges()).add(s, s + f.num_frames - 1)
             path = partition_dir(lake, "frames", ingest_date(ingest_ms)) / file_name(TOPIC, p, group[0][1],
                                                                                      group[-1][1])
-            write_parquet_atomic(pa.Table.from_batches(batches), path,
-                                 metadata={DRIVE_SEQ_KEY: encode_drive_seq(seqs)})
+            meta = {DRIVE_SEQ_KEY: encode_drive_seq(seqs)}
+            ends = {d: s for d, s in (finals or {}).items() if d in seqs and seqs[d].missing(s, s) == []}
+            if ends:
+                meta[DRIVE_FINAL_KEY] = encode_drive_final(ends)
+            write_parquet_atomic(pa.Table.from_batches(batches), path, metadata=meta)
             paths.append(path)
     return paths
 
@@ -228,6 +233,32 @@ def test_units_wait_for_their_context(models, tmp_path):
     div = read(lake, "divergences")
     null = np.isnan(div.sort_by("seq")["student_ade_driver"].to_numpy(zero_copy_only=False))
     assert null.tolist() == [s > 109 for s in range(150)], "driver metrics of 50..99 saw their future"
+
+
+def test_a_drive_whose_final_chunk_is_stored_is_replayed_to_its_end_at_once(models, tmp_path):
+    """A drive's final chunk in the lake ends it: its last frames are replayed without waiting for it to go quiet;
+    with a frame before the final one missing, the drive has not ended."""
+    import time
+
+    now_ms = int(time.time() * 1000)
+    recs = records({"d0": drive(0, 150)}, 50, 1)
+    lake = tmp_path / "open"
+    write_frames(lake, recs, per_file=1, ingest_ms=now_ms)  # no final chunk: seq 100..149 wait for future or idle
+    report = replay(lake, models["teacher"], models["student"], ReplayConfig())
+    assert report.frames_replayed == 100 and report.units_deferred == 1
+
+    lake = tmp_path / "ended"
+    write_frames(lake, recs, per_file=1, ingest_ms=now_ms, finals={"d0": 149})
+    report = replay(lake, models["teacher"], models["student"], ReplayConfig())
+    assert report.frames_replayed == 150 and report.units_deferred == 0
+    check_exactly_once(lake, {"d0": 150}, *IDS)
+    null = np.isnan(read(lake, "divergences").sort_by("seq")["student_ade_driver"].to_numpy(zero_copy_only=False))
+    assert null.tolist() == [s > 109 for s in range(150)]
+
+    lake = tmp_path / "gap"
+    write_frames(lake, [recs[0], recs[2]], per_file=1, ingest_ms=now_ms, finals={"d0": 149})
+    report = replay(lake, models["teacher"], models["student"], ReplayConfig())
+    assert report.frames_replayed == 0 and report.units_deferred == 2
 
 
 def test_exception_after_the_first_output_file_then_rerun(models, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
 from ingest.lake import DRIVE_SEQ_KEY
-from ingest.lake_index import lake_positions
+from ingest.lake_index import lake_positions, read_drive_final
 from ingest.sink import Sink, SinkStats, ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
 
@@ -176,6 +176,11 @@ def test_every_frame_lands_once_with_equal_content(kafka_config, group_id, tmp_p
     committed = committed_offsets(kafka_config, group_id)
     assert {p: committed[p] for p in next_offsets(sent)} == next_offsets(sent)
     assert st.stats.records == len(sent) and st.stats.rows_written == expected and not st.stats.dead_lettered
+    # the file holding each drive's final chunk says so, with the drive's last seq
+    finals: dict[str, int] = {}
+    for f in live_files(Path(cfg.lake_dir), "frames"):
+        finals.update(read_drive_final(f.path))
+    assert finals == {f"drive-{i}": ref.num_rows - 1 for i, (ref, _) in enumerate(drives)}
 
 
 def test_resent_and_rechunked_frames_are_stored_once(kafka_config, group_id, tmp_path):
