@@ -33,6 +33,7 @@ import re
 import time
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +231,24 @@ def parse_file(path: Path) -> LakeFile | None:
     return LakeFile(m["topic"], int(m["partition"]), int(m["first"]), int(m["last"]), path)
 
 
+def overlapping_files(directory: Path, topic: str, partition: int, first: int, last: int,
+                      except_name: str | None = None) -> list[LakeFile]:
+    """Data files of one partition directory holding any Kafka offset of [first, last] (temporary files and
+    `except_name` excluded). A record's ingest date is fixed, so two files sharing an offset share a directory."""
+    out = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name == except_name:
+            continue
+        f = parse_file(Path(entry.path))
+        if f is not None and f.topic == topic and f.partition == partition and f.first <= last and f.last >= first:
+            out.append(f)
+    return sorted(out)
+
+
 def all_files(lake: Path, table: str) -> list[LakeFile]:
     """Every data file of the table, live or superseded (hidden temporary files excluded)."""
     root = table_dir(lake, table)
@@ -292,10 +311,13 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 << 17,
-                         metadata: dict[str, str] | None = None) -> Path:
+                         metadata: dict[str, str] | None = None,
+                         before_rename: Callable[[], None] | None = None) -> Path:
     """Write `table` to `path` so that no reader ever sees a partial file: hidden temp name, fsync, rename, fsync dir.
 
     `metadata` is merged into the schema's key-value metadata (footer). An existing file at `path` is replaced.
+    `before_rename` runs once the temporary file is durable, just before it becomes visible; if it raises, the
+    temporary file is removed and nothing is published.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,6 +331,8 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
                            use_dictionary=dictionary_columns(table.schema))
             fh.flush()
             os.fsync(fh.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -9,9 +9,13 @@ committed.
 Exactly once, even across crashes and resent chunks:
 - the lake, not the committed offset, is the source of truth for position: on assignment a partition is sought to
   max(committed offset, last offset in the lake + 1), so a crash between rename and commit never re-writes a range;
-- frames are deduplicated by (drive_id, seq): per partition the sink knows the highest seq stored or buffered per
+- frames are deduplicated by (drive_id, seq): per partition the sink knows the seq ranges stored or buffered per
   drive, rebuilt on assignment from the `flywheel.drive_seq` footers of the partition's live files. A drive is keyed
-  by its id, so all its chunks share one partition.
+  by its id, so all its chunks share one partition;
+- a worker that stalled past its session while its partitions moved on (or the successor of one) does not publish
+  offsets the other already published: just before the rename it lists the partition's directory, and if a file of
+  another name holds any of its offsets it drops the buffer uncommitted and re-reads the partition from the lake.
+  This narrows the window to the instant between that check and the rename; it is not a lock.
 
 Threading: kafka-python runs rebalance listeners on its IO thread while the caller's `poll()` waits, so listener and
 main loop never run at the same time. The listener only flushes (on revoke) and pauses new partitions; positioning
@@ -41,8 +45,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, partition_dir,
-                         remove_stale_temporaries, write_parquet_atomic)
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, overlapping_files,
+                         partition_dir, remove_stale_temporaries, write_parquet_atomic)
 from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq, lake_positions, merge_drive_final
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,8 @@ DEAD_LETTERED = Counter("flywheel_sink_dead_lettered_total", "records sent to th
 DUPLICATES = Counter("flywheel_sink_duplicate_frames_total",
                      "frames dropped because their (drive_id, seq) was already stored or buffered")
 GAPS = Counter("flywheel_sink_sequence_gaps_total", "chunks starting past the next expected seq of their drive")
+OVERTAKEN = Counter("flywheel_sink_overtaken_total", "buffers dropped unwritten because another worker had already "
+                    "published some of their offsets (a stalled or evicted worker); the partition is re-read")
 FLUSH_SECONDS = Histogram("flywheel_sink_flush_seconds", "seconds to make one partition buffer durable "
                           "(dead letters flushed, Parquet written, fsynced, renamed)",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -79,6 +85,11 @@ class SinkStats:
     duplicate_records: int = 0  # chunks dropped whole: every frame already stored or buffered
     duplicate_frames: int = 0  # frames dropped, from whole and from partly overlapping chunks
     gaps: int = 0
+    overtaken: int = 0  # buffers dropped because another worker had published some of their offsets
+
+
+class LakeOvertaken(Exception):
+    """Another worker already published some of the offsets this buffer holds."""
 
 
 @dataclass(frozen=True)
@@ -199,6 +210,8 @@ class Sink:
                     self._position_pending()
                 for tp, records in polled.items():
                     for record in records:
+                        if tp in self._pending:
+                            break  # overtaken while handling this batch: re-read from the lake first
                         self._handle(tp.partition, record)
                 self._flush_due()
             self._flush({*self._buffers}, "stop")
@@ -366,7 +379,11 @@ class Sink:
             self._await_dead_letters(buf)
             path = None
             if buf.rows:
-                path = self._write_file(p, buf)
+                try:
+                    path = self._write_file(p, buf)
+                except LakeOvertaken as exc:
+                    self._overtaken(p, buf, reason, exc)
+                    continue
                 FILES.inc()
                 ROWS.inc(buf.rows)
                 self.stats.files_written += 1
@@ -378,6 +395,20 @@ class Sink:
             log.debug("flushed partition %d offsets %d-%d (%d rows, %s) to %s", p, buf.first, buf.last, buf.rows,
                       reason, path)
         return offsets, results
+
+    def _overtaken(self, partition: int, buf: _Buffer, reason: str, exc: LakeOvertaken) -> None:
+        """Drop the buffer and its offsets uncommitted; unless the partition is being revoked, pause it and seek it
+        from the lake again (max of committed and lake, dedup state from the footers) before reading on."""
+        OVERTAKEN.inc()
+        self.stats.overtaken += 1
+        BUFFERED_ROWS.dec(buf.rows)
+        log.warning("partition %d: offsets %d-%d not written: %s; re-reading the partition from the lake", partition,
+                    buf.first, buf.last, exc)
+        self._forget({partition})
+        if reason != "revoke":
+            tp = TopicPartition(self.kafka.frames_topic, partition)
+            self._consumer.pause(tp)
+            self._pending.add(tp)
 
     def _await_dead_letters(self, buf: _Buffer) -> None:
         if not buf.dead_letters:
@@ -395,12 +426,24 @@ class Sink:
                 "flywheel.first_offset": str(buf.first), "flywheel.last_offset": str(buf.last)}
         if buf.finals:
             meta[DRIVE_FINAL_KEY] = encode_drive_final(buf.finals)
+
+        def not_overtaken() -> None:
+            # Fencing by the lake, checked once the file is durable and just before it becomes visible: a worker
+            # that stalled past its session (or its successor) must not publish offsets the other one already
+            # published: partly overlapping files would hold those frames twice. Same name = the same records.
+            others = overlapping_files(path.parent, self.kafka.frames_topic, partition, buf.first, buf.last,
+                                       except_name=path.name)
+            if others:
+                raise LakeOvertaken(f"{', '.join(f.path.name for f in others)} already hold(s) some of them")
+
         try:
-            return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta)
+            return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta,
+                                        before_rename=not_overtaken)
         except FileNotFoundError:
             # another worker starting up removed our temporary file as stale: write it again once
             log.warning("temporary file of %s vanished; writing again", path.name)
-            return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta)
+            return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta,
+                                        before_rename=not_overtaken)
 
     def _report(self, results: list[FlushResult]) -> None:
         if self.on_flush is not None:

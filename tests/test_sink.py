@@ -22,6 +22,7 @@ from ingest.config import KafkaConfig, SinkConfig
 from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
 from ingest.lake import FRAMES_LAKE_SCHEMA, all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
 from ingest.lake import DRIVE_SEQ_KEY
+from ingest.broker import ensure_topics
 from ingest.lake_index import lake_positions, read_drive_final
 from ingest.sink import Sink, SinkStats, ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
@@ -412,3 +413,29 @@ def test_kill_9_mid_stream_then_restart_stores_each_frame_once(kafka_config, gro
     assert not list(lake.glob("frames/*/.*.tmp"))
     assert "sink stopped" in log_file.read_text()
     check_files(lake, kafka_config.frames_topic)
+
+
+def test_a_worker_overtaken_by_another_drops_its_buffer_and_rereads_from_the_lake(kafka_config, group_id, tmp_path):
+    """Two workers own the same partition at once (as a stalled worker and its successor do): one that would
+    publish offsets the other already published drops its buffer and re-reads from the lake, so no frame is stored
+    twice. Without that, worker B's file [0, 6] and worker A's [5, 9] would both be live, with offsets 5-6 twice."""
+    kafka = kafka_config.model_copy(update={"frames_topic": f"frames-{group_id}", "partitions": 1})
+    ensure_topics(kafka)
+    ref, chunks = make_drive("drive-z", 100, 10, seed=5)
+    records = drive_records("drive-z", chunks)
+    cfg_a = sink_config(tmp_path, group_id + "-a", max_age_s=0.5)  # flushes whatever it has after 0.5 s
+    cfg_b = sink_config(tmp_path, group_id + "-b", max_age_s=60.0, max_rows=70)  # flushes at 7 records or on stop
+    with SinkThread(kafka, cfg_a) as a, SinkThread(kafka, cfg_b) as b:
+        wait_until(lambda: a.sink._buffers is not None and b.sink._consumer is not None
+                   and a.sink._consumer.assignment() and b.sink._consumer.assignment(), 30, "both assigned")
+        produce(kafka, records[:5])
+        wait_until(lambda: lake_rows(cfg_a.lake_dir) >= 50 and b.stats.records >= 5, 20, "A's first file, B reading")
+        produce(kafka, records[5:])
+        wait_until(lambda: a.stats.records >= 10 and b.stats.records >= 10, 20, "both reading the rest")
+        wait_until(lambda: lake_rows(cfg_a.lake_dir) >= 100, 20, "every frame")
+    lake = read_lake(cfg_a.lake_dir)
+    assert lake.num_rows == 100
+    assert frame_rows(lake) == frame_rows(ref)
+    assert a.stats.overtaken + b.stats.overtaken >= 1
+    spans = [(f.first, f.last) for f in live_files(cfg_a.lake_dir, "frames")]
+    assert all(x[1] < y[0] for x, y in zip(spans, spans[1:])), spans  # live files never share an offset
