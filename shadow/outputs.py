@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
 from shadow import featurize as fz
-from shadow.pipeline import offsets_in
+from shadow.pipeline import Known, offsets_in
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,43 @@ def key_live_files(lake: Path, table: str, key: str, value: str, topic: str | No
     # live_files lists <root>/<table> recursively; pointing it at <lake>/<table> with the key directory as the
     # "table" applies exactly the lake's liveness rule to that one key
     return live_files(Path(lake) / table, f"{key}={value}", topic, partition)
+
+
+def stored_decisions(lake: Path, model: str, topic: str, partition: int, table: pa.Table) -> Known | None:
+    """A model's stored outputs for the rows of `table` (frames rows of one partition): from its live `decisions`
+    files over the rows' offsets, matched by (drive_id, seq). None when it has none of them."""
+    if table.num_rows == 0:
+        return None
+    offsets = table["kafka_offset"].to_numpy()
+    lo, hi = int(offsets.min()), int(offsets.max())
+    files = [f for f in key_live_files(lake, "decisions", "model", model, topic, partition)
+             if f.first <= hi and f.last >= lo]
+    if not files:
+        return None
+    cols = ["drive_id", "seq", "traj_x", "traj_y", "traj_yaw", "maneuver_probs"]
+    dec = pa.concat_tables([pq.read_table(f.path, columns=cols) for f in files])
+    left = pa.table({"drive_id": table["drive_id"].cast(pa.string()), "seq": table["seq"],
+                     "row": pa.array(np.arange(table.num_rows))})
+    right = pa.table({"drive_id": dec["drive_id"].cast(pa.string()), "seq": dec["seq"],
+                      "drow": pa.array(np.arange(dec.num_rows))})
+    joined = left.join(right, keys=["drive_id", "seq"], join_type="inner")
+    if joined.num_rows == 0:
+        return None
+    rows, first = np.unique(joined["row"].to_numpy(), return_index=True)
+    drow = joined["drow"].to_numpy()[first]
+
+    def matrix(name: str, width: int) -> np.ndarray | None:
+        col = dec[name].combine_chunks()
+        if col.null_count or not (np.asarray(col.value_lengths()) == width).all():
+            return None  # another horizon or head layout than this code's: recompute instead
+        return col.flatten().to_numpy().reshape(-1, width)[drow].astype(np.float32)
+
+    parts = [matrix(n, fz.HORIZON) for n in ("traj_x", "traj_y", "traj_yaw")]
+    probs = matrix("maneuver_probs", fz.NUM_MANEUVERS)
+    if probs is None or any(p is None for p in parts):
+        return None
+    logits = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+    return Known(rows, np.stack(parts, axis=-1), logits)
 
 
 def covered(lake: Path, table: str, key: str, value: str, topic: str, partition: int) -> SeqRanges:

@@ -76,6 +76,15 @@ class Computed:
 
 
 @dataclass
+class Known:
+    """A model's outputs already stored for some rows of a source table (its `decisions` rows): reused, not run."""
+
+    rows: np.ndarray  # (k,) row indices into the source table, ascending
+    traj: np.ndarray  # (k, T, 3) float32 [m, m, rad]
+    logits: np.ndarray  # (k, 6) float32: log of the stored maneuver probabilities (the same softmax and arg-max)
+
+
+@dataclass
 class Inferred:
     """Model outputs of the computed rows (n = len(rows)), before any metric."""
 
@@ -87,6 +96,7 @@ class Inferred:
     student: tuple[np.ndarray, np.ndarray]
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
+    teacher_reused: int = 0  # rows whose teacher outputs were stored ones, not run
 
 
 def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -170,22 +180,43 @@ class Shadow:
         """
         return self.measure(self.infer(table, mask, noise_mask))
 
-    def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None) -> "Inferred":
-        """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime."""
+    def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None,
+              teacher_known: Known | None = None) -> "Inferred":
+        """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime.
+
+        `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others, and the
+        noise floor only on those (the stored frames have theirs already)."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
         feats = fz.featurize(frames, segments=fz.segments_of(table), with_targets=True)
         rows = np.flatnonzero(mask)
         f = feats.take(rows)
         inputs = f.inputs()
-        t = self.teacher.predict(inputs)
+        reused = np.zeros(rows.shape[0], bool)
+        if teacher_known is not None and teacher_known.rows.size:
+            at = np.searchsorted(rows, teacher_known.rows)
+            hit = (at < rows.shape[0]) & (rows[np.minimum(at, rows.shape[0] - 1)] == teacher_known.rows)
+            reused[at[hit]] = True
+        if reused.any():
+            todo = np.flatnonzero(~reused)
+            run = self.teacher.predict({k: np.ascontiguousarray(v[todo]) for k, v in inputs.items()}) if todo.size \
+                else None
+            k = teacher_known
+            traj = np.empty((rows.shape[0], *k.traj.shape[1:]), np.float32)
+            logits = np.empty((rows.shape[0], k.logits.shape[1]), np.float32)
+            traj[at[hit]], logits[at[hit]] = k.traj[hit], k.logits[hit]
+            if run is not None:
+                traj[todo], logits[todo] = run
+            t = (traj, logits)
+        else:
+            t = self.teacher.predict(inputs)
         s = self.student.predict(inputs)
         if noise_mask is None:
             noise_mask = table["seq"].to_numpy() % self.config.noise_every == 0
-        noise_pos = np.flatnonzero(noise_mask[rows])
+        noise_pos = np.flatnonzero(noise_mask[rows] & ~reused)
         tn = None
         if noise_pos.size:
             tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})
-        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn)
+        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, int(reused.sum()))
 
     def measure(self, inf: "Inferred") -> Computed:
         """The numpy half of `compute`: every divergence metric of what `infer` produced."""

@@ -51,7 +51,7 @@ from ingest.contract import ENUMS
 from ingest.lake import LakeFile, live_files, remove_stale_temporaries
 from shadow.frames_index import FileInfo, PartitionIndex, load_context
 from shadow.criteria import pass_rates
-from shadow.outputs import Coverage, FrameInfo, Output, write_unit
+from shadow.outputs import Coverage, FrameInfo, Output, stored_decisions, write_unit
 from shadow.pipeline import WINDOW_META, Inferred, PipelineConfig, Shadow
 from shadow.stream import StreamConfig
 
@@ -73,6 +73,10 @@ class ReplayConfig(PipelineConfig):
     row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
     prefetch: bool = Field(True, description="load, featurize and run the models on the next group in a background "
                            "thread while this one is measured and written")
+    reuse_teacher: bool = Field(True, description="frames the teacher has stored decisions for (an earlier replay "
+                                "with another student) take them instead of running the teacher again: a new "
+                                "student replays the history at the cost of the student. Their noise floor is "
+                                "stored already and is not recomputed. Off: the teacher runs on every frame")
 
 
 class ShadowConfig(BaseModel):
@@ -104,6 +108,7 @@ class ReplayReport(BaseModel):
     files_written: int = 0
     windows: int = 0
     noise_frames: int = 0
+    teacher_reused: int = Field(0, description="computed frames whose teacher outputs were its stored decisions")
     seconds: float = 0.0
     frames_per_s: float = 0.0
     by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value")
@@ -178,11 +183,11 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
             for g in _groups(units, config.group_frames)]
     caches: dict[tuple[str, int], OrderedDict] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="shadow-infer") as ex:
-        nxt = ex.submit(_prepare, shadow, jobs[0], caches, config) if jobs and config.prefetch else None
+        nxt = ex.submit(_prepare, shadow, jobs[0], caches, config, lake) if jobs and config.prefetch else None
         for k in range(len(jobs)):
-            ready = nxt.result() if config.prefetch else _prepare(shadow, jobs[k], caches, config)
+            ready = nxt.result() if config.prefetch else _prepare(shadow, jobs[k], caches, config, lake)
             if config.prefetch and k + 1 < len(jobs):
-                nxt = ex.submit(_prepare, shadow, jobs[k + 1], caches, config)
+                nxt = ex.submit(_prepare, shadow, jobs[k + 1], caches, config, lake)
             coverage.refresh(ready.topic, ready.partition)  # a streaming worker may have covered offsets meanwhile
             for u in _finish(shadow, coverage, ready, config, report, totals):
                 done_frames += u.frames
@@ -259,7 +264,7 @@ class _Prepared:
     inferred: Inferred
 
 
-def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig) -> _Prepared:
+def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig, lake: Path) -> _Prepared:
     """Load a group with its context, decide what to compute, run the models (background stage)."""
     topic, partition, index, group = job
     cache = caches.setdefault((topic, partition), OrderedDict())
@@ -272,7 +277,8 @@ def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig) -> 
         unit_of[(src == u.file) & (off >= u.lo) & (off <= u.hi)] = k
     window, emitter = _windows(table, unit_of, index, config.window_frames)
     mine = unit_of >= 0
-    inferred = shadow.infer(table, mine | (window >= 0), mine & (seq % config.noise_every == 0))
+    known = stored_decisions(lake, shadow.teacher_id, topic, partition, table) if config.reuse_teacher else None
+    inferred = shadow.infer(table, mine | (window >= 0), mine & (seq % config.noise_every == 0), known)
     return _Prepared(topic, partition, index, group, table, unit_of, window, emitter, inferred)
 
 
@@ -296,6 +302,7 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     ts_ms = table["ingest_time"].cast(pa.int64()).to_numpy()
     _accumulate(totals, c, c_unit >= 0, scen)
     report.frames_computed += int(c.rows.shape[0])
+    report.teacher_reused += p.inferred.teacher_reused
     for k, u in enumerate(p.group):
         sel = c_unit == k
         outputs = [Output("decisions", "model", shadow.teacher_id, dec_t.filter(pa.array(sel))),

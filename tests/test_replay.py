@@ -190,8 +190,35 @@ def test_incremental_replay_never_duplicates(models, tmp_path):
     # a new student version replays the whole history; the teacher keeps one decision row per frame
     v2 = replay(lake, models["teacher"], models["student2"], cfg)
     assert v2.frames_replayed == sum(LENGTHS.values()) + 80
+    assert first.teacher_reused == 0 and v2.teacher_reused == v2.frames_computed  # the teacher ran on none
     check_exactly_once(lake, {**LENGTHS, "d9": 80}, "teacher-v1", "student-v2", "teacher-v1__student-v2")
     check_exactly_once(lake, {**LENGTHS, "d9": 80}, *IDS)
+
+
+def test_a_new_student_reuses_the_teachers_stored_decisions(models, tmp_path):
+    """Replaying a second student over frames the teacher has decisions for takes them instead of running the
+    teacher: the divergences equal those of a replay that runs the teacher again."""
+    import shutil
+
+    lake = tmp_path / "lake"
+    small_lake(lake)
+    replay(lake, models["teacher"], models["student"], ReplayConfig())
+    shutil.copytree(lake, tmp_path / "copy")
+    reused = replay(lake, models["teacher"], models["student2"], ReplayConfig())
+    rerun = replay(tmp_path / "copy", models["teacher"], models["student2"], ReplayConfig(reuse_teacher=False))
+    assert reused.teacher_reused == reused.frames_computed == rerun.frames_computed > 0
+    assert rerun.teacher_reused == 0 and reused.noise_frames == 0 and rerun.noise_frames > 0
+    pair = "teacher-v1__student-v2"
+    a = read(lake, "divergences", pair).sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    b = read(tmp_path / "copy", "divergences", pair).sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    assert a.num_rows == b.num_rows == sum(LENGTHS.values())
+    assert a["maneuver_teacher"].to_pylist() == b["maneuver_teacher"].to_pylist()
+    for col in ("ade_4s", "fde_4s", "ahe_4s", "maneuver_jsd", "teacher_ade_driver", "score"):
+        x, y = (t[col].to_numpy(zero_copy_only=False).astype(np.float64) for t in (a, b))
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=col)
+    x, y = (t["ttc_teacher"].to_numpy(zero_copy_only=False).astype(np.float64) for t in (a, b))
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)  # NaN where no collision, in both
+    check_exactly_once(lake, LENGTHS, "teacher-v1", "student-v2", pair)
 
 
 def test_compacted_frames_files_replay_only_uncovered_offsets(models, tmp_path):
