@@ -7,7 +7,9 @@ Setup: realistic frames (synthetic kinematics, `--agents` tracked agents each) a
 timing, so the vehicles' own encoding cost is not counted. The ingest server and the sink run as separate processes,
 as deployed. End to end = from the first chunk sent until the lake's live files hold every row (the sink writes,
 fsyncs and renames before it commits). Reference = one idempotent acks=all kafka-python producer sending the same
-chunk bytes with the same key to a fresh topic, until flushed. Last line: one JSON object with the figures.
+chunk bytes with the same key to a fresh topic, until flushed. Also printed: the CPU time each process used per
+frame in both phases (Linux /proc), and the rate at which every core would be busy at the end-to-end cost (the
+ceiling no scheduling can beat on this machine). Last line: one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ def main() -> None:
     print("CPU during the end-to-end run (us/frame): "
           + ", ".join(f"{name} {1e6 * sec / n_frames:.1f}" for name, sec in cpu.items())
           + f"; total {1e6 * sum(cpu.values()) / n_frames:.1f} on {os.cpu_count()} cores")
+    ceiling = (os.cpu_count() or 1) * n_frames / sum(cpu.values())
+    print(f"CPU ceiling: every core busy at that cost = {ceiling:,.0f} frames/s = {ceiling / raw_fps:.2f} of raw")
     print(json.dumps({
         "bench": "ingest", "frames": n_frames, "agents_per_frame": args.agents, "bytes": n_bytes,
         "frames_per_chunk": args.chunk, "streams": args.streams, "sinks": args.sinks, "cpu_count": os.cpu_count(),
@@ -201,6 +205,7 @@ def main() -> None:
         "raw_produce_frames_per_s": round(raw_fps), "ratio_to_raw": round(e2e_fps / raw_fps, 3),
         "lake_rows": rows, "target_frames_per_s": 25000, "target_ratio": 0.5,
         "raw_cpu_us_per_frame": {name: round(1e6 * sec / n_frames, 2) for name, sec in raw_cpu.items()},
+        "cpu_ceiling_frames_per_s": round((os.cpu_count() or 1) * n_frames / sum(cpu.values())),
         "cpu_us_per_frame": {name: round(1e6 * sec / n_frames, 2) for name, sec in cpu.items()},
     }))
 
