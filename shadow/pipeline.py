@@ -184,8 +184,8 @@ class Shadow:
               teacher_known: Known | None = None) -> "Inferred":
         """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime.
 
-        `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others, and the
-        noise floor only on those (the stored frames have theirs already)."""
+        `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others (the noise
+        floor still runs where `noise_mask` says)."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
         feats = fz.featurize(frames, segments=fz.segments_of(table), with_targets=True)
         rows = np.flatnonzero(mask)
@@ -212,7 +212,7 @@ class Shadow:
         s = self.student.predict(inputs)
         if noise_mask is None:
             noise_mask = table["seq"].to_numpy() % self.config.noise_every == 0
-        noise_pos = np.flatnonzero(noise_mask[rows] & ~reused)
+        noise_pos = np.flatnonzero(noise_mask[rows])
         tn = None
         if noise_pos.size:
             tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})

@@ -51,7 +51,7 @@ from ingest.contract import ENUMS
 from ingest.lake import LakeFile, live_files, remove_stale_temporaries
 from shadow.frames_index import FileInfo, PartitionIndex, load_context
 from shadow.criteria import pass_rates
-from shadow.outputs import Coverage, FrameInfo, Output, stored_decisions, write_unit
+from shadow.outputs import Coverage, FrameInfo, Output, covered, stored_decisions, write_unit
 from shadow.pipeline import WINDOW_META, Inferred, PipelineConfig, Shadow
 from shadow.stream import StreamConfig
 
@@ -75,8 +75,8 @@ class ReplayConfig(PipelineConfig):
                            "thread while this one is measured and written")
     reuse_teacher: bool = Field(True, description="frames the teacher has stored decisions for (an earlier replay "
                                 "with another student) take them instead of running the teacher again: a new "
-                                "student replays the history at the cost of the student. Their noise floor is "
-                                "stored already and is not recomputed. Off: the teacher runs on every frame")
+                                "student replays the history at the cost of the student (and of the noise floor "
+                                "where it is not stored yet). Off: the teacher runs on every frame")
 
 
 class ShadowConfig(BaseModel):
@@ -277,8 +277,15 @@ def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig, lak
         unit_of[(src == u.file) & (off >= u.lo) & (off <= u.hi)] = k
     window, emitter = _windows(table, unit_of, index, config.window_frames)
     mine = unit_of >= 0
+    noise = mine & (seq % config.noise_every == 0)
     known = stored_decisions(lake, shadow.teacher_id, topic, partition, table) if config.reuse_teacher else None
-    inferred = shadow.infer(table, mine | (window >= 0), mine & (seq % config.noise_every == 0), known)
+    if known is not None:
+        # a frame with stored teacher decisions usually has its noise floor stored too: not computed again
+        stored = np.zeros(table.num_rows, bool)
+        stored[known.rows] = True
+        for a, b in covered(lake, "noise_floor", "model", shadow.teacher_id, topic, partition).ranges:
+            noise &= ~(stored & (off >= a) & (off <= b))
+    inferred = shadow.infer(table, mine | (window >= 0), noise, known)
     return _Prepared(topic, partition, index, group, table, unit_of, window, emitter, inferred)
 
 

@@ -119,7 +119,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {"teacher": make_model(root, "teacher", "v1", 0, TEACHER_CFG),
             "student": make_model(root, "student", "v1", 1, STUDENT_CFG),
-            "student2": make_model(root, "student", "v2", 2, STUDENT_CFG)}
+            "student2": make_model(root, "student", "v2", 2, STUDENT_CFG),
+            "student3": make_model(root, "student", "v3", 3, STUDENT_CFG)}
 
 
 LENGTHS = {"d0": 230, "d1": 170, "d2": 120, "d3": 95}
@@ -219,6 +220,11 @@ def test_a_new_student_reuses_the_teachers_stored_decisions(models, tmp_path):
     x, y = (t["ttc_teacher"].to_numpy(zero_copy_only=False).astype(np.float64) for t in (a, b))
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)  # NaN where no collision, in both
     check_exactly_once(lake, LENGTHS, "teacher-v1", "student-v2", pair)
+    # frames whose noise floor is not stored get it when a later replay reuses their teacher decisions
+    shutil.rmtree(tmp_path / "copy" / "noise_floor")
+    later = replay(tmp_path / "copy", models["teacher"], models["student3"], ReplayConfig())
+    assert later.teacher_reused == later.frames_computed and later.noise_frames > 0
+    check_exactly_once(tmp_path / "copy", LENGTHS, "teacher-v1", "student-v3", "teacher-v1__student-v3")
 
 
 def test_compacted_frames_files_replay_only_uncovered_offsets(models, tmp_path):
