@@ -3,9 +3,11 @@ stopping on val drives, and a run killed mid-way that resumes from its checkpoin
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from retrain.augment import AugmentConfig, perturb
 from retrain.dataset import DatasetConfig, create_snapshot
 from retrain.finetune import FinetuneConfig, FinetuneError, finetune, planner_from_onnx
 from retrain.mining import MiningConfig, mine
@@ -14,6 +16,8 @@ from retrain.teacher import load_checkpoint, torch_predict
 from tests.test_cycle import tiny_world
 
 CFG = FinetuneConfig(steps=10, batch_size=32, eval_every=3, checkpoint_every=3, warmup_steps=2, progress_every=1)
+# perturbed mined frames labelled by the teacher on the fly, and a moving average of the weights kept
+CFG_AUG = CFG.model_copy(update={"augment": AugmentConfig(share=0.5), "ema_decay": 0.9})
 
 
 class Killed(Exception):
@@ -50,17 +54,18 @@ def test_finetune_learns_and_records(setup, tmp_path):
     assert again.model_dump() == res.model_dump()
 
 
-def test_killed_finetune_resumes_to_the_same_weights(setup, tmp_path):
-    full = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "full")
+@pytest.mark.parametrize("cfg", [CFG, CFG_AUG], ids=["plain", "augment-ema"])
+def test_killed_finetune_resumes_to_the_same_weights(setup, tmp_path, cfg):
+    full = finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg, tmp_path / "full")
 
     def kill(step, total, info):
         if step == 7:
             raise Killed()
 
     with pytest.raises(Killed):
-        finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "cut", progress=kill)
+        finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg, tmp_path / "cut", progress=kill)
     assert (tmp_path / "cut" / "state.pt").is_file() and not (tmp_path / "cut" / "result.json").exists()
-    resumed = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "cut")
+    resumed = finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg, tmp_path / "cut")
     assert resumed.resumed_from_step == 6  # the last state saved before the kill at step 7
     assert resumed.history == full.history and resumed.best_step == full.best_step
     a, b = _state(full.checkpoint), _state(resumed.checkpoint)
@@ -114,3 +119,49 @@ def test_finetuned_candidate_of_a_regrown_student_is_the_unpruned_size(setup, tm
     no_regrow = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG.model_copy(update={"regrow": False}),
                          tmp_path / "plain")
     assert load_checkpoint(no_regrow.checkpoint).config == start
+
+
+def test_augmented_finetune_never_ends_worse_than_its_start(setup, tmp_path):
+    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG_AUG, tmp_path)
+    assert res.best["objective"] <= res.initial["objective"] and res.steps_run > 0
+
+
+def _agents(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    k = 16
+    count = rng.integers(0, k + 1, n)
+    mask = (np.arange(k)[None] < count[:, None]).astype(np.float32)
+    agents = rng.standard_normal((n, k, 16)).astype(np.float32) * mask[..., None]
+    agents[..., 9] = np.hypot(agents[..., 0], agents[..., 1]) * mask
+    order = np.argsort(np.where(mask > 0, agents[..., 9], np.inf), axis=1, kind="stable")
+    agents = np.take_along_axis(agents, order[..., None], axis=1)
+    return {"ego_hist": rng.standard_normal((n, 10, 9)).astype(np.float32), "agents": agents, "agent_mask": mask,
+            "lane": rng.standard_normal((n, 17)).astype(np.float32)}
+
+
+def test_perturb_keeps_the_featurizer_layout():
+    x = _agents()
+    before = {k: v.copy() for k, v in x.items()}
+    y = perturb(x, AugmentConfig(share=1.0, drop_prob=0.5), np.random.default_rng(1))
+    assert all(np.array_equal(x[k], before[k]) for k in x)  # inputs untouched
+    assert np.array_equal(y["ego_hist"], x["ego_hist"]) and np.array_equal(y["lane"], x["lane"])
+    assert y["agents"].dtype == np.float32 and y["agents"].shape == x["agents"].shape
+    m = y["agent_mask"]
+    assert (m.sum(1) <= x["agent_mask"].sum(1)).all() and m.sum() < x["agent_mask"].sum()  # agents only missed
+    assert (np.diff(m, axis=1) <= 0).all()  # real agents first, padding last
+    assert (y["agents"][m == 0] == 0).all()
+    real = m > 0
+    assert np.allclose(y["agents"][..., 9][real], np.hypot(y["agents"][..., 0], y["agents"][..., 1])[real])
+    assert (np.diff(np.where(real, y["agents"][..., 9], np.inf), axis=1)[real[:, 1:]] >= 0).all()  # nearest first
+    # a heading error rotates (cos, sin): without drops the norms stay those of the logged tokens
+    z = perturb(x, AugmentConfig(share=1.0, drop_prob=0.0), np.random.default_rng(2))
+    norm = (lambda a: np.sort(np.hypot(a[..., 4], a[..., 5]), axis=1))  # noqa: E731
+    assert np.array_equal(z["agent_mask"], x["agent_mask"]) and np.allclose(norm(z["agents"]), norm(x["agents"]),
+                                                                             atol=1e-5)
+
+
+def test_perturb_without_noise_is_the_identity():
+    x = _agents()
+    cfg = AugmentConfig(share=1.0, position_noise_m=0, velocity_noise_mps=0, heading_noise_rad=0, drop_prob=0)
+    y = perturb(x, cfg, np.random.default_rng(0))
+    assert all(np.allclose(y[k], x[k]) for k in x)
