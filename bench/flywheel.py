@@ -14,10 +14,11 @@ Targets (DESIGN.md): where mined, divergence down >= 50%; elsewhere, up <= 10% r
 up. Reported as measured, whatever they are. Prints a table and, as its last line, one JSON object.
 
 Control (`--control`, on at the reference size): the same cycle on the same snapshot with an UNTARGETED fine-tune
-(replay_ratio 127: one mined frame per batch of 128, the rest ordinary frames of the same train drives), same steps,
-CPU target only, not registered. Its figures on the same held-out frames tell how much of the cut where mined comes
-from targeting and how much from more distillation alone, and how much from selecting windows where the current
-student happened to be worst (regression to the mean shows up in the control too).
+(replay_ratio 127: one mined frame per batch of 128, the rest ordinary frames of the same train drives), same steps
+(patience covering all of them, so early stopping cannot end it at its first dip), CPU target only, not
+registered. Its figures on the same held-out frames tell how much of the cut where mined comes from targeting and
+how much from more distillation alone, and how much from selecting windows where the current student happened to
+be worst (regression to the mean shows up in the control too).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ingest.contract import FRAME_SCHEMA
 from ingest.lake import list_drive_files, live_files
 from retrain.cycle import CycleConfig, CycleResult, format_result, run_cycle
 from retrain.dataset import write_frames_lake
+from retrain.finetune import FinetuneConfig
 
 log = logging.getLogger("bench.flywheel")
 
@@ -236,6 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = summary(result, name, world.setup_seconds)
     if args.control if args.control is not None else not args.quick:
         ft = {**size.cycle.get("finetune", {}), "replay_ratio": 127.0}
+        # The same effective training as the candidate: an untargeted fine-tune first gets worse on the val mined
+        # frames, so the candidate's patience stopped it after 400 steps with step 0 kept and the control said
+        # nothing; it runs the whole schedule and keeps its best evaluated state instead.
+        base = FinetuneConfig.model_validate(ft)
+        ft["patience"] = max(base.patience, -(-base.steps // base.eval_every))
         ctrl = run_cycle(cycle_config(world, size, finetune=ft, targets=["cpu"], update_registry=False,
                                       candidate_version="control"), work.with_name(work.name + "-control"),
                          resume=False)
