@@ -5,8 +5,9 @@
 
 A distilled student needs no logged labels: the teacher answers any input. The mined windows are few (on the
 reference bench ~120 windows of 50 strongly correlated frames from 43 drives) and the student fits them far better
-than the held-out drives' mined windows, so the fine-tune draws perturbed copies of mined frames and labels them with
-the teacher on the fly. The perturbation is the one the fleet's perception already makes (`ingest.fleet.config`
+than the held-out drives' mined windows, so the fine-tune trains on perturbed copies of mined frames labelled by the
+teacher. They come from a bank (`bank`: `bank_copies` copies of every train mined frame, perturbed and labelled once
+in large teacher batches before training), since labelling a few frames per step tripled a step's cost. The perturbation is the one the fleet's perception already makes (`ingest.fleet.config`
 PerceptionParams: Gaussian error on reported agent position, velocity and heading, missed agents), at a per-frame
 strength drawn between none and the worst condition's (glare at a tunnel exit), so the copies stay in the
 distribution the student meets in service. The ego's own history and the lane context are left as logged.
@@ -23,8 +24,17 @@ from shadow import featurize as fz
 _X, _Y, _VX, _VY, _COS, _SIN, _DIST = 0, 1, 2, 3, 4, 5, 9
 
 
+BANK_COPIES_DEFAULT = 8
+BANK_COPIES_DOC = ("perturbed copies of every train mined frame made and labelled once, in teacher batches, before "
+                   "training (`bank`); each step draws its perturbed frames from them. 0: perturb and label every "
+                   "step's frames on the fly (a teacher call per step). 8: on the reference bench (6050 train mined "
+                   "frames, 6000 steps) the bank takes ~8 s and the fine-tune 145 s instead of 384 s on the fly, "
+                   "with the same result on the test drives (FP32: where mined -46.7% vs -45.8%, elsewhere -41.9% "
+                   "vs -42.0%)")
+
+
 class AugmentConfig(BaseModel):
-    """Perturbed copies of mined frames in every fine-tune batch, labelled by the teacher on the fly."""
+    """Perturbed copies of mined frames in every fine-tune batch, labelled by the teacher."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -35,6 +45,7 @@ class AugmentConfig(BaseModel):
     velocity_noise_mps: float = Field(0.8, ge=0, description="largest std of the agent vx and vy error [m/s]")
     heading_noise_rad: float = Field(0.08, ge=0, description="largest std of the agent heading error [rad]")
     drop_prob: float = Field(0.35, ge=0, le=1, description="largest probability that an agent is missed")
+    bank_copies: int = Field(BANK_COPIES_DEFAULT, ge=0, description=BANK_COPIES_DOC)
 
 
 def perturb(inputs: dict[str, np.ndarray], cfg: AugmentConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -66,3 +77,19 @@ def perturb(inputs: dict[str, np.ndarray], cfg: AugmentConfig, rng: np.random.Ge
     mask = np.take_along_axis(mask, order, axis=1)
     return {**inputs, "agents": np.ascontiguousarray(agents, np.float32),
             "agent_mask": np.ascontiguousarray(mask, np.float32)}
+
+
+def bank(inputs: dict[str, np.ndarray], cfg: AugmentConfig, rng: np.random.Generator,
+         chunk: int = 4096) -> dict[str, np.ndarray]:
+    """`cfg.bank_copies` perturbed copies of every frame of `inputs`, copy-major: row c * n + i is copy c of frame i.
+
+    Perturbed in chunks of frames (one `perturb` call each, in a fixed order), so the bank depends on the rng's
+    state and the inputs only."""
+    n = next(iter(inputs.values())).shape[0]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in inputs}
+    for _ in range(cfg.bank_copies):
+        for a in range(0, n, chunk):
+            p = perturb({k: v[a:a + chunk] for k, v in inputs.items()}, cfg, rng)
+            for k in inputs:
+                parts[k].append(p[k])
+    return {k: (np.concatenate(v) if v else inputs[k][:0].copy()) for k, v in parts.items()}

@@ -15,7 +15,8 @@ converged student restarted at a high rate first gets worse (on the reference be
 
 The teacher labels any input, so the mined frames need not be the only hard examples: `augment` replaces a share
 of each batch's mined frames by copies carrying the fleet's own perception noise (`retrain.augment`), labelled by
-the teacher on the fly. The student fits the train drives' mined windows far better than held-out ones; the
+the teacher: drawn from a bank of `augment.bank_copies` copies of every train mined frame made before training in
+large teacher batches (a teacher call per step for a few frames tripled a step's cost). The student fits the train drives' mined windows far better than held-out ones; the
 perturbed copies are new neighbours of those situations and narrow that gap. `ema_decay` evaluates and keeps a
 moving average of the weights, which smooths the noisy val curve of a 5e-4 fine-tune.
 
@@ -47,7 +48,7 @@ from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrain.architectures import Planner, PlannerConfig, grow
-from retrain.augment import AugmentConfig, perturb
+from retrain.augment import AugmentConfig, bank, perturb
 from retrain.dataset import Snapshot
 from retrain.evaluate import predict, session
 from retrain.student import DistillConfig, distill_loss
@@ -62,6 +63,7 @@ Progress = Callable[[int, int, dict], None]
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+BANK_STREAM = 0xA06  # the bank's random stream: np.random.default_rng([seed, BANK_STREAM])
 
 
 class FinetuneError(RuntimeError):
@@ -131,7 +133,8 @@ class FinetuneResult(BaseModel):
     best: dict = Field(description="val scores of the kept state")
     history: list[dict] = Field(description="every evaluation: step, scores, lr, train loss")
     frames: dict[str, int] = Field(description="train mined / train ordinary / val mined / val ordinary frames")
-    teacher_label_seconds: float
+    teacher_label_seconds: float = Field(description="teacher inference on the snapshot's frames and on the "
+                                         "augmentation bank (its perturbation included)")
     seconds: float
 
 
@@ -217,6 +220,24 @@ def _teacher_targets(teacher: Path, feats: Features, rows: np.ndarray, config: F
     return traj, logits, seconds
 
 
+def _augment_bank(teacher: Path, mined: dict[str, np.ndarray], config: FinetuneConfig) -> tuple[dict, float]:
+    """The bank of perturbed copies of the train mined frames (`retrain.augment.bank`) with the teacher's outputs
+    on them ("t_traj", "t_logits"), labelled in `teacher_batch` batches. Its random stream is its own, derived from
+    the seed alone, so a resumed run rebuilds the same bank and the training stream is untouched. Not stored: at
+    ~1.6 kB a frame it is tens of MB, and rebuilding it takes seconds."""
+    t0 = time.perf_counter()
+    pert = bank(mined, config.augment, np.random.default_rng([config.seed, BANK_STREAM]))
+    sess = session(teacher, config.threads)
+    trajs, logits = [], []
+    for a in range(0, next(iter(pert.values())).shape[0], config.teacher_batch):
+        t, m = sess.run(["trajectory", "maneuver_logits"], {k: v[a:a + config.teacher_batch] for k, v in pert.items()})
+        trajs.append(t)
+        logits.append(m)
+    seconds = time.perf_counter() - t0
+    log.info("augmentation bank: %d perturbed frames labelled in %.1f s", sum(t.shape[0] for t in trajs), seconds)
+    return {**pert, "t_traj": np.concatenate(trajs), "t_logits": np.concatenate(logits)}, seconds
+
+
 def _scores(model: Planner, feats: Features, t_traj: np.ndarray, t_logits: np.ndarray) -> float:
     """Mean shadow divergence score (no TTC term) of the model against the teacher's outputs on these frames."""
     if len(feats) == 0:
@@ -297,7 +318,16 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     n_mined = rows["train_mined"].size
     val = {k: (feats.take(rows[k]), t_traj[at[k]], t_logits[at[k]]) for k in ("val_mined", "val_ordinary")}
 
-    teacher_sess = session(teacher, config.threads) if config.augment.share else None
+    k_mined = config.batch_size if train_idx.size == n_mined else max(
+        1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
+    aug = config.augment
+    n_aug = int(round(aug.share * k_mined))  # perturbed frames per batch (0 with one mined frame a batch, share 0.5)
+    teacher_sess = session(teacher, config.threads) if n_aug and not aug.bank_copies else None
+    pert_bank = None
+    if n_aug and aug.bank_copies:
+        pert_bank, bank_s = _augment_bank(teacher, {k: v[:n_mined] for k, v in data.items() if k in INPUT_NAMES},
+                                          config)
+        label_s += bank_s
     model = load_checkpoint(Path(start))
     if config.regrow:
         model = grow(model, model.config.heads, model.config.ffn, config.seed)
@@ -310,8 +340,6 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
                         grad_clip=config.grad_clip)
     rng = np.random.default_rng(config.seed)
     pools = {"mined": _Pool(n_mined), "ordinary": _Pool(train_idx.size - n_mined)}
-    k_mined = config.batch_size if pools["ordinary"].n == 0 else max(
-        1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
 
     early = any(len(v[0]) for v in val.values())
     if not early:
@@ -366,9 +394,13 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
         for g in opt.param_groups:
             g["lr"] = lr
         batch = {k: v[idx] for k, v in data.items()}
-        n_aug = int(round(config.augment.share * k_mined))
-        if n_aug:  # idx is sorted, so the mined rows come first; the first n_aug of them are perturbed
-            pert = perturb({k: batch[k][:n_aug] for k in INPUT_NAMES}, config.augment, rng)
+        if n_aug and pert_bank is not None:
+            # idx is sorted, so the mined rows come first; the first n_aug of them become one of their banked copies
+            at_bank = rng.integers(0, aug.bank_copies, n_aug) * n_mined + idx[:n_aug]
+            for k, v in pert_bank.items():
+                batch[k][:n_aug] = v[at_bank]
+        elif n_aug:
+            pert = perturb({k: batch[k][:n_aug] for k in INPUT_NAMES}, aug, rng)
             t_out = teacher_sess.run(["trajectory", "maneuver_logits"], pert)
             for k in INPUT_NAMES:
                 batch[k][:n_aug] = pert[k]

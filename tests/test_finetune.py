@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrain.augment import AugmentConfig, perturb
+from retrain.augment import AugmentConfig, bank, perturb
 from retrain.dataset import DatasetConfig, create_snapshot
 from retrain.finetune import FinetuneConfig, FinetuneError, finetune, planner_from_onnx
 from retrain.mining import MiningConfig, mine
@@ -16,8 +16,10 @@ from retrain.teacher import load_checkpoint, torch_predict
 from tests.test_cycle import tiny_world
 
 CFG = FinetuneConfig(steps=10, batch_size=32, eval_every=3, checkpoint_every=3, warmup_steps=2, progress_every=1)
-# perturbed mined frames labelled by the teacher on the fly, and a moving average of the weights kept
-CFG_AUG = CFG.model_copy(update={"augment": AugmentConfig(share=0.5), "ema_decay": 0.9})
+# perturbed mined frames from a bank labelled by the teacher before training, and a moving average of the weights
+CFG_AUG = CFG.model_copy(update={"augment": AugmentConfig(share=0.5, bank_copies=2), "ema_decay": 0.9})
+# the same, labelled by the teacher on the fly every step
+CFG_FLY = CFG.model_copy(update={"augment": AugmentConfig(share=0.5, bank_copies=0), "ema_decay": 0.9})
 
 
 class Killed(Exception):
@@ -54,7 +56,7 @@ def test_finetune_learns_and_records(setup, tmp_path):
     assert again.model_dump() == res.model_dump()
 
 
-@pytest.mark.parametrize("cfg", [CFG, CFG_AUG], ids=["plain", "augment-ema"])
+@pytest.mark.parametrize("cfg", [CFG, CFG_AUG, CFG_FLY], ids=["plain", "augment-bank-ema", "augment-fly-ema"])
 def test_killed_finetune_resumes_to_the_same_weights(setup, tmp_path, cfg):
     full = finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg, tmp_path / "full")
 
@@ -124,6 +126,18 @@ def test_finetuned_candidate_of_a_regrown_student_is_the_unpruned_size(setup, tm
 def test_augmented_finetune_never_ends_worse_than_its_start(setup, tmp_path):
     res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG_AUG, tmp_path)
     assert res.best["objective"] <= res.initial["objective"] and res.steps_run > 0
+
+
+def test_augmentation_bank_is_copy_major_and_deterministic():
+    x = _agents()
+    cfg = AugmentConfig(share=0.5, bank_copies=3)
+    a, b = bank(x, cfg, np.random.default_rng([0, 1])), bank(x, cfg, np.random.default_rng([0, 1]))
+    assert all(np.array_equal(a[k], b[k]) for k in x)
+    assert a["agents"].shape == (3 * 64, *x["agents"].shape[1:])
+    # row c * n + i is a perturbed copy of frame i: the ego and lane are left as logged
+    assert np.array_equal(a["ego_hist"][64:128], x["ego_hist"]) and np.array_equal(a["lane"][128:], x["lane"])
+    assert not np.array_equal(a["agents"][:64], a["agents"][64:128])
+    assert bank(x, cfg.model_copy(update={"bank_copies": 0}), np.random.default_rng(0))["agents"].shape[0] == 0
 
 
 def _agents(n=64, seed=0):
