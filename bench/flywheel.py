@@ -159,7 +159,9 @@ def prepare(base: Path, name: str, size: Size, seed: int = 0) -> World:
     took["lake_and_replay"] = time.perf_counter() - t
     log.info("shadow replay: %d frames replayed (%d already), noise floor %s", rep.frames_replayed,
              rep.files_covered, rep.noise_floor)
-    return World(root, lake, reg_dir, "teacher:v1", "student", took)
+    # the cycle starts from student v0, the student replayed into the lake, even after a run promoted a candidate
+    # in this cached registry (the control cycle after it, and the next run, would mine a pair never replayed)
+    return World(root, lake, reg_dir, "teacher:v1", "student:v0", took)
 
 
 def cycle_config(world: World, size: Size, **override) -> CycleConfig:
