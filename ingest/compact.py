@@ -106,7 +106,7 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
     for f in run:
         t = pq.ParquetFile(f.path).read()
         merge_drive_final(finals, read_drive_final(f.path, t.schema.metadata or {}))
-        got = read_drive_seq(f.path)
+        got = read_drive_seq(f.path, t.schema.metadata or {})
         if got is None:
             have_seqs = False
         else:

@@ -76,9 +76,12 @@ def encode_drive_seq(seqs: dict[str, SeqRanges]) -> str:
     return json.dumps({d: r.to_json() for d, r in seqs.items()}, sort_keys=True, separators=(",", ":"))
 
 
-def read_drive_seq(path: Path) -> dict[str, SeqRanges] | None:
-    """drive_id -> stored seq ranges of a frames file, from its footer only; None when the footer lacks the key."""
-    raw = (pq.read_schema(path).metadata or {}).get(DRIVE_SEQ_KEY.encode())
+def read_drive_seq(path: Path, metadata: dict[bytes, bytes] | None = None) -> dict[str, SeqRanges] | None:
+    """drive_id -> stored seq ranges of a frames file, from its footer only; None when the footer lacks the key.
+    `metadata`: the file's key-value metadata when the caller has read it already."""
+    if metadata is None:
+        metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(DRIVE_SEQ_KEY.encode())
     if raw is None:
         return None
     return {d: SeqRanges(ranges) for d, ranges in json.loads(raw).items()}

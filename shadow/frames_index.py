@@ -35,7 +35,7 @@ class FileInfo:
 def file_info(f: LakeFile) -> FileInfo:
     md = pq.read_metadata(f.path)
     finals = read_drive_final(f.path, md.metadata or {})
-    seqs = read_drive_seq(f.path)
+    seqs = read_drive_seq(f.path, md.metadata or {})
     if seqs is None:
         seqs = scan_drive_seq(f.path)
     ingest = None

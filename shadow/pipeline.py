@@ -200,10 +200,10 @@ class Shadow:
             todo = np.flatnonzero(~reused)
             run = self.teacher.predict({k: np.ascontiguousarray(v[todo]) for k, v in inputs.items()}) if todo.size \
                 else None
-            k = teacher_known
-            traj = np.empty((rows.shape[0], *k.traj.shape[1:]), np.float32)
-            logits = np.empty((rows.shape[0], k.logits.shape[1]), np.float32)
-            traj[at[hit]], logits[at[hit]] = k.traj[hit], k.logits[hit]
+            known = teacher_known
+            traj = np.empty((rows.shape[0], *known.traj.shape[1:]), np.float32)
+            logits = np.empty((rows.shape[0], known.logits.shape[1]), np.float32)
+            traj[at[hit]], logits[at[hit]] = known.traj[hit], known.logits[hit]
             if run is not None:
                 traj[todo], logits[todo] = run
             t = (traj, logits)

@@ -168,6 +168,14 @@ def test_kill_9_mid_stream_then_restart_each_frame_once(models, kafka_config, gr
             assert not covered(lake, "divergences", "pair", PAIR, kafka_config.frames_topic, p).missing(0, c - 1)
 
 
+def two_workers(kafka: KafkaConfig, lake: Path, models: dict, group_id: str):
+    """Two stream workers of one group on the lake, not started: (workers, their threads, the stop event)."""
+    cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
+    workers = [StreamWorker(kafka, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
+    stop = threading.Event()
+    return workers, [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers], stop
+
+
 def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafka_config, group_id, tmp_path):
     """A second worker joining mid-stream takes partitions over (revoke: the first writes what is done and
     commits); together they write every frame exactly once."""
@@ -187,10 +195,7 @@ def test_two_workers_share_the_partitions_and_write_each_frame_once(models, kafk
             lengths[d] = 90
     chunks = fleet_chunks(lengths, 10)
     lake = tmp_path / "lake"
-    cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
-    workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    workers, threads, stop = two_workers(kafka_config, lake, models, group_id)
     threads[0].start()
     joined = threading.Event()
 
@@ -228,10 +233,7 @@ def test_a_worker_joining_while_the_first_holds_unwritten_records_loses_none(mod
     chunks = fleet_chunks(lengths, 10)
     early = len(lengths) * 3  # three 1 s chunks of each drive: no frame has its future yet
     lake = tmp_path / "lake"
-    cfg = StreamConfig(group_id=group_id, max_age_s=0.2, max_poll_records=4)
-    workers = [StreamWorker(kafka_config, lake, models["teacher"], models["student"], cfg) for _ in range(2)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in workers]
+    workers, threads, stop = two_workers(kafka_config, lake, models, group_id)
     threads[0].start()
     try:
         wait_until(lambda: workers[0]._parts, 60, "the first worker's partitions")
