@@ -21,8 +21,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ingest.synth import synthetic_frames
-from retrain.compress import median_run_ms
-from retrain.evaluate import session
+from retrain.compress.workflow import median_run_ms
+from shadow.models import session
 from shadow.featurize import featurize
 from shadow.spec import model_file, read_spec
 
@@ -58,11 +58,11 @@ def build_quick(root: Path) -> tuple[Path, Path, Path]:
     """Tiny teacher and student made by the real recipes on synthetic drives (seconds; for smoke runs only)."""
     from ingest.lake import write_drive
     from ingest.synth import synthetic_drive
-    from retrain.architectures import PlannerConfig
-    from retrain.student import StudentConfig
-    from retrain.student import run as run_student
-    from retrain.teacher import TeacherConfig
-    from retrain.teacher import run as run_teacher
+    from retrain.models.architectures import PlannerConfig
+    from retrain.recipes.student import StudentConfig
+    from retrain.recipes.student import run as run_student
+    from retrain.recipes.teacher import TeacherConfig
+    from retrain.recipes.teacher import run as run_teacher
 
     drives = root / "drives"
     for i in range(4):
@@ -79,7 +79,7 @@ def build_quick(root: Path) -> tuple[Path, Path, Path]:
 
 
 def from_registry(root: Path, teacher: str, student: str) -> tuple[Path, Path, Path]:
-    from retrain.registry import Registry
+    from retrain.cycle.registry import Registry
 
     reg = Registry(root)
     name, _, version = student.partition(":")

@@ -3,10 +3,10 @@
     python -m bench.flywheel            # reference size (fleets, teacher and student cached under data/bench/flywheel)
     python -m bench.flywheel --quick    # tiny fleets and models (a smoke run of every part)
 
-Set-up (cached; only what is missing is made): two highway-env fleets of the reference simulator (`ingest.fleet`),
+Set-up (cached; only what is missing is made): two highway-env fleets of the reference simulator (`sim`),
 one whose drives made the teacher and student v0 (their recipes, registered in a registry), and a later one, the
 fleet in service, whose drives go into a Parquet lake and are shadow-replayed for (teacher, student v0) with the
-noise floor. Then one flywheel cycle (`retrain.cycle.run_cycle`, fresh work dir): mine by score, snapshot split by
+noise floor. Then one flywheel cycle (`retrain.cycle.cycle.run_cycle`, fresh work dir): mine by score, snapshot split by
 drive, fine-tune, compress for every target chip, verify on the snapshot's test drives (never trained on by the
 candidate, the student or the teacher) by shadow replay and in closed loop, gate, register.
 
@@ -36,9 +36,10 @@ import pyarrow.parquet as pq
 
 from ingest.contract import FRAME_SCHEMA
 from ingest.lake import list_drive_files, live_files
-from retrain.cycle import CycleConfig, CycleResult, format_result, run_cycle
-from retrain.dataset import write_frames_lake
-from retrain.finetune import FinetuneConfig
+from retrain.cycle.cycle import CycleConfig, format_result, run_cycle
+from retrain.cycle.results import CycleResult
+from retrain.cycle.dataset import write_frames_lake
+from retrain.cycle.finetune import FinetuneConfig
 
 log = logging.getLogger("bench.flywheel")
 
@@ -102,7 +103,8 @@ class World:
 
 
 def _fleet(root: Path, fields: dict) -> Path:
-    from ingest.fleet import FleetConfig, simulate_fleet
+    from sim.config import FleetConfig
+    from sim.fleet import simulate_fleet
 
     cfg = FleetConfig.model_validate(fields)
     out = root / "fleets" / f"fleet-s{cfg.seed}"  # simulate_fleet keeps drives of the same fingerprint
@@ -121,12 +123,13 @@ def size_key(size: Size, seed: int = 0) -> str:
 def prepare(base: Path, name: str, size: Size, seed: int = 0) -> World:
     """Fleets (under `base`/fleets), teacher and student v0 (registered), the service lake and its shadow replay
     (under `base`/<name>-<size key>); everything cached."""
-    from retrain.registry import Registry
-    from retrain.student import StudentConfig
-    from retrain.student import run as run_student
-    from retrain.teacher import TeacherConfig
-    from retrain.teacher import run as run_teacher
-    from shadow.replay import ReplayConfig, replay
+    from retrain.cycle.registry import Registry
+    from retrain.recipes.student import StudentConfig
+    from retrain.recipes.student import run as run_student
+    from retrain.recipes.teacher import TeacherConfig
+    from retrain.recipes.teacher import run as run_teacher
+    from shadow.config import ReplayConfig
+    from shadow.batch.replay import replay
 
     root = base / f"{name}-{size_key(size, seed)}"
     root.mkdir(parents=True, exist_ok=True)

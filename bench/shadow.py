@@ -10,7 +10,7 @@ In one run it measures:
   BF16 (oneDNN, AMX where the CPU has it), large square-ish products at the replay's thread count;
 - FLOPs per frame of both models: MatMul/Gemm (and their integer forms) of the ONNX graphs at batch 1, shapes from
   ONNX shape inference, 2 FLOPs per multiply-add (measured from the graph, not estimated);
-- replay frames/s: `shadow.replay.replay` over a lake of synthetic drives written as the sink writes them (read,
+- replay frames/s: `shadow.batch.replay.replay` over a lake of synthetic drives written as the sink writes them (read,
   featurize once, teacher, student, noise-floor teacher on every 20th frame, metrics with TTC, windows, criteria,
   Parquet writes), models loaded before the clock starts; best of `--repeats` on a fresh output tree;
 - the achieved rate = teacher FLOPs/frame x replay frames/s, as a fraction of the FP32 GEMM rate (target >= 60%);
@@ -42,23 +42,26 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.lake_index import SeqRanges, encode_drive_seq
-from ingest.sink import ingest_date, to_lake_batch
+from ingest.lake import ingest_date, to_lake_batch
 from ingest.synth import EPOCH_NS, synthetic_frames
-from retrain.architectures import Importance, Planner, PlannerConfig, export_onnx, prune, tensors
+from retrain.models.architectures import Importance, Planner, PlannerConfig, export_onnx, prune, tensors
 from shadow.featurize import featurize
 from shadow.flops import graph_flops
-from shadow.pipeline import Shadow
-from shadow.replay import ReplayConfig, replay
-from shadow.runner import RuntimeConfig, physical_cores
+from shadow.compute import Shadow
+from shadow.config import ReplayConfig
+from shadow.batch.replay import replay
+from shadow.config import RuntimeConfig, physical_cores
+from retrain.models.reference import reference_dir
+from shadow.models import runtime_label, session
 from shadow.spec import ModelSpec, read_spec, write_spec
 
 log = logging.getLogger(__name__)
 
 RATE_TARGET = 0.60
 EAGER_TARGET = 20.0
-STUDENT_CFG = PlannerConfig(width=128, depth=2, heads=4, head_dim=32, ffn=512)  # retrain.student's default
+STUDENT_CFG = PlannerConfig(width=128, depth=2, heads=4, head_dim=32, ffn=512)  # retrain.recipes.student's default
 TOPIC = "flywheel.frames"
-SHIPPED = Path(__file__).resolve().parent.parent / "retrain" / "reference"
+SHIPPED = reference_dir()
 
 
 # ------------------------------------------------------------------------------------------------------ the inputs
@@ -96,7 +99,7 @@ def build_lake(root: Path, frames: int, drive_frames: int = 600, chunk: int = 10
 
 def build_models(root: Path) -> tuple[Path, Path]:
     """Reference-size teacher (FP32) and student (pruned to half the heads and FFN, INT8 QDQ), random weights, cached."""
-    from retrain.student import QuantConfig, quantize
+    from retrain.recipes.student import QuantConfig, quantize
 
     t_dir, s_dir = root / "teacher-ref", root / "student-ref"
     if not (t_dir / "spec.json").exists():
@@ -164,9 +167,7 @@ def gemm_rates(threads: int, m: int = 4096, k: int = 1024, n: int = 1024, repeat
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
         sessions = {}
         for t in (threads, 1):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = t
-            sessions[t] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            sessions[t] = session(model, t)
         return both(lambda rows, whole: sessions[threads if whole else 1].run(None, {"A": a[rows]}))
 
     out["ort_fp32"] = ort_rate(helper.make_node("MatMul", ["A", "B"], ["Y"]), TensorProto.FLOAT,
@@ -232,7 +233,7 @@ def instrument(shadows: list[Shadow]) -> Timer:
     """Time spent in the main parts of the replay (stages overlap: the sums may exceed the wall time)."""
     import shadow.metrics as metrics_mod
     import shadow.outputs as outputs_mod
-    import shadow.pipeline as pipeline_mod
+    import shadow.compute as pipeline_mod
 
     timer = Timer()
     for sh in shadows:
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "shadow", "threads": threads, "onnxruntime": ort.__version__, "torch": torch.__version__,
         "load_average_before": load_before, "load_average_after": load_average(),
         "teacher": str(teacher), "student": str(student), "lake_frames": report["frames_replayed"], "replay_seconds": report["seconds"], "replay_fps": fps,
-        "runtime": runs["tuned"][0].teacher.runtime.label(), "group_frames": tuned.group_frames,
+        "runtime": runtime_label(runs["tuned"][0].teacher.runtime), "group_frames": tuned.group_frames,
         "gemm_gflops": rates, "fp32_reference_gflops": fp32,
         "teacher_mflops_per_frame": t_flops["total"] / 1e6, "student_mflops_per_frame": s_flops["total"] / 1e6,
         "achieved_teacher_gflops": achieved, "fraction_of_fp32_rate": achieved / fp32,
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if "baseline" in best:
         b = best["baseline"][0]
-        result.update(baseline_fps=b["frames_per_s"], baseline_runtime=BASELINE.runtime.label(),
+        result.update(baseline_fps=b["frames_per_s"], baseline_runtime=runtime_label(BASELINE.runtime),
                       baseline_teacher_only_fps=alone["baseline"],
                       baseline_fraction_of_fp32_rate=t_flops["total"] * b["frames_per_s"] / 1e9 / fp32,
                       speedup_vs_baseline=fps / b["frames_per_s"])
@@ -419,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'FLOPs per frame (MatMul/Gemm, ONNX graph)':<44} teacher {t_flops['total'] / 1e6:.1f} M, "
           f"student {s_flops['total'] / 1e6:.1f} M")
     if "baseline" in best:
-        print(f"{'replay, baseline (' + BASELINE.runtime.label() + ')':<44} {result['baseline_fps']:,.0f} frames/s = "
+        print(f"{'replay, baseline (' + runtime_label(BASELINE.runtime) + ')':<44} {result['baseline_fps']:,.0f} frames/s = "
               f"{100 * result['baseline_fraction_of_fp32_rate']:.1f}% of FP32")
     print(f"{'replay, tuned (' + result['runtime'] + ')':<44} {report['frames_replayed']:,} frames in "
           f"{report['seconds']:.2f} s = {fps:,.0f} frames/s")

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ingest.contract import AGENT_TYPE, ENUMS  # noqa: E402
-from ingest.lake import (DRIVE_SEQ_KEY, TABLES, file_name, model_id, pair_id, partition_dir,  # noqa: E402
-                         write_parquet_atomic)
+from ingest.lake import DRIVE_SEQ_KEY, file_name, model_id, pair_id, partition_dir, write_parquet_atomic
+from ingest.tables import TABLES
 from ingest.lake_index import SeqRanges, encode_drive_seq  # noqa: E402
 
 GENERATOR_VERSION = 2

@@ -22,20 +22,19 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ingest.contract import ENUMS
-from retrain.closed_loop import EXPERT, ClosedLoopConfig, OnnxPlanner, evaluate
-from retrain.compress import CompressConfig, compress_all, format_results
-from retrain.evaluate import split_drives
-from retrain.targets import load_targets
+from retrain.cycle.closed_loop import EXPERT, ClosedLoopConfig, OnnxPlanner, evaluate
+from retrain.compress.workflow import CompressConfig, compress_all, format_results
+from retrain.models.evaluate import split_drives
+from retrain.compress.targets import load_targets
 from ingest.lake import list_drive_files
 from shadow.featurize import featurize_drive_files
+from shadow.models import session
 
 log = logging.getLogger(__name__)
 
 
 def _session(model, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return session(model.SerializeToString(), threads)
 
 
 def _best_s(fn, repeats: int = 5) -> float:
@@ -75,11 +74,9 @@ def measure_cpu_figures(threads: int = 2, n: int = 1024) -> dict:
     g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 16])],
                           [helper.make_tensor_value_info(f"t{chain}", TensorProto.FLOAT, [1, 16])],
                           [numpy_helper.from_array(np.ones((1, 16), np.float32), "one")])
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the 200 nodes
-    opts.intra_op_num_threads = 1
-    s = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                             opts, providers=["CPUExecutionProvider"])
+    # no graph optimisation: keep the 200 nodes
+    s = session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), 1,
+                optimization="disable")
     inp = {"t0": np.zeros((1, 16), np.float32)}
     for _ in range(50):
         s.run(None, inp)

@@ -1,3 +1,3 @@
-from flywheel.cli import app
+from flywheel.cli.main import app
 
 app()

@@ -23,15 +23,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flywheel.settings import Settings
+from flywheel.settings import DemoConfig, Settings
 from ingest.agent import run_agent
 from ingest.broker import EmbeddedBroker, ensure_topics
 from ingest.compact import compact
 from ingest.lake import DRIVE_SUFFIX, is_uploaded, list_drive_files, live_files, uploaded_marker
 from ingest.server import IngestService
 from ingest.sink import run_sink
+from retrain.models.reference import reference_dir
+from sim.config import FleetConfig
 
 log = logging.getLogger(__name__)
+
+TINY = DemoConfig(
+    fleet=FleetConfig(vehicles=3, drives_per_vehicle=2, drive_duration_s=10.0), targets=("cpu",),
+    cycle={"mining": {"max_windows": 8, "max_per_drive": 2, "noise_margin": 1.0},
+           "finetune": {"steps": 4, "batch_size": 32, "eval_every": 2, "checkpoint_every": 2, "warmup_steps": 1},
+           "compress": {"calibration_frames": 64, "fallback_frames": 32, "latency_runs": 2, "latency_warmup": 1},
+           "verification": {"closed_loop": {"scenarios": ["highway"], "episodes": 1, "max_steps": 10},
+                            "conditions": ["nominal"]},
+           "gates": {"min_mined_frames": 1, "min_elsewhere_frames": 1}})
+"""`flywheel demo --tiny`: every stage on 6 drives of 10 s and a cycle of a few steps for the CPU target, to check
+that an install works end to end (its gate judges on next to nothing)."""
 
 
 def _bar(console: Console, label: str) -> Progress:
@@ -40,7 +53,7 @@ def _bar(console: Console, label: str) -> Progress:
 
 
 def simulate(settings: Settings, console: Console) -> Path:
-    from ingest.fleet import simulate_fleet
+    from sim.fleet import simulate_fleet
 
     drives_dir = settings.demo.data_dir / "drives"
     with _bar(console, "simulating fleet") as bar:
@@ -154,12 +167,12 @@ def summarize(lake: Path, console: Console) -> None:
     console.print(table)
 
 
-REFERENCE = Path(__file__).resolve().parent.parent / "retrain" / "reference"
+REFERENCE = reference_dir()
 
 
 def register_reference(registry_dir: Path, console: Console) -> None:
     """The shipped teacher and student v0 in the demo's registry (once); the student is the promoted one."""
-    from retrain.registry import Registry
+    from retrain.cycle.registry import Registry
 
     registry = Registry(registry_dir)
     known = {(e.name, e.version) for e in registry.list()}
@@ -174,8 +187,9 @@ def register_reference(registry_dir: Path, console: Console) -> None:
 
 
 def shadow_replay(settings: Settings, lake: Path, registry_dir: Path, console: Console) -> None:
-    from retrain.registry import Registry
-    from shadow.replay import ReplayConfig, replay
+    from retrain.cycle.registry import Registry
+    from shadow.config import ReplayConfig
+    from shadow.batch.replay import replay
 
     registry = Registry(registry_dir)
     teacher = registry.version_dir("teacher", registry.get("teacher").version)
@@ -213,7 +227,7 @@ def sql_summary(lake: Path, console: Console) -> None:
 
 
 def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: Console) -> dict:
-    from retrain.cycle import CycleConfig, run_cycle
+    from retrain.cycle.cycle import CycleConfig, run_cycle
 
     targets = list(settings.demo.targets)
     # the candidate is verified (shadow replay, closed loop) through the first chip's artifact, numerics included
@@ -238,7 +252,7 @@ def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: C
 
 
 def write_report(result: dict, lake: Path, out: Path, console: Console) -> None:
-    from retrain.report import render_report
+    from retrain.cycle.report import render_report
 
     render_report(result, out, lake)
     console.print(f"report: {out}")

@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
-from ingest.fleet.config import FleetConfig
-from retrain.job_models import ControlConfig, JobsConfig
-from shadow.replay import ShadowConfig
+from sim.config import FleetConfig
+from retrain.jobs.models import ControlConfig, JobsConfig
+from shadow.config import ShadowConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
 

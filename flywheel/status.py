@@ -19,7 +19,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
 from flywheel.settings import Settings
-from ingest.lake import TABLES, live_files, table_dir
+from ingest.tables import TABLES
+from ingest.lake import live_files, table_dir
 
 GROUPS_OF_INTEREST = ("sink", "shadow")
 
@@ -149,7 +150,7 @@ def _extra_groups(settings: Settings) -> list[str]:
 def _jobs(settings: Settings, jobs_db: Path | None) -> tuple[list[dict], str | None]:
     """Recent retraining jobs, when the job store exists (retrain.jobs)."""
     try:
-        from retrain.jobs import JobStore  # the job service is optional
+        from retrain.jobs.store import JobStore  # the job service is optional
     except ImportError:
         return [], "job service not installed"
     jobs_cfg = getattr(settings, "jobs", None)

@@ -13,8 +13,6 @@ One compactor per lake at a time; sinks may keep writing meanwhile (they only ad
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
-from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, TABLES, LakeFile, file_name, live_files, superseded_files,
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, LakeFile, file_name, live_files, superseded_files,
                          write_parquet_atomic)
+from ingest.tables import TABLES
 from ingest.lake_index import (SeqRanges, encode_drive_final, encode_drive_seq, merge_drive_final, read_drive_final,
                                read_drive_seq)
 
@@ -182,24 +181,3 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
             log.info("merged %d files (%d rows) into %s", len(run), merged.rows, merged.output.name)
     report.files_after = report.files_before - sum(len(r.inputs) - 1 for r in report.runs)
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.compact", description=__doc__.split("\n")[0])
-    parser.add_argument("--lake", required=True, type=Path, help="root directory of the Parquet lake")
-    parser.add_argument("--table", default="frames", choices=sorted(TABLES))
-    parser.add_argument("--target-rows", type=int, default=DEFAULT_TARGET_ROWS, help="rows per merged file")
-    parser.add_argument("--max-run-mb", type=int, default=DEFAULT_MAX_RUN_BYTES >> 20,
-                        help="uncompressed MiB read into memory for one merge")
-    parser.add_argument("--dry-run", action="store_true", help="only report what would be merged")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = compact(args.lake, args.table, args.target_rows, args.dry_run, args.max_run_mb << 20)
-    print(json.dumps({k: v for k, v in report.__dict__.items() if k != "runs"} |
-                     {"runs": [{"output": str(r.output), "inputs": len(r.inputs), "rows": r.rows} for r in report.runs]},
-                     indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,7 @@
-"""The storage contract: every path template and on-disk schema of the project, each format with a version.
+"""The storage contract: every path template of the lake and the drive directory, the atomic writers and lake rows.
 
-Lake layout (hive-partitioned Parquet, one directory per table; the partition keys of each table in `TABLES`):
+Lake layout (hive-partitioned Parquet, one directory per table; schemas, versions and partition keys in
+`ingest.tables.TABLES`):
 
     <lake>/frames/date=<YYYY-MM-DD>/<topic>-p<partition:05d>-<first offset:020d>-<last offset:020d>.parquet
     <lake>/decisions/model=<model id>/date=<YYYY-MM-DD>/<same name as the frames it was computed from>
@@ -22,7 +23,7 @@ Vehicle-side drive directory (what the agent uploads and the fleet simulator wri
 
     <drives>/<vehicle_id>/<drive_id>.drive.parquet     frames of one drive, FRAME_SCHEMA, seq 0..n-1
     <drives>/<vehicle_id>/<drive_id>.uploaded.json     written only after the server acknowledged the last frame
-    <drives>/<vehicle_id>/<drive_id>.truth.parquet     simulated drives only: the simulator's truth, TRUTH_SCHEMA
+    <drives>/<vehicle_id>/<drive_id>.truth.parquet     simulated drives only: the simulator's truth (`sim.truth`)
 """
 
 from __future__ import annotations
@@ -35,13 +36,16 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest.contract import AGENT_TYPE, FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, Frames, arrow_to_frames
+from ingest.contract import FRAME_SCHEMA, ChunkRejected, Frames, arrow_to_frames, frames_to_arrow
+from ingest.tables import FRAMES_LAKE_SCHEMA, TABLES
+from ingest.versions import check_version
 
 DRIVE_FORMAT_VERSION = 1
 DRIVE_SUFFIX = ".drive.parquet"
@@ -49,130 +53,7 @@ UPLOADED_SUFFIX = ".uploaded.json"
 PARQUET_COMPRESSION = "zstd"
 
 
-@dataclass(frozen=True)
-class TableSpec:
-    """A lake table: its fixed Arrow schema (never inferred per batch), version and hive partition keys."""
-
-    name: str
-    schema: pa.Schema
-    version: int
-    partitioning: tuple[str, ...] = ("date",)
-
-
-# Lake columns added by the sink to every frame row: where it came from in Kafka and when it arrived.
-FRAMES_LAKE_SCHEMA = pa.schema(
-    [*FRAME_SCHEMA, pa.field("schema_version", pa.int16(), nullable=False),
-     pa.field("ingest_time", pa.timestamp("ms", tz="UTC"), nullable=False),
-     pa.field("kafka_partition", pa.int32(), nullable=False),
-     pa.field("kafka_offset", pa.int64(), nullable=False)],
-    metadata={"flywheel.table": "frames", "flywheel.schema_version": str(SCHEMA_VERSION)},
-)
-
-SHADOW_SCHEMA_VERSION = 1
-DIVERGENCE_HORIZONS_S = (1, 2, 4)
-"""Horizons (s) of the per-frame divergence metrics: columns ade_1s, fde_1s, ahe_1s, fhe_1s, miss_1s, ..."""
-
-
-def _f(name: str, t: pa.DataType, nullable: bool = False, doc: str | None = None) -> pa.Field:
-    return pa.field(name, t, nullable=nullable, metadata={"doc": doc} if doc else None)
-
-
-def _enum(name: str) -> pa.Field:
-    return _f(name, pa.dictionary(pa.int8(), pa.string()))
-
-
-def _shadow_schema(table: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={"flywheel.table": table, "flywheel.schema_version": str(SHADOW_SCHEMA_VERSION)})
-
-
-_FRAME_KEY = [_f("drive_id", pa.string()), _f("vehicle_id", pa.string()), _f("seq", pa.int64()),
-              _f("timestamp", pa.timestamp("ns", tz="UTC"))]
-_LINEAGE = [_f("kafka_partition", pa.int32(), doc="Kafka partition of the source frame"),
-            _f("kafka_offset", pa.int64(), doc="Kafka offset of the chunk the source frame came in"),
-            _f("replay_id", pa.string(), doc="the replay run that wrote the row"),
-            _f("schema_version", pa.int16())]
-_PAIR = [_f("teacher_name", pa.string()), _f("teacher_version", pa.string()),
-         _f("student_name", pa.string()), _f("student_version", pa.string())]
-_CONDITIONS = [_enum("road_type"), _enum("lighting"), _enum("weather"),
-               _f("tags", pa.list_(pa.field("item", pa.string(), nullable=False)))]
-_F32_LIST = pa.list_(pa.field("item", pa.float32(), nullable=False))
-
-
-def _horizon_fields() -> list[pa.Field]:
-    out = []
-    for h in DIVERGENCE_HORIZONS_S:
-        out += [_f(f"ade_{h}s", pa.float32(), doc=f"mean L2 between teacher and student waypoints up to {h} s [m]"),
-                _f(f"fde_{h}s", pa.float32(), doc=f"L2 at {h} s [m]"),
-                _f(f"ahe_{h}s", pa.float32(), doc=f"mean absolute heading difference up to {h} s [rad]"),
-                _f(f"fhe_{h}s", pa.float32(), doc=f"absolute heading difference at {h} s [rad]"),
-                _f(f"miss_{h}s", pa.bool_(), doc=f"largest L2 up to {h} s above the miss threshold")]
-    return out
-
-
-DECISIONS_SCHEMA = _shadow_schema("decisions", [
-    *_FRAME_KEY,
-    _f("model_name", pa.string()), _f("model_version", pa.string()), _f("featurizer_version", pa.string()),
-    _f("traj_x", _F32_LIST, doc="planned waypoints, ego frame x forward [m], spaced by the featurizer's horizon dt"),
-    _f("traj_y", _F32_LIST, doc="ego frame y left [m]"),
-    _f("traj_yaw", _F32_LIST, doc="heading change [rad]"),
-    _enum("maneuver"),
-    _f("maneuver_probs", _F32_LIST, doc="softmax of the maneuver head, in Maneuver enum order"),
-    *_LINEAGE,
-])
-
-DIVERGENCES_SCHEMA = _shadow_schema("divergences", [
-    *_FRAME_KEY, *_PAIR, *_CONDITIONS, *_horizon_fields(),
-    _enum("maneuver_teacher"), _enum("maneuver_student"),
-    _f("maneuver_disagree", pa.bool_()),
-    _f("maneuver_jsd", pa.float32(), doc="Jensen-Shannon divergence of the maneuver distributions [bits, 0..1]"),
-    _f("ttc_teacher", pa.float32(), nullable=True, doc="time to collision of the teacher's plan with the logged "
-       "agents [s]; null when none within the horizon"),
-    _f("ttc_student", pa.float32(), nullable=True, doc="the same for the student's plan"),
-    _f("teacher_ade_driver", pa.float32(), nullable=True, doc="teacher vs the logged future, over the horizon [m]; "
-       "null when the drive ends too soon"),
-    _f("teacher_fde_driver", pa.float32(), nullable=True),
-    _f("student_ade_driver", pa.float32(), nullable=True),
-    _f("student_fde_driver", pa.float32(), nullable=True),
-    _f("score", pa.float32(), doc="combined divergence score (see shadow.metrics)"),
-    *_LINEAGE,
-])
-
-SCENARIOS_SCHEMA = _shadow_schema("scenarios", [
-    _f("drive_id", pa.string()), _f("vehicle_id", pa.string()),
-    _f("window_start_seq", pa.int64()), _f("window_end_seq", pa.int64()),
-    _f("start_time", pa.timestamp("ns", tz="UTC")), _f("end_time", pa.timestamp("ns", tz="UTC")),
-    *_PAIR, *_CONDITIONS,
-    _f("frames", pa.int32()),
-    _f("mean_ade_4s", pa.float32()), _f("max_fde_4s", pa.float32()), _f("miss_rate_4s", pa.float32()),
-    _f("disagree_rate", pa.float32()), _f("mean_jsd", pa.float32()),
-    _f("min_ttc_teacher", pa.float32(), nullable=True), _f("min_ttc_student", pa.float32(), nullable=True),
-    _f("mean_score", pa.float32()), _f("max_score", pa.float32()),
-    _f("passed", pa.bool_()),
-    _f("failed_criteria", pa.list_(pa.field("item", pa.string(), nullable=False)),
-       doc="names of the criteria the window failed; empty when passed"),
-    _f("criteria_version", pa.string(), doc="content hash of the criteria file"),
-    *_LINEAGE,
-])
-
-NOISE_FLOOR_SCHEMA = _shadow_schema("noise_floor", [
-    *_FRAME_KEY,
-    _f("model_name", pa.string()), _f("model_version", pa.string()),
-    _f("runtime_a", pa.string(), doc="onnxruntime configuration of the reference run"),
-    _f("runtime_b", pa.string(), doc="the second configuration"),
-    *_horizon_fields(),
-    _f("maneuver_jsd", pa.float32()), _f("score", pa.float32()),
-    *_LINEAGE,
-])
-
-TABLES: dict[str, TableSpec] = {
-    "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION),
-    "decisions": TableSpec("decisions", DECISIONS_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
-    "divergences": TableSpec("divergences", DIVERGENCES_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
-    "scenarios": TableSpec("scenarios", SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
-    "noise_floor": TableSpec("noise_floor", NOISE_FLOOR_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
-}
-
-_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _FILE_RE = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)-p(?P<partition>\d{5})-(?P<first>\d{20})-(?P<last>\d{20})\.parquet$")
 
@@ -218,6 +99,14 @@ def model_id(name: str, version: str) -> str:
 def pair_id(teacher: str, student: str) -> str:
     """Id of a (teacher model id, student model id) pair: `<teacher>__<student>`."""
     return f"{teacher}__{student}"
+
+
+def split_pair_id(pair: str) -> tuple[str, str]:
+    """(teacher model id, student model id) of a pair id; ValueError for a string that is not one."""
+    teacher, sep, student = pair.partition("__")
+    if not sep or not teacher or not student:
+        raise ValueError(f"{pair!r} is not a pair id (<teacher model id>__<student model id>)")
+    return teacher, student
 
 
 def file_name(topic: str, partition: int, first: int, last: int) -> str:
@@ -281,7 +170,8 @@ def superseded_files(lake: Path, table: str) -> list[LakeFile]:
     return [f for f in all_files(lake, table) if f not in live]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (fsync of the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -323,12 +213,19 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
+    return _write_atomic(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_size,
+                                                         compression=PARQUET_COMPRESSION,
+                                                         use_dictionary=dictionary_columns(table.schema)),
+                         before_rename)
+
+
+def _write_atomic(path: Path, write: Callable, before_rename: Callable[[], None] | None = None) -> Path:
+    """`write(fh)` into a hidden temporary file beside `path`, fsync, `before_rename()`, rename, fsync the directory."""
     # writer's host and pid in the name: a restarted process can tell its dead predecessor's leftovers at once
-    tmp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, row_group_size=row_group_size, compression=PARQUET_COMPRESSION,
-                           use_dictionary=dictionary_columns(table.schema))
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         if before_rename is not None:
@@ -337,14 +234,31 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` so that no reader ever sees a partial file: temp name, fsync, rename, fsync dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_atomic(path, lambda fh: fh.write(data))
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`write_bytes_atomic` of UTF-8 text."""
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_json_atomic(path: Path, doc, indent: int | None = 1, sort_keys: bool = True, default=str) -> Path:
+    """`doc` as JSON, written atomically (`write_bytes_atomic`)."""
+    return write_text_atomic(path, json.dumps(doc, indent=indent, sort_keys=sort_keys, default=default))
 
 
 def _writer_dead(tmp: Path) -> bool:
     """True when the temp file's writer was a process on this host that no longer runs."""
     parts = tmp.name.split(".")
-    if len(parts) < 5 or parts[-4] != _HOST or not parts[-3].isdigit():
+    if len(parts) < 5 or parts[-4] != HOST or not parts[-3].isdigit():
         return False
     try:
         os.kill(int(parts[-3]), 0)
@@ -418,9 +332,7 @@ def read_drive(path: Path) -> Drive:
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("flywheel.format") != "drive":
         raise ValueError(f"{path}: not a flywheel drive file")
-    if int(meta.get("flywheel.format_version", -1)) != DRIVE_FORMAT_VERSION:
-        raise ValueError(f"{path}: drive format version {meta.get('flywheel.format_version')} is not "
-                         f"{DRIVE_FORMAT_VERSION}")
+    check_version(path, "drive file", meta.get("flywheel.format_version"), DRIVE_FORMAT_VERSION)
     seq = table["seq"].to_numpy()
     if not np.array_equal(seq, np.arange(len(seq))):
         raise ValueError(f"{path}: seq is not 0..n-1")
@@ -432,12 +344,7 @@ def read_drive(path: Path) -> Drive:
 
 
 def mark_uploaded(drive_file: Path, info: dict) -> None:
-    marker = uploaded_marker(drive_file)
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(json.dumps(info, sort_keys=True))
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, marker)
+    write_json_atomic(uploaded_marker(drive_file), info, indent=None)
 
 
 def is_uploaded(drive_file: Path) -> bool:
@@ -454,36 +361,26 @@ DRIVE_FINAL_KEY = "flywheel.drive_final"
 seq of the drive}. Readers know a drive has ended without waiting for it to go quiet. Absent when no drive ended."""
 
 
-# ------------------------------------------------------------------------------ simulator truth (evaluation only)
+# ------------------------------------------------------------------------------------------------------ lake rows
 
-TRUTH_SUFFIX = ".truth.parquet"
-TRUTH_FORMAT_VERSION = 1
-_DICT = pa.dictionary(pa.int8(), pa.string())
-# the true agents carry what perception reports, less the confidence
-TRUTH_AGENT_TYPE = pa.struct([f for f in AGENT_TYPE if f.name != "confidence"])
+_MS_PER_DAY = 86_400_000
 
 
-def _items(t: pa.DataType) -> pa.DataType:
-    return pa.list_(pa.field("item", t, nullable=False))
+def ingest_date(timestamp_ms: int) -> str:
+    """UTC date (YYYY-MM-DD) of a Kafka record timestamp in milliseconds: the hive partition of its rows."""
+    return datetime.fromtimestamp(timestamp_ms // _MS_PER_DAY * 86_400, tz=timezone.utc).date().isoformat()
 
 
-TRUTH_SCHEMA = pa.schema([
-    pa.field("drive_id", pa.string(), nullable=False),
-    pa.field("seq", pa.int64(), nullable=False),
-    pa.field("scene", pa.int32(), nullable=False),
-    pa.field("condition", _DICT, nullable=False),
-    pa.field("source_seq", pa.int64(), nullable=False),
-    pa.field("ego_x", pa.float64(), nullable=False),
-    pa.field("ego_y", pa.float64(), nullable=False),
-    pa.field("ego_heading", pa.float32(), nullable=False),
-    pa.field("ego_speed", pa.float32(), nullable=False),
-    pa.field("ego_crashed_next", pa.bool_(), nullable=False),
-    pa.field("agents", _items(TRUTH_AGENT_TYPE), nullable=False),
-    pa.field("false_positive_ids", _items(pa.uint32()), nullable=False),
-], metadata={"flywheel.format": "truth", "flywheel.format_version": str(TRUTH_FORMAT_VERSION)})
-
-
-def truth_path(drive_file: Path) -> Path:
-    """The simulator's truth file beside a `.drive.parquet` file (see ingest.fleet.truth)."""
-    drive_file = Path(drive_file)
-    return drive_file.with_name(drive_file.name[: -len(DRIVE_SUFFIX)] + TRUTH_SUFFIX)
+def to_lake_batch(frames: Frames, drive_id: str, vehicle_id: str, first_seq: int, schema_version: int,
+                  ingest_ms: int, partition: int, offset: int) -> pa.RecordBatch:
+    """Frames of one chunk as rows of FRAMES_LAKE_SCHEMA; `ingest_ms` is the Kafka record timestamp in ms."""
+    batch = frames_to_arrow(frames, drive_id, vehicle_id, first_seq)
+    n = batch.num_rows
+    lake_cols = [
+        pa.array(np.full(n, schema_version, np.int16)),
+        pa.array(np.full(n, ingest_ms, np.int64)).view(pa.timestamp("ms", tz="UTC")),
+        pa.array(np.full(n, partition, np.int32)),
+        pa.array(np.full(n, offset, np.int64)),
+    ]
+    # from_arrays with an explicit schema fails on any type drift instead of inferring a new schema
+    return pa.RecordBatch.from_arrays([*batch.columns, *lake_cols], schema=FRAMES_LAKE_SCHEMA)

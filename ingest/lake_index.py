@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.lake import DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, live_files
+from ingest.tables import read_footer
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def lake_positions(lake: Path, topic: str, partitions: set[int], table: str = "f
                     continue
                 pos.next_offset = max(pos.next_offset, f.last + 1)
                 pos.files += 1
-                seqs = read_drive_seq(f.path)
+                seqs = read_drive_seq(f.path, read_footer(f.path, table))
                 if seqs is None:
                     log.warning("%s has no %s footer; reading its drive_id and seq columns", f.path, DRIVE_SEQ_KEY)
                     seqs = scan_drive_seq(f.path)

@@ -31,7 +31,7 @@ _AGENT_FIELDS = {"agent_id": "id", "agent_class": "agent_class", "agent_x": "x",
                  "agent_confidence": "confidence"}
 
 
-def _file_descriptor_set() -> bytes:
+def file_descriptor_set() -> bytes:
     fds = descriptor_pb2.FileDescriptorSet()
     pb.DESCRIPTOR.CopyToProto(fds.file.add())
     return fds.SerializeToString()
@@ -87,7 +87,7 @@ def export_mcap(drive_files: list[Path], out: Path) -> Path:
     with open(out, "wb") as fh:
         writer = Writer(fh)
         writer.start(profile="", library="flywheel")
-        schema_id = writer.register_schema(name=SCHEMA_NAME, encoding="protobuf", data=_file_descriptor_set())
+        schema_id = writer.register_schema(name=SCHEMA_NAME, encoding="protobuf", data=file_descriptor_set())
         channel = writer.register_channel(topic=TOPIC, message_encoding="protobuf", schema_id=schema_id)
         for path in drive_files:
             drive = read_drive(path)

@@ -24,18 +24,13 @@ needs blocking consumer calls and happens on the main thread right after `poll()
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
@@ -44,9 +39,10 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.config import KafkaConfig, SinkConfig
-from ingest.contract import ChunkRejected, Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk
-from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, FRAMES_LAKE_SCHEMA, file_name, overlapping_files,
-                         partition_dir, remove_stale_temporaries, write_parquet_atomic)
+from ingest.contract import ChunkRejected, RejectReason, decode_chunk, parse_chunk
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, file_name, ingest_date, overlapping_files, partition_dir,
+                         remove_stale_temporaries, to_lake_batch, write_parquet_atomic)
+from ingest.tables import FRAMES_LAKE_SCHEMA
 from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq, lake_positions, merge_drive_final
 
 log = logging.getLogger(__name__)
@@ -56,7 +52,6 @@ TABLE = "frames"
 MAX_FRAMES_PER_CHUNK = 100_000
 DLQ_FLUSH_TIMEOUT_S = 30.0
 KAFKA_CALL_TIMEOUT_MS = 30_000
-_MS_PER_DAY = 86_400_000
 
 RECORDS = Counter("flywheel_sink_records_consumed_total", "Kafka records read from the frames topic")
 ROWS = Counter("flywheel_sink_rows_written_total", "frame rows written to the lake")
@@ -117,26 +112,6 @@ class _Buffer:
     drive_seq: dict[str, SeqRanges] = field(default_factory=dict)  # drive_id -> seq ranges in this buffer
     finals: dict[str, int] = field(default_factory=dict)  # drive_id -> last seq, for final chunks in this buffer
     dead_letters: list = field(default_factory=list)  # producer futures, awaited before the commit
-
-
-def ingest_date(timestamp_ms: int) -> str:
-    """UTC date (YYYY-MM-DD) of a Kafka record timestamp in milliseconds: the hive partition of its rows."""
-    return datetime.fromtimestamp(timestamp_ms // _MS_PER_DAY * 86_400, tz=timezone.utc).date().isoformat()
-
-
-def to_lake_batch(frames: Frames, drive_id: str, vehicle_id: str, first_seq: int, schema_version: int,
-                  ingest_ms: int, partition: int, offset: int) -> pa.RecordBatch:
-    """Frames of one chunk as rows of FRAMES_LAKE_SCHEMA; `ingest_ms` is the Kafka record timestamp in ms."""
-    batch = frames_to_arrow(frames, drive_id, vehicle_id, first_seq)
-    n = batch.num_rows
-    lake_cols = [
-        pa.array(np.full(n, schema_version, np.int16)),
-        pa.array(np.full(n, ingest_ms, np.int64)).view(pa.timestamp("ms", tz="UTC")),
-        pa.array(np.full(n, partition, np.int32)),
-        pa.array(np.full(n, offset, np.int64)),
-    ]
-    # from_arrays with an explicit schema fails on any type drift instead of inferring a new schema
-    return pa.RecordBatch.from_arrays([*batch.columns, *lake_cols], schema=FRAMES_LAKE_SCHEMA)
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -459,38 +434,3 @@ def run_sink(kafka: KafkaConfig, sink: SinkConfig, stop: threading.Event | None 
     rebalance listener's thread on revoke). Starts no metrics server: the caller exposes prometheus_client's registry.
     """
     return Sink(kafka, sink, on_flush).run(stop)
-
-
-def given(**options) -> dict:
-    """The options set on the command line; the others keep SinkConfig's and KafkaConfig's defaults."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.sink", description=__doc__.split("\n")[0])
-    parser.add_argument("--bootstrap", required=True, help="Kafka bootstrap HOST:PORT[,HOST:PORT...]")
-    parser.add_argument("--lake", required=True, type=Path, help="root directory of the Parquet lake")
-    parser.add_argument("--group", help="consumer group")
-    parser.add_argument("--topic", help="frames topic")
-    parser.add_argument("--dlq-topic", help="dead-letter topic")
-    parser.add_argument("--max-rows", type=int, help="rotate a partition's file at this many rows")
-    parser.add_argument("--max-age-s", type=float, help="rotate a partition's file this many seconds after its first record")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kafka = KafkaConfig(bootstrap_servers=args.bootstrap, **given(frames_topic=args.topic, dead_letter_topic=args.dlq_topic))
-    sink = SinkConfig(lake_dir=args.lake, **given(group_id=args.group, max_rows=args.max_rows, max_age_s=args.max_age_s))
-    stop = threading.Event()
-
-    def _stop(signum, _frame) -> None:
-        log.info("signal %d: stopping after a final flush", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    run_sink(kafka, sink, stop)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,7 +2,7 @@
 
 The ego follows a multi-lane road at about highway speed; agents drive in neighbouring lanes around it; perception
 confidence, planned waypoints, maneuvers and controls are consistent with the motion. The reference fleet of real
-simulator drives lives in `ingest.fleet`; this generator only has to produce valid frames of realistic size fast.
+simulator drives lives in `sim`; this generator only has to produce valid frames of realistic size fast.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The retraining side of the flywheel, in rooms: `models/`, `recipes/`, `compress/`, `cycle/`, `jobs/`."""

@@ -1,6 +1,6 @@
 """The lake as SQL: a locked-down, read-only DuckDB catalog over the live files of every lake table.
 
-`Catalog(lake)` is an in-memory DuckDB database with one view per table of `ingest.lake.TABLES` (frames, decisions,
+`Catalog(lake)` is an in-memory DuckDB database with one view per table of `ingest.tables.TABLES` (frames, decisions,
 divergences, scenarios, noise_floor) over that table's LIVE files only (`live_files`: a file covered by a compacted
 one is hidden), with the hive partition keys as columns (`date` DATE, `model`, `pair`). An empty table still has its
 view: the fixed schema, no rows. `refresh()` re-resolves the live files. Saved queries (`shadow/queries/*.sql`) run
@@ -27,6 +27,7 @@ sandbox (their methods run SQL of their own); the sandbox is for SQL text, what 
 from __future__ import annotations
 
 import functools
+from importlib import resources
 import logging
 import re
 import shutil
@@ -44,11 +45,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.lake import TABLES, LakeFile, live_files
+from ingest.tables import TABLES, read_footer
+from ingest.lake import LakeFile, live_files
 
 log = logging.getLogger(__name__)
 
-QUERIES_DIR = Path(__file__).with_name("queries")
+QUERIES_DIR = Path(str(resources.files("shadow") / "queries"))  # package data: a wheel carries the saved queries
 HIVE_TYPES = {"date": "DATE", "model": "VARCHAR", "pair": "VARCHAR"}
 READ_ONLY_HINT = ("the lake's SQL interface is read-only: only SELECT, WITH, VALUES, FROM, TABLE, DESCRIBE, SHOW, "
                   "SUMMARIZE, PIVOT, UNPIVOT and EXPLAIN are allowed")
@@ -301,6 +303,7 @@ class Catalog:
         self.config = config or CatalogConfig()
         self.queries_dir = Path(queries_dir)
         self.files: dict[str, list[LakeFile]] = {}
+        self._versions_checked: dict[Path, int] = {}  # file -> mtime its footer's schema version was checked at
         self._summarised: dict[str, tuple[int, int]] | None = None  # rollup's files: (size, mtime); None: not built
         self._lock = threading.RLock()
         settings: dict[str, Any] = {"autoinstall_known_extensions": False, "autoload_known_extensions": False,
@@ -338,6 +341,11 @@ class Catalog:
     def _live(self, table: str) -> list[LakeFile]:
         files = live_files(self.lake, table)
         out = [f for f in files if f.path.resolve().is_relative_to(self.lake)]
+        for f in out:  # a file of a schema version this code does not know is refused, not misread
+            stamp = f.path.stat().st_mtime_ns
+            if self._versions_checked.get(f.path) != stamp:
+                read_footer(f.path, table)
+                self._versions_checked[f.path] = stamp
         if len(out) < len(files):
             log.warning("%s: %d files linking outside the lake left out", table, len(files) - len(out))
         return out

@@ -13,6 +13,7 @@ Null aggregates (a window in which no plan conflicts with any agent has no minim
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ from shadow.metrics import WINDOW_METRICS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CRITERIA = Path(__file__).with_name("criteria_default.yaml")
-CONDITIONS = ("road_type", "lighting", "weather")
+DEFAULT_CRITERIA = Path(str(resources.files("shadow") / "criteria_default.yaml"))  # package data
+CONDITION_COLUMNS = ("road_type", "lighting", "weather")
 
 
 class CriteriaError(ValueError):
@@ -89,12 +90,12 @@ class Match(_Model):
 
     @model_validator(mode="after")
     def _names(self) -> "Match":
-        for key in CONDITIONS:
+        for key in CONDITION_COLUMNS:
             for v in getattr(self, key) or ():
                 if v not in ENUMS[key][1]:
                     raise ValueError(f"{key}: unknown value {v!r}; known: {ENUMS[key][1]}")
-        if all(getattr(self, k) is None for k in CONDITIONS):
-            raise ValueError(f"match needs at least one of {', '.join(CONDITIONS)}")
+        if all(getattr(self, k) is None for k in CONDITION_COLUMNS):
+            raise ValueError(f"match needs at least one of {', '.join(CONDITION_COLUMNS)}")
         return self
 
 
@@ -113,7 +114,7 @@ class PassRates(_Model):
 
     @model_validator(mode="after")
     def _names(self) -> "PassRates":
-        for key in CONDITIONS:
+        for key in CONDITION_COLUMNS:
             for name, rate in getattr(self, key).items():
                 if name not in ENUMS[key][1]:
                     raise ValueError(f"{key}: unknown value {name!r}; known: {ENUMS[key][1]}")
@@ -122,7 +123,7 @@ class PassRates(_Model):
         return self
 
     def required(self, group: str, value: str) -> float:
-        return getattr(self, group, {}).get(value, self.default) if group in CONDITIONS else self.default
+        return getattr(self, group, {}).get(value, self.default) if group in CONDITION_COLUMNS else self.default
 
 
 class CriteriaFile(_Model):
@@ -210,12 +211,12 @@ def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> t
     `windows` maps each WINDOW_METRICS name used by the criteria to (G,) numbers (NaN = null) and road_type,
     lighting, weather to (G,) enum names or codes.
     """
-    g = len(np.asarray(windows[CONDITIONS[0]]))
-    cond = {k: _names(windows[k], k) for k in CONDITIONS}
+    g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
+    cond = {k: _names(windows[k], k) for k in CONDITION_COLUMNS}
     masks = []
     for o in criteria.spec.overrides:
         m = np.ones(g, bool)
-        for k in CONDITIONS:
+        for k in CONDITION_COLUMNS:
             allowed = getattr(o.match, k)
             if allowed is not None:
                 m &= np.isin(cond[k], allowed)
@@ -271,7 +272,7 @@ def pass_rates(windows: Mapping[str, np.ndarray], passed: np.ndarray, criteria: 
                 "ok": bool(n and rate >= req)}
 
     out = [record("all", "all", np.ones(len(passed), bool))] if len(passed) else []
-    for key in CONDITIONS:
+    for key in CONDITION_COLUMNS:
         names = _names(windows[key], key)
         for value in sorted(set(names.tolist())):
             out.append(record(key, value, names == value))

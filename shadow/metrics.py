@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ingest.lake import DIVERGENCE_HORIZONS_S
+from ingest.tables import DIVERGENCE_HORIZONS_S
 from shadow import featurize as fz
 from shadow.ttc import time_to_collision
 

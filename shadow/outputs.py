@@ -1,4 +1,5 @@
-"""Where shadow outputs go and what they already cover: offset coverage per model or pair, and the unit writer.
+"""Where shadow outputs go and what they already cover: offset coverage per model or pair, and the one unit writer
+both replay drivers (batch and stream) use, its tables paired with their rows by name (`OUTPUT_TABLES`).
 
 Shadow files are named from the Kafka offsets of the frames they were computed from (`ingest.lake`), so which frames
 a pair has replayed is which offsets its live `divergences` files cover, and which frames a model has decisions for
@@ -27,8 +28,9 @@ import pyarrow.parquet as pq
 
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
+from ingest.tables import TABLES, check_table_version, read_footer
 from shadow import featurize as fz
-from shadow.pipeline import Known, offsets_in
+from shadow.compute import Known, offsets_in
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,10 @@ def stored_decisions(lake: Path, model: str, topic: str, partition: int, table: 
     if not files:
         return None
     cols = ["drive_id", "seq", "traj_x", "traj_y", "traj_yaw", "maneuver_probs"]
-    dec = pa.concat_tables([pq.read_table(f.path, columns=cols) for f in files])
+    parts = [pq.read_table(f.path, columns=cols) for f in files]
+    for f, t in zip(files, parts):
+        check_table_version(f.path, "decisions", t.schema.metadata)
+    dec = pa.concat_tables(parts)
     left = pa.table({"drive_id": table["drive_id"].cast(pa.string()), "seq": table["seq"],
                      "row": pa.array(np.arange(table.num_rows))})
     right = pa.table({"drive_id": dec["drive_id"].cast(pa.string()), "seq": dec["seq"],
@@ -134,8 +139,8 @@ def resume_context(files: list, idle_s: float) -> tuple[dict[str, SeqRanges], in
     seen: dict[str, SeqRanges] = {}
     entries: dict[str, list[tuple[SeqRanges, dict]]] = {}
     for f in files:
-        meta = pq.read_schema(f.path).metadata or {}
-        seqs = read_drive_seq(f.path) or {}
+        meta = read_footer(f.path, "divergences")
+        seqs = read_drive_seq(f.path, meta) or {}
         ctx = json.loads(meta.get(DRIVE_CONTEXT_KEY.encode(), b"{}"))
         for d, r in seqs.items():
             for lo, hi in r.ranges:
@@ -183,6 +188,26 @@ class Output:
     key: str
     value: str
     rows: pa.Table
+
+
+# Every table a replay unit writes, under the name both drivers file its rows by: (table, partition key, whose id).
+OUTPUT_TABLES: dict[str, tuple[str, str, str]] = {
+    "teacher_decisions": ("decisions", "model", "teacher"),
+    "student_decisions": ("decisions", "model", "student"),
+    "noise_floor": ("noise_floor", "model", "teacher"),
+    "scenarios": ("scenarios", "pair", "pair"),
+    "divergences": ("divergences", "pair", "pair"),
+}
+
+
+def unit_outputs(ids: dict[str, str], rows: dict[str, pa.Table | None]) -> list[Output]:
+    """The outputs of one unit, paired with their tables by name (`OUTPUT_TABLES`): `ids` maps "teacher",
+    "student" and "pair" to the model and pair ids; a table missing from `rows` (or None) is written empty."""
+    out = []
+    for name, (table, key, whose) in OUTPUT_TABLES.items():
+        t = rows.get(name)
+        out.append(Output(table, key, ids[whose], t if t is not None else TABLES[table].schema.empty_table()))
+    return out
 
 
 @dataclass

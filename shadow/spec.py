@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingest.lake import write_text_atomic
+from ingest.versions import check_version
 from shadow import featurize as fz
 
 log = logging.getLogger(__name__)
@@ -106,18 +107,18 @@ def write_spec(spec: ModelSpec, model_path: Path) -> Path:
     spec.sha256 = sha256_file(model_path)
     spec.size_bytes = model_path.stat().st_size
     out = spec_path(model_path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(spec.model_dump_json(indent=2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out)
+    write_text_atomic(out, spec.model_dump_json(indent=2))
     return out
 
 
 def read_spec(model_path: Path, verify: bool = True) -> ModelSpec:
     """Load the spec of a model (a .onnx path or its directory); with `verify`, check the file's sha256."""
-    spec = ModelSpec.model_validate(json.loads(spec_path(model_path).read_text()))
+    path = spec_path(model_path)
+    raw = json.loads(path.read_text())
+    # checked before the fields: another version may have other ones (a spec without the key predates versions: 1)
+    check_version(path, "model spec", raw.get("format_version", 1) if isinstance(raw, dict) else None,
+                  SPEC_FORMAT_VERSION)
+    spec = ModelSpec.model_validate(raw)
     if verify:
         onnx_file = model_file(model_path)
         actual = sha256_file(onnx_file)

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from ingest.lake import TABLES
+from ingest.tables import TABLES
 
 
 def default_value(field: pa.Field):

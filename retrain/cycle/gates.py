@@ -1,0 +1,177 @@
+"""Promotion gates: the rules a fine-tuned candidate must pass against the current student, as a pydantic config.
+
+    decision = evaluate_gates(GateConfig(), figures)        # figures: the cycle's verification record
+    decision.passed, decision.reasons                      # rejected: one reason per failed check, in words
+
+Checks (each can be switched off or re-tuned):
+
+- divergence where mined (held-out mined windows, test drives never trained on): the candidate's mean `metric`
+  (shadow's per-frame divergence score by default) is at least `mined_reduction` (50%) below the current student's;
+- divergence elsewhere (ordinary frames of the same held-out drives): at most `elsewhere_increase` (10%) above it,
+  relative;
+- closed loop (highway-env, same seeded episodes): the candidate collides at most `max_extra_collisions` more often
+  than the current student, its mean minimum time-to-collision is at most `ttc_margin_s` below, and (when
+  `comfort_margin` is set) its share of comfortable episodes at most that much below;
+- per target chip: size budget met, latency budget met (estimate on chips, measured on the CPU target), and the
+  numeric verification (chip rules obeyed, error against the FP32 reference within tolerance) passed;
+- enough evidence: at least `min_mined_frames` held-out mined frames and `min_elsewhere_frames` ordinary ones.
+
+A missing figure fails its check (nothing is passed by default).
+
+The figures come from `retrain.cycle.verify`: shadow replay of the current student ("before") and the candidate
+("after") on the snapshot's test drives, and the same seeded closed-loop episodes for both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrain.cycle.records import Record
+
+
+class GateConfig(BaseModel):
+    """Promotion rules; defaults are the design's: mined divergence down >= 50%, elsewhere up <= 10%, closed loop
+    no worse, every target within budget and verified."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: Literal["mean_score", "mean_ade_4s", "mean_fde_4s", "miss_rate_4s", "disagree_rate"] = Field(
+        "mean_score", description="divergence figure the divergence checks compare (shadow.metrics)")
+    mined_reduction: float | None = Field(0.5, ge=0, le=1, description="required relative decrease of divergence "
+                                          "where mined (0.5 = halved); None: not checked")
+    elsewhere_increase: float | None = Field(0.10, ge=0, description="allowed relative increase of divergence "
+                                             "elsewhere (0.1 = +10%); None: not checked")
+    min_mined_frames: int = Field(50, ge=0, description="held-out mined frames needed to judge at all")
+    min_elsewhere_frames: int = Field(50, ge=0, description="held-out ordinary frames needed to judge at all")
+    closed_loop: bool = Field(True, description="check the closed-loop figures")
+    max_extra_collisions: int = Field(0, ge=0, description="collisions the candidate may have beyond the current "
+                                      "student's on the same episodes")
+    ttc_margin_s: float | None = Field(0.5, ge=0, description="mean minimum TTC may drop at most this much [s]; "
+                                       "None: not checked")
+    comfort_margin: float | None = Field(None, ge=0, le=1, description="share of comfortable episodes may drop at "
+                                         "most this much; None: reported, not checked")
+    budgets: bool = Field(True, description="every target's size and latency budgets must be met")
+    verification: bool = Field(True, description="every target's numeric verification must have passed")
+
+
+class Check(Record):
+    """One gate check: what was compared, the figures and the outcome."""
+
+    name: str
+    passed: bool
+    value: float | None = Field(None, description="the candidate's figure (or the relative change)")
+    limit: float | None = Field(None, description="the threshold it was held against")
+    detail: str = Field("", description="the comparison in words")
+
+
+class GateDecision(Record):
+    """Passed or rejected, the reasons (failed checks in words) and every check."""
+
+    passed: bool
+    status: Literal["promoted", "rejected"]
+    reasons: list[str]
+    checks: list[Check]
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def relative_change(before: float | None, after: float | None) -> float | None:
+    """(after - before) / before; None when either is missing or before is 0."""
+    if before is None or after is None or before == 0:
+        return None
+    return (after - before) / before
+
+
+def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
+    """Judge a candidate from the cycle's verification figures:
+
+    figures = {"divergence": {"mined": {"before": {metric: .., "frames": n}, "after": {...}}, "elsewhere": {...}},
+               "closed_loop": {"before": {"collisions", "mean_min_ttc_s", "comfortable_rate"}, "after": {...}},
+               "targets": [TargetResult dicts]}
+    """
+    checks: list[Check] = []
+    m = config.metric
+    div = figures.get("divergence") or {}
+    for where, limit, sign in (("mined", config.mined_reduction, -1), ("elsewhere", config.elsewhere_increase, 1)):
+        if limit is None:
+            continue
+        rec = div.get(where) or {}
+        before, after = rec.get("before") or {}, rec.get("after") or {}
+        frames = int(after.get("frames") or 0)
+        need = config.min_mined_frames if where == "mined" else config.min_elsewhere_frames
+        b, a = _num(before.get(m)), _num(after.get(m))
+        change = relative_change(b, a)
+        if frames < need:
+            checks.append(Check(name=f"divergence_{where}", passed=False, value=float(frames), limit=float(need),
+                                detail=f"only {frames} held-out {where} frames; {need} needed to judge"))
+        elif change is None:
+            checks.append(Check(name=f"divergence_{where}", passed=False,
+                                detail=f"{m} {where}: no comparable figures (before {b}, after {a})"))
+        elif sign < 0:
+            checks.append(Check(name="divergence_mined", passed=change <= -limit, value=change, limit=-limit,
+                                detail=f"{m} where mined {b:.4g} -> {a:.4g} ({change:+.1%}); needs <= {-limit:+.0%}"))
+        else:
+            checks.append(Check(name="divergence_elsewhere", passed=change <= limit, value=change, limit=limit,
+                                detail=f"{m} elsewhere {b:.4g} -> {a:.4g} ({change:+.1%}); allowed <= {limit:+.0%}"))
+    if config.closed_loop:
+        cl = figures.get("closed_loop") or {}
+        before, after = cl.get("before") or {}, cl.get("after") or {}
+        if not before or not after:
+            checks.append(Check(name="closed_loop", passed=False, detail="no closed-loop figures"))
+        else:
+            cb, ca = int(before.get("collisions", 0)), int(after.get("collisions", 0))
+            checks.append(Check(name="closed_loop_collisions", passed=ca <= cb + config.max_extra_collisions,
+                                value=float(ca), limit=float(cb + config.max_extra_collisions),
+                                detail=f"collisions {cb} -> {ca} over {after.get('episodes')} episodes"))
+            if config.ttc_margin_s is not None:
+                tb, ta = _num(before.get("mean_min_ttc_s")), _num(after.get("mean_min_ttc_s"))
+                ok = tb is not None and ta is not None and ta >= tb - config.ttc_margin_s
+                checks.append(Check(name="closed_loop_min_ttc", passed=ok, value=ta,
+                                    limit=None if tb is None else tb - config.ttc_margin_s,
+                                    detail=f"mean min TTC {_fmt(tb)} -> {_fmt(ta)} s; may drop at most "
+                                           f"{config.ttc_margin_s} s"))
+            if config.comfort_margin is not None:
+                fb, fa = _num(before.get("comfortable_rate")), _num(after.get("comfortable_rate"))
+                ok = fb is not None and fa is not None and fa >= fb - config.comfort_margin
+                checks.append(Check(name="closed_loop_comfort", passed=ok, value=fa,
+                                    limit=None if fb is None else fb - config.comfort_margin,
+                                    detail=f"comfortable episodes {_fmt(fb)} -> {_fmt(fa)}; may drop at most "
+                                           f"{config.comfort_margin}"))
+    targets = figures.get("targets") or []
+    if (config.budgets or config.verification) and not targets:
+        checks.append(Check(name="targets", passed=False, detail="no compressed targets"))
+    for t in targets:
+        chip = t.get("chip", "?")
+        if config.budgets:
+            checks.append(Check(name=f"{chip}_size", passed=bool(t.get("size_budget_met")), value=t.get("bytes"),
+                                limit=t.get("size_budget_bytes"),
+                                detail=f"{chip}: {t.get('bytes')} bytes, budget {t.get('size_budget_bytes')}"))
+            basis = t.get("latency_budget_basis", "estimate")
+            lat = t.get("cpu_latency_ms_measured") if basis == "measured" else t.get("latency_ms_estimate")
+            checks.append(Check(name=f"{chip}_latency", passed=bool(t.get("latency_budget_met")), value=lat,
+                                limit=t.get("latency_budget_ms"),
+                                detail=f"{chip}: {lat} ms ({basis}), budget {t.get('latency_budget_ms')} ms"))
+        if config.verification:
+            checks.append(Check(name=f"{chip}_verified", passed=bool(t.get("verified")), value=t.get("max_abs_error"),
+                                detail=f"{chip}: rules ok {t.get('rules_ok')}, tolerance met "
+                                       f"{t.get('tolerance_met')}, violations {t.get('violations') or 'none'}"))
+    reasons = [c.detail for c in checks if not c.passed]
+    passed = not reasons
+    return GateDecision(passed=passed, status="promoted" if passed else "rejected", reasons=reasons, checks=checks)
+
+
+def target_summary(t: dict) -> dict:
+    """The figures of a TargetResult a cycle reports (latency on the chip is an ESTIMATE, on this CPU measured)."""
+    keys = ("chip", "name", "bytes", "size_budget_bytes", "size_budget_met", "cpu_latency_ms_measured",
+            "cpu_latency_fp32_ms_measured", "latency_ms_estimate", "latency_budget_ms", "latency_budget_basis",
+            "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact")
+    return {**{k: t.get(k) for k in keys}, "latency_estimate_label": "estimate (roofline, datasheet figures)"}

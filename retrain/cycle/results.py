@@ -1,0 +1,236 @@
+"""What a cycle returns, typed: every section of `CycleResult` and the verification step's record are pydantic models
+(`retrain.cycle.records.Record`: unknown fields refused, still readable as mappings), so the report and the job
+service read fields instead of re-parsing JSON. `CycleResult.model_dump(mode="json")` is `result.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from retrain.cycle.gates import GateDecision
+from retrain.cycle.records import Record
+
+RESULT_FORMAT_VERSION = 1
+
+
+class ModelRef(Record):
+    """A registered model the cycle used."""
+
+    ref: str = Field(description="name:version in the registry")
+    path: str = Field(description="its version directory")
+    sha256: str = Field(description="sha256 of its model.onnx")
+
+
+class Parent(ModelRef):
+    """The current student, and the torch checkpoint it was fine-tuned from."""
+
+    checkpoint: str
+    checkpoint_source: str = Field(description="how the checkpoint was found (config, spec, rebuilt from ONNX)")
+
+
+class Candidate(Record):
+    name: str
+    version: str
+    checkpoint: str = Field(description="the fine-tuned torch checkpoint")
+    artifacts: dict[str, str] = Field(description="chip -> directory of its artifact")
+    verified_chip: str = Field(description="the chip whose artifact was replayed and driven")
+
+
+class MiningSummary(Record):
+    """`retrain.cycle.mining.MiningResult.to_dict()` without its items."""
+
+    rule: str
+    sql: str | None = None
+    pair: str | None = None
+    threshold: float | None = None
+    noise_floor: dict[str, Any] = Field(default_factory=dict)
+    eligible: int = 0
+    config: dict[str, Any] = Field(default_factory=dict)
+    windows: int
+    frames: int
+    by_condition: dict[str, int]
+    by_road_type: dict[str, int]
+    drives: int
+
+
+class SnapshotSummary(Record):
+    id: str
+    path: str
+    content_sha256: str
+    counts: dict[str, Any] = Field(description="the manifest's counts per split, role, condition")
+    drives: dict[str, int] = Field(description="drives per split")
+
+
+class FinetuneSummary(Record):
+    """`retrain.cycle.finetune.FinetuneResult` without its history (`evaluations` counts it)."""
+
+    format_version: int = 1
+    checkpoint: str
+    key: str
+    planned_steps: int
+    steps_run: int
+    best_step: int
+    stopped_early: bool
+    resumed_from_step: int
+    initial: dict[str, Any]
+    best: dict[str, Any]
+    frames: dict[str, int]
+    teacher_label_seconds: float
+    seconds: float
+    evaluations: int
+
+
+class Summary(Record):
+    """Divergence of one student on a set of frames (None figures for no frames)."""
+
+    frames: int
+    mean_score: float | None = None
+    mean_ade_4s: float | None = None
+    mean_fde_4s: float | None = None
+    miss_rate_4s: float | None = None
+    disagree_rate: float | None = None
+
+
+class Comparison(Record):
+    """Before (current student) and after (candidate) on the same frames; change relative to before."""
+
+    before: Summary
+    after: Summary
+    change: dict[str, float | None]
+
+
+class ConditionComparison(Comparison):
+    set: str = Field(description="mined | elsewhere")
+    condition: str
+
+
+class RoadTypeComparison(Comparison):
+    set: str = Field(description="mined | elsewhere")
+    road_type: str
+
+
+class Fp32Divergence(Record):
+    """The same for the FP32 models: the fine-tune's effect without the compression's (attribution, not gated)."""
+
+    mined: Comparison
+    elsewhere: Comparison
+    by_condition: list[ConditionComparison]
+
+
+class Divergence(Record):
+    """Held-out test drives: where mined and elsewhere, overall, per condition and per road type."""
+
+    frames: int
+    mined: Comparison
+    elsewhere: Comparison
+    by_condition: list[ConditionComparison]
+    by_road_type: list[RoadTypeComparison]
+    fp32: Fp32Divergence | None = None
+
+
+class ClosedLoopFigures(Record):
+    """One policy over every scenario and condition (`retrain.cycle.verify.closed_loop_figures`)."""
+
+    episodes: int
+    collisions: int
+    collision_rate: float
+    mean_min_ttc_s: float | None = None
+    min_ttc_s: float
+    ttc_unsafe_rate: float | None = None
+    comfortable_rate: float | None = None
+    mean_speed_mps: float | None = None
+    progress_vs_expert: float | None = None
+
+
+class ClosedLoop(Record):
+    before: ClosedLoopFigures = Field(description="the current student")
+    after: ClosedLoopFigures = Field(description="the candidate")
+    expert: ClosedLoopFigures | None = Field(None, description="the rule-based expert on the same episodes")
+    conditions: list[str]
+    records: list[dict[str, Any]] = Field(default_factory=list, description="per policy, scenario and condition")
+
+    @field_validator("expert", mode="before")
+    @classmethod
+    def _no_expert(cls, v: Any) -> Any:
+        return None if v == {} else v
+
+
+class TargetSummary(Record):
+    """What the cycle reports of one chip's artifact: latency on the chip is an ESTIMATE, on this CPU measured."""
+
+    chip: str
+    name: str | None = None
+    bytes: int | None = None
+    size_budget_bytes: int | None = None
+    size_budget_met: bool | None = None
+    cpu_latency_ms_measured: float | None = None
+    cpu_latency_fp32_ms_measured: float | None = None
+    latency_ms_estimate: float | None = None
+    latency_budget_ms: float | None = None
+    latency_budget_basis: str | None = None
+    latency_budget_met: bool | None = None
+    verified: bool | None = None
+    max_abs_error: float | None = None
+    precision_mix: dict[str, int] | None = None
+    parameters: int | None = None
+    artifact: str | None = None
+    latency_estimate_label: str
+
+
+class RegisteredEntry(Record):
+    ref: str
+    status: str
+    parents: list[str]
+    sha256: str
+
+
+class Registration(Record):
+    status: str = Field(description="promoted | rejected | not registered")
+    ref: str | None = None
+    entries: list[RegisteredEntry] = Field(default_factory=list)
+    note: str | None = None
+
+
+class StepTiming(Record):
+    seconds: float
+    resumed: bool
+
+
+class VerifyRecord(Record):
+    """The verification step's output (`<work_dir>/verify.json`): where it replayed, the pair and model ids of each
+    replayed student ("before", "after", and "before_fp32", "after_fp32" when the FP32 models were replayed too)."""
+
+    lake: str
+    pairs: dict[str, str]
+    models: dict[str, str] = Field(default_factory=dict, description="teacher and each student's model id")
+    divergence: Divergence
+    closed_loop: ClosedLoop
+
+
+class CycleResult(Record):
+    """Every figure of a cycle (model_dump(mode="json") for JSON)."""
+
+    format_version: int = Field(RESULT_FORMAT_VERSION, description="version of this record's format")
+    cycle_id: str
+    work_dir: str
+    status: str = Field(description="promoted | rejected | not registered")
+    passed: bool
+    reasons: list[str]
+    teacher: ModelRef
+    parent: Parent = Field(description="the current student: ref, ONNX, checkpoint and where it came from")
+    candidate: Candidate = Field(description="name, version, checkpoint, artifact per chip")
+    mining: MiningSummary
+    snapshot: SnapshotSummary
+    finetune: FinetuneSummary
+    divergence: Divergence = Field(description="held-out test drives: where mined and elsewhere, before/after, per "
+                                               "condition and road type")
+    closed_loop: ClosedLoop = Field(description="before (current student), after (candidate), expert; collisions, "
+                                                "min TTC, comfort")
+    targets: list[TargetSummary] = Field(description="per chip: bytes, measured CPU latency, ESTIMATED chip latency, "
+                                                     "budgets")
+    gate: GateDecision
+    registry: Registration
+    steps: dict[str, StepTiming] = Field(description="per step: seconds, resumed")
+    wall_s: float

@@ -1,0 +1,328 @@
+"""The per-frame shadow computation shared by the batch replayer and the streaming worker, and its output rows.
+
+Given frames with their context (rows of FRAMES_LAKE_SCHEMA sorted by drive and seq: the frames to compute plus the
+ego history before them and the logged future after them), `Shadow.compute` featurizes every row ONCE, runs the
+teacher and the student on the same features, the teacher again on the second runtime for the noise-floor sample,
+and computes every divergence metric. The table builders turn the result into rows of the fixed lake schemas
+(`ingest.tables`): decisions per model, divergences per pair, noise floor, and scenario windows judged by the criteria.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest.contract import ENUMS, FRAME_SCHEMA, arrow_to_frames
+from ingest.tables import (DECISIONS_SCHEMA, DIVERGENCES_SCHEMA, NOISE_FLOOR_SCHEMA, SCENARIOS_SCHEMA,
+                           SHADOW_SCHEMA_VERSION, DIVERGENCE_HORIZONS_S)
+from ingest.lake import model_id, pair_id
+from shadow import featurize as fz
+from shadow.criteria import Criteria, evaluate_windows, load_criteria
+from shadow.metrics import WINDOW_METRICS, dominant, driver_metrics, pair_metrics, window_aggregates
+from shadow.config import PipelineConfig
+from shadow.models import LoadedModel, load_model, runtime_label
+
+log = logging.getLogger(__name__)
+
+_DICT = {k: pa.array(names, pa.string()) for k, (_, names) in ENUMS.items()}
+_F32_LIST = pa.list_(pa.field("item", pa.float32(), nullable=False))
+_STR_LIST = pa.list_(pa.field("item", pa.string(), nullable=False))
+WINDOW_META = ("drive_id", "vehicle_id", "seq", "timestamp", "tags", "kafka_partition", "kafka_offset")
+
+
+@dataclass
+class Computed:
+    """Results for the computed rows of a source table; every array's first axis is n = len(rows)."""
+
+    rows: np.ndarray  # (n,) row indices into the source table
+    teacher: tuple[np.ndarray, np.ndarray]  # trajectory (n, T, 3) [m, m, rad], logits (n, 6)
+    student: tuple[np.ndarray, np.ndarray]
+    metrics: dict[str, np.ndarray]  # pair_metrics and {teacher,student}_{ade,fde}_driver, (n,) each
+    conditions: dict[str, np.ndarray]  # road_type, lighting, weather (n,) enum codes
+    noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
+    noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
+
+
+@dataclass
+class Known:
+    """A model's outputs already stored for some rows of a source table (its `decisions` rows): reused, not run."""
+
+    rows: np.ndarray  # (k,) row indices into the source table, ascending
+    traj: np.ndarray  # (k, T, 3) float32 [m, m, rad]
+    logits: np.ndarray  # (k, 6) float32: log of the stored maneuver probabilities (the same softmax and arg-max)
+
+
+@dataclass
+class Inferred:
+    """Model outputs of the computed rows (n = len(rows)), before any metric."""
+
+    cols: dict[str, np.ndarray]  # Frames.cols of the whole source table (agents for TTC, conditions)
+    rows: np.ndarray  # (n,) row indices into the source table
+    target: np.ndarray  # (n, T, 3) logged future (featurizer targets)
+    target_mask: np.ndarray  # (n, T) bool
+    teacher: tuple[np.ndarray, np.ndarray]
+    student: tuple[np.ndarray, np.ndarray]
+    noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
+    noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
+    teacher_reused: int = 0  # rows whose teacher outputs were stored ones, not run
+
+
+def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Flat logged agents of frames `rows` in each frame's ego frame: frame (M,) = position in `rows`, x, y [m],
+    vx, vy [m/s] (world velocity rotated, not relative), heading [rad] relative to the ego, length, width [m]."""
+    counts = cols["agent_count"].astype(np.int64)
+    off = np.zeros(counts.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=off[1:])
+    c = counts[rows]
+    frame = np.repeat(np.arange(rows.shape[0]), c)
+    start = np.repeat(off[rows] - np.concatenate([[0], np.cumsum(c)[:-1]]), c) if c.size else np.zeros(0, np.int64)
+    flat = start + np.arange(frame.shape[0])
+    src = rows[frame]
+    psi = cols["ego_heading"].astype(np.float64)[src]
+    cp, sp = np.cos(psi), np.sin(psi)
+    dx = cols["agent_x"][flat] - cols["ego_x"][src]
+    dy = cols["agent_y"][flat] - cols["ego_y"][src]
+    vx, vy = cols["agent_vx"][flat].astype(np.float64), cols["agent_vy"][flat].astype(np.float64)
+    return {"frame": frame, "x": cp * dx + sp * dy, "y": -sp * dx + cp * dy, "vx": cp * vx + sp * vy,
+            "vy": -sp * vx + cp * vy, "heading": cols["agent_heading"][flat] - psi,
+            "length": cols["agent_length"][flat], "width": cols["agent_width"][flat]}
+
+
+def take_agents(agents: dict[str, np.ndarray], positions: np.ndarray) -> dict[str, np.ndarray]:
+    """The agents of the frames at `positions` (k,) of an agents dict, renumbered 0..k-1."""
+    # sized for both: a sampled frame may come after the last frame that has any agent
+    remap = np.full(max(int(agents["frame"].max(initial=-1)), int(positions.max(initial=-1))) + 1, -1)
+    remap[positions] = np.arange(positions.shape[0])
+    keep = remap[agents["frame"]] >= 0 if agents["frame"].size else np.zeros(0, bool)
+    out = {k: v[keep] for k, v in agents.items()}
+    out["frame"] = remap[out["frame"]]
+    return out
+
+
+def _lists(values: np.ndarray) -> pa.ListArray:
+    """(n, T) float -> list<float32 not null> column."""
+    n, t = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * t + 1, t, dtype=np.int32)),
+                                    pa.array(np.ascontiguousarray(values, np.float32).ravel()), type=_F32_LIST)
+
+
+def _enum(codes: np.ndarray, name: str) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(np.asarray(codes).astype(np.int8)), _DICT[name])
+
+
+def _f32(a: np.ndarray) -> pa.Array:
+    """float32 column; NaN becomes null (for the nullable columns)."""
+    return pa.array(np.asarray(a, np.float32), pa.float32(), from_pandas=True)
+
+
+def _const(value, n: int, t: pa.DataType) -> pa.Array:
+    return pa.array([value] * n, t) if n < 64 else pa.repeat(pa.scalar(value, t), n)
+
+
+def _build(schema: pa.Schema, cols: dict[str, pa.Array]) -> pa.Table:
+    """A table of exactly `schema` (types checked, nothing inferred)."""
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) if cols[f.name].type != f.type else cols[f.name]
+                                 for f in schema], schema=schema)
+
+
+class Shadow:
+    """Teacher, student (and the teacher on the noise runtime) loaded, with the criteria and the metric setup."""
+
+    def __init__(self, teacher_path: Path, student_path: Path, config: PipelineConfig | None = None) -> None:
+        self.config = config or PipelineConfig()
+        self.teacher: LoadedModel = load_model(teacher_path, self.config.runtime)
+        self.student: LoadedModel = load_model(student_path, self.config.runtime)
+        self.noise_teacher: LoadedModel = load_model(teacher_path, self.config.noise_runtime)
+        self.criteria: Criteria = load_criteria(self.config.criteria)
+        self.teacher_id = model_id(self.teacher.name, self.teacher.version)
+        self.student_id = model_id(self.student.name, self.student.version)
+        self.pair = pair_id(self.teacher_id, self.student_id)
+
+    @property
+    def ids(self) -> dict[str, str]:
+        """Model ids of "teacher" and "student", and the "pair" id."""
+        return {"teacher": self.teacher_id, "student": self.student_id, "pair": self.pair}
+
+    # ---------------------------------------------------------------------------------------------------- compute
+
+    def compute(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None) -> Computed:
+        """Featurize all rows of `table` (context included) once; run and measure the rows where `mask` (N,) holds.
+
+        `table`: FRAMES_LAKE_SCHEMA rows sorted by (drive_id, seq). `noise_mask` (N,) selects the noise-floor frames
+        among the masked ones (default: seq % noise_every == 0). Same as `measure(infer(...))`.
+        """
+        return self.measure(self.infer(table, mask, noise_mask))
+
+    def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None,
+              teacher_known: Known | None = None) -> "Inferred":
+        """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime.
+
+        `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others (the noise
+        floor still runs where `noise_mask` says)."""
+        frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
+        feats = fz.featurize(frames, segments=fz.segments_of(table), with_targets=True)
+        rows = np.flatnonzero(mask)
+        f = feats.take(rows)
+        inputs = f.inputs()
+        reused = np.zeros(rows.shape[0], bool)
+        if teacher_known is not None and teacher_known.rows.size:
+            at = np.searchsorted(rows, teacher_known.rows)
+            hit = (at < rows.shape[0]) & (rows[np.minimum(at, rows.shape[0] - 1)] == teacher_known.rows)
+            reused[at[hit]] = True
+        if reused.any():
+            todo = np.flatnonzero(~reused)
+            run = self.teacher.predict({k: np.ascontiguousarray(v[todo]) for k, v in inputs.items()}) if todo.size \
+                else None
+            known = teacher_known
+            traj = np.empty((rows.shape[0], *known.traj.shape[1:]), np.float32)
+            logits = np.empty((rows.shape[0], known.logits.shape[1]), np.float32)
+            traj[at[hit]], logits[at[hit]] = known.traj[hit], known.logits[hit]
+            if run is not None:
+                traj[todo], logits[todo] = run
+            t = (traj, logits)
+        else:
+            t = self.teacher.predict(inputs)
+        s = self.student.predict(inputs)
+        if noise_mask is None:
+            noise_mask = table["seq"].to_numpy() % self.config.noise_every == 0
+        noise_pos = np.flatnonzero(noise_mask[rows])
+        tn = None
+        if noise_pos.size:
+            tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})
+        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, int(reused.sum()))
+
+    def measure(self, inf: "Inferred") -> Computed:
+        """The numpy half of `compute`: every divergence metric of what `infer` produced."""
+        rows, t, s = inf.rows, inf.teacher, inf.student
+        agents = agents_in_ego_frame(inf.cols, rows)
+        m = pair_metrics(t, s, self.config.metrics, agents)
+        m["teacher_ade_driver"], m["teacher_fde_driver"] = driver_metrics(t[0], inf.target, inf.target_mask)
+        m["student_ade_driver"], m["student_fde_driver"] = driver_metrics(s[0], inf.target, inf.target_mask)
+        noise: dict[str, np.ndarray] = {}
+        if inf.noise is not None:
+            p = inf.noise_pos
+            noise = pair_metrics((t[0][p], t[1][p]), inf.noise, self.config.metrics, take_agents(agents, p))
+        conditions = {k: inf.cols[k][rows] for k in ("road_type", "lighting", "weather")}
+        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise)
+
+    # ------------------------------------------------------------------------------------------------ table rows
+
+    def _key(self, table: pa.Table, rows: np.ndarray) -> dict[str, pa.Array]:
+        idx = pa.array(rows)
+        return {name: table[name].take(idx) for name in ("drive_id", "vehicle_id", "seq", "timestamp",
+                                                         "kafka_partition", "kafka_offset")}
+
+    def _lineage(self, n: int, replay_id: str) -> dict[str, pa.Array]:
+        return {"replay_id": _const(replay_id, n, pa.string()),
+                "schema_version": pa.array(np.full(n, SHADOW_SCHEMA_VERSION, np.int16))}
+
+    def _pair_cols(self, n: int) -> dict[str, pa.Array]:
+        return {"teacher_name": _const(self.teacher.name, n, pa.string()),
+                "teacher_version": _const(self.teacher.version, n, pa.string()),
+                "student_name": _const(self.student.name, n, pa.string()),
+                "student_version": _const(self.student.version, n, pa.string())}
+
+    def decisions(self, table: pa.Table, c: Computed, which: str, replay_id: str) -> pa.Table:
+        """DECISIONS_SCHEMA rows of every computed frame for `which` = "teacher" | "student"."""
+        model = self.teacher if which == "teacher" else self.student
+        traj, logits = c.teacher if which == "teacher" else c.student
+        n = c.rows.shape[0]
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        cols = {**self._key(table, c.rows), "model_name": _const(model.name, n, pa.string()),
+                "model_version": _const(model.version, n, pa.string()),
+                "featurizer_version": _const(model.spec.featurizer_version, n, pa.string()),
+                "traj_x": _lists(traj[..., 0]), "traj_y": _lists(traj[..., 1]), "traj_yaw": _lists(traj[..., 2]),
+                "maneuver": _enum(logits.argmax(axis=1), "maneuver"), "maneuver_probs": _lists(probs),
+                **self._lineage(n, replay_id)}
+        return _build(DECISIONS_SCHEMA, cols)
+
+    def divergences(self, table: pa.Table, c: Computed, replay_id: str) -> pa.Table:
+        """DIVERGENCES_SCHEMA rows of every computed frame."""
+        n = c.rows.shape[0]
+        m = c.metrics
+        idx = pa.array(c.rows)
+        cols = {**self._key(table, c.rows), **self._pair_cols(n),
+                **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+                "maneuver_teacher": _enum(m["maneuver_teacher"], "maneuver"),
+                "maneuver_student": _enum(m["maneuver_student"], "maneuver"),
+                "maneuver_disagree": pa.array(m["maneuver_disagree"]), **self._lineage(n, replay_id)}
+        for name in ("maneuver_jsd", "ttc_teacher", "ttc_student", "teacher_ade_driver", "teacher_fde_driver",
+                     "student_ade_driver", "student_fde_driver", "score"):
+            cols[name] = _f32(m[name])
+        for h in DIVERGENCE_HORIZONS_S:
+            for k in ("ade", "fde", "ahe", "fhe"):
+                cols[f"{k}_{h}s"] = _f32(m[f"{k}_{h}s"])
+            cols[f"miss_{h}s"] = pa.array(m[f"miss_{h}s"])
+        return _build(DIVERGENCES_SCHEMA, cols)
+
+    def noise_floor(self, table: pa.Table, c: Computed, replay_id: str) -> pa.Table:
+        """NOISE_FLOOR_SCHEMA rows of the noise-floor frames: the teacher on both runtimes."""
+        rows = c.rows[c.noise_pos]
+        n = rows.shape[0]
+        if n == 0:
+            return NOISE_FLOOR_SCHEMA.empty_table()
+        m = c.noise
+        cols = {**self._key(table, rows), "model_name": _const(self.teacher.name, n, pa.string()),
+                "model_version": _const(self.teacher.version, n, pa.string()),
+                "runtime_a": _const(runtime_label(self.teacher.runtime), n, pa.string()),
+                "runtime_b": _const(runtime_label(self.noise_teacher.runtime), n, pa.string()),
+                "maneuver_jsd": _f32(m["maneuver_jsd"]), "score": _f32(m["score"]), **self._lineage(n, replay_id)}
+        for h in DIVERGENCE_HORIZONS_S:
+            for k in ("ade", "fde", "ahe", "fhe"):
+                cols[f"{k}_{h}s"] = _f32(m[f"{k}_{h}s"])
+            cols[f"miss_{h}s"] = pa.array(m[f"miss_{h}s"])
+        return _build(NOISE_FLOOR_SCHEMA, cols)
+
+    def scenarios(self, meta: pa.Table, metrics: dict[str, np.ndarray], conditions: dict[str, np.ndarray],
+                  window: np.ndarray, replay_id: str) -> pa.Table:
+        """SCENARIOS_SCHEMA rows, one per window id >= 0 in `window` (n,), judged by the criteria.
+
+        Per frame (n rows each): `meta` with the columns WINDOW_META of the frames, `metrics` from `compute`
+        (pair_metrics), `conditions` road_type / lighting / weather codes. A window's lineage (kafka_partition,
+        kafka_offset) is that of its first frame, which is how a writer knows which output file holds the row.
+        Conditions are the window's most frequent values; tags the union of its frames' tags.
+        """
+        sel = np.flatnonzero(window >= 0)
+        if sel.size == 0:
+            return SCENARIOS_SCHEMA.empty_table()
+        ids, group = np.unique(window[sel], return_inverse=True)
+        g = ids.shape[0]
+        agg = window_aggregates(group, g, {k: v[sel] for k, v in metrics.items()})
+        seq = meta["seq"].to_numpy()[sel]
+        # first and last frame of each window: order by (group, seq)
+        order = np.lexsort((seq, group))
+        starts = np.searchsorted(group[order], np.arange(g))
+        ends = np.append(starts[1:], order.shape[0]) - 1
+        first, last = sel[order[starts]], sel[order[ends]]
+        conds = {k: dominant(group, g, conditions[k][sel], len(ENUMS[k][1])) for k in ("road_type", "lighting",
+                                                                                     "weather")}
+        tag_sets: list[set] = [set() for _ in range(g)]
+        for gi, tags in zip(group.tolist(), meta["tags"].take(pa.array(sel)).to_pylist()):
+            tag_sets[gi].update(tags)
+        passed, failed = evaluate_windows({**agg, **conds}, self.criteria)
+        fi, li = pa.array(first), pa.array(last)
+        cols = {"drive_id": meta["drive_id"].take(fi), "vehicle_id": meta["vehicle_id"].take(fi),
+                "window_start_seq": meta["seq"].take(fi), "window_end_seq": meta["seq"].take(li),
+                "start_time": meta["timestamp"].take(fi), "end_time": meta["timestamp"].take(li),
+                **self._pair_cols(g), **{k: _enum(v, k) for k, v in conds.items()},
+                "tags": pa.array([sorted(s) for s in tag_sets], _STR_LIST),
+                "frames": pa.array(agg["frames"], pa.int32()), "passed": pa.array(passed),
+                "failed_criteria": pa.array(failed, _STR_LIST),
+                "criteria_version": _const(self.criteria.version, g, pa.string()),
+                "kafka_partition": meta["kafka_partition"].take(fi), "kafka_offset": meta["kafka_offset"].take(fi),
+                **self._lineage(g, replay_id)}
+        for k in WINDOW_METRICS[1:]:
+            cols[k] = _f32(agg[k])
+        return _build(SCENARIOS_SCHEMA, cols)
+
+
+def offsets_in(t: pa.Table, lo: int, hi: int) -> pa.Table:
+    """Rows of an output table whose kafka_offset lies in [lo, hi]."""
+    off = t["kafka_offset"]
+    return t.filter(pc.and_(pc.greater_equal(off, lo), pc.less_equal(off, hi)))

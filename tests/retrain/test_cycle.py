@@ -1,0 +1,244 @@
+"""One flywheel cycle on a tiny real world: synthetic drives in a real Parquet lake, a teacher and a student made by
+the real recipes (a few steps), real shadow replay and onnxruntime, real compression, real highway-env episodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ingest.contract import frames_to_arrow
+from ingest.lake import live_files, write_drive
+from ingest.synth import EPOCH_NS, synthetic_frames
+from retrain.models.architectures import PlannerConfig
+from retrain.cycle.cycle import CycleConfig, format_result, run_cycle
+from retrain.cycle.results import CycleResult
+from retrain.cycle.dataset import load_snapshot, write_frames_lake
+from retrain.cycle.gates import GateConfig, evaluate_gates
+from retrain.cycle.verify import VerificationConfig
+from retrain.cycle.registry import Registry
+from retrain.models.training import load_checkpoint, save_checkpoint
+from shadow.config import ReplayConfig
+from shadow.batch.replay import replay
+
+DRIVES, FRAMES = 12, 150
+TINY_T = PlannerConfig(width=16, depth=1, heads=2, head_dim=8, ffn=32)
+TINY_S = PlannerConfig(width=8, depth=1, heads=2, head_dim=4, ffn=16)
+
+
+def synthetic_drive(i: int) -> pa.Table:
+    """A synthetic drive whose conditions change by window: drive i has glare (with the tunnel tag's lighting) in
+    its second window when i % 3 == 0, night in its first when i % 4 == 1, rain in its last when i % 2 == 1."""
+    f = synthetic_frames(FRAMES, agents=6, waypoints=8, seed=i, start_ns=EPOCH_NS + i * 10**12)
+    c = f.cols
+    c["road_type"][:] = 1 + i % 2  # highway, merge
+    if i % 3 == 0:
+        c["lighting"][50:100] = 3
+    if i % 4 == 1:
+        c["lighting"][:50] = 2
+    if i % 2 == 1:
+        c["weather"][100:] = 2
+    return pa.Table.from_batches([frames_to_arrow(f, f"drive-{i:02d}", f"veh-{i % 4}", 0)])
+
+
+def tiny_world(root: Path) -> dict:
+    """Drives, teacher and student v0 (registered, student promoted), the lake and its shadow replay; built once
+    per test session under `root` and reused."""
+    from retrain.recipes.student import StudentConfig
+    from retrain.recipes.student import run as run_student
+    from retrain.recipes.teacher import TeacherConfig
+    from retrain.recipes.teacher import run as run_teacher
+
+    world = {"root": root, "lake": root / "lake", "registry": root / "registry", "drives": root / "drives"}
+    if (root / "ready").exists():
+        return world
+    tables = [synthetic_drive(i) for i in range(DRIVES)]
+    for t in tables:
+        write_drive(world["drives"], t)
+    optim = {"steps": 8, "batch_size": 32, "warmup_steps": 2}
+    run_teacher(TeacherConfig(drives_dir=world["drives"], out_dir=root / "teacher", model=TINY_T, optim=optim,
+                              registry=world["registry"]))
+    reg = Registry(world["registry"])
+    run_student(StudentConfig(drives_dir=world["drives"], teacher=reg.version_dir("teacher", "v1"),
+                              out_dir=root / "student", model=TINY_S, optim=optim, registry=world["registry"],
+                              prune={"importance_batches": 1, "finetune": {"steps": 2, "warmup_steps": 1,
+                                                                            "batch_size": 32}},
+                              quant={"calibration_frames": 64}))
+    reg.promote("student", "v0", "student v0")
+    write_frames_lake(world["lake"], pa.concat_tables(tables), partitions=2)
+    replay(world["lake"], reg.version_dir("teacher", "v1"), reg.version_dir("student", "v0"),
+           ReplayConfig(drive_end_idle_s=0.0, noise_every=5))
+    (root / "ready").touch()
+    return world
+
+
+def config(world: dict, **override) -> CycleConfig:
+    fields = {"lake": world["lake"], "registry": world["registry"], "teacher": "teacher:v1", "student": "student:v0",
+              "snapshots_dir": world["root"] / "snapshots",
+              "mining": {"max_windows": 14, "max_per_drive": 2, "noise_margin": 1.0},
+              "finetune": {"steps": 8, "batch_size": 32, "eval_every": 4, "checkpoint_every": 4, "warmup_steps": 2},
+              "targets": ["cpu", "orin"],
+              "compress": {"calibration_frames": 128, "fallback_frames": 64, "latency_runs": 3, "latency_warmup": 1},
+              "verification": {"closed_loop": {"scenarios": ["highway"], "episodes": 1, "max_steps": 15},
+                               "conditions": ["nominal"]},
+              "gates": {"min_mined_frames": 10, "min_elsewhere_frames": 10}, **override}
+    return CycleConfig.model_validate(fields)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.getbasetemp() / "flywheel-world")
+
+
+@pytest.fixture(scope="module")
+def cycle_run(world, tmp_path_factory):
+    """A cycle killed as verification starts, then resumed: (result, progress events of both runs, work dir)."""
+    work = tmp_path_factory.mktemp("cycle")
+    events: list[tuple] = []
+
+    def killer(step, done, total, info):
+        events.append(("first", step, info.get("status")))
+        if step == "verify" and info.get("status") == "started":
+            raise Killed("killed as verification starts")
+
+    with pytest.raises(Killed):
+        run_cycle(config(world), work, progress=killer)
+    records = {p.name: p.read_text() for p in work.glob("*.json")}
+    result = run_cycle(config(world), work, progress=lambda s, d, n, i: events.append(("second", s, i.get("status"))))
+    return result, events, work, records
+
+
+def test_cycle_result_has_every_section(cycle_run, world):
+    result, _, work, _ = cycle_run
+    assert isinstance(result, CycleResult)
+    d = result.divergence
+    for where in ("mined", "elsewhere"):
+        for when in ("before", "after"):
+            assert d[where][when]["frames"] > 0 and d[where][when]["mean_score"] >= 0
+        assert d[where]["change"]["mean_score"] is not None
+    assert {r["set"] for r in d["by_condition"]} == {"mined", "elsewhere"}
+    for where in ("mined", "elsewhere"):  # the FP32 models too (attribution)
+        assert d["fp32"][where]["after"]["frames"] == d[where]["after"]["frames"]
+    assert {r["condition"] for r in d["by_condition"]} <= {"nominal", "glare", "night", "rain"}
+    for who in ("before", "after", "expert"):
+        cl = result.closed_loop[who]
+        assert cl["episodes"] == 1 and cl["collisions"] >= 0 and cl["min_ttc_s"] >= 0
+        assert cl["mean_min_ttc_s"] is not None and cl["comfortable_rate"] is not None
+    assert [t["chip"] for t in result.targets] == ["cpu", "orin"]
+    for t in result.targets:
+        assert t["bytes"] > 0 and t["cpu_latency_ms_measured"] > 0 and t["latency_ms_estimate"] > 0
+        assert "estimate" in t["latency_estimate_label"]
+    assert result.gate["status"] in ("promoted", "rejected") and result.passed == result.gate["passed"]
+    assert result.status == result.gate["status"]
+    assert set(result.steps) == {"mine", "snapshot", "finetune", "compress", "verify", "gate", "register"}
+    assert all(v["seconds"] >= 0 for v in result.steps.values()) and result.wall_s > 0
+    assert result.mining["windows"] > 0 and result.mining["threshold"] is not None
+    assert result.parent["checkpoint_source"].startswith("spec of student")
+    # the registry holds the candidate with its lineage, in the state the gate decided
+    reg = Registry(world["registry"])
+    main = reg.get("student", result.candidate["version"])
+    assert main.status == result.status
+    assert main.parents[:2] == ["student:v0", "teacher:v1"] and main.dataset_sha256 == result.snapshot["content_sha256"]
+    orin = reg.get("student-orin", result.candidate["version"])
+    assert orin.parents == [main.ref] and orin.status == result.status
+    table = format_result(result)
+    assert "ESTIMATE" in table and "measured" in table and result.candidate["version"] in table
+    assert json.loads((work / "result.json").read_text())["cycle_id"] == result.cycle_id
+
+
+def test_killed_cycle_resumes_and_skips_finished_steps(cycle_run):
+    result, events, work, records = cycle_run
+    first = [(s, st) for who, s, st in events if who == "first"]
+    assert ("verify", "started") in first and ("register", "started") not in first
+    assert set(records) == {"cycle.json", "mine.json", "snapshot.json", "finetune.json", "compress.json"}
+    resumed = {k for k, v in result.steps.items() if v["resumed"]}
+    assert resumed == {"mine", "snapshot", "finetune", "compress"}
+    second = [(s, st) for who, s, st in events if who == "second"]
+    assert ("finetune", "resumed") in second and ("verify", "started") in second
+    for name in ("mine.json", "snapshot.json", "finetune.json", "compress.json"):
+        assert (work / name).read_text() == records[name]  # untouched by the second run
+
+
+def test_held_out_split_by_drive(cycle_run):
+    result, *_ = cycle_run
+    snap = load_snapshot(Path(result.snapshot["path"]))
+    drives = snap.manifest["split"]["drives"]
+    sets = [set(drives[s]) for s in ("train", "val", "test")]
+    assert all(sets) and not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+    t = snap.table()
+    by_split: dict[str, set] = {}
+    for d, s in zip(t["drive_id"].to_pylist(), t["split"].to_pylist()):
+        by_split.setdefault(d, set()).add(s)
+    assert all(len(v) == 1 for v in by_split.values())  # every drive in exactly one split
+    for it in snap.manifest["items"]:
+        assert it["drive_id"] in drives[it["split"]]
+    counts = snap.manifest["counts"]["frames"]
+    assert result.finetune["frames"]["train_mined"] == counts["train"]["mined"]
+    assert result.finetune["frames"]["val_mined"] == counts["val"]["mined"]
+    # judged only on test drives: every divergence the verification used comes from them
+    verify = json.loads((Path(result.work_dir) / "verify.json").read_text())["output"]
+    lake_drives = {d for f in live_files(Path(verify["lake"]), "frames")
+                   for d in pq.read_table(f.path, columns=["drive_id"])["drive_id"].unique().to_pylist()}
+    assert lake_drives == sets[2]
+
+
+def test_damaged_candidate_is_rejected_with_reasons(world, tmp_path):
+    reg = Registry(world["registry"])
+    good = load_checkpoint(world["root"] / "student" / "checkpoint.pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in good.parameters():
+            p.add_(torch.randn_like(p) * (p.std() if p.numel() > 1 else 0.1) * 3 + 0.2)
+    bad = save_checkpoint(good, tmp_path / "damaged.pt")
+    in_service = [e.ref for e in reg.list("student") if e.status == "promoted"]
+    cfg = config(world, student_checkpoint=bad, targets=["cpu"], finetune={"steps": 0},
+                 candidate_version="v0.damaged")
+    result = run_cycle(cfg, tmp_path / "work")
+    assert result.status == "rejected" and not result.passed
+    text = " ".join(result.reasons)
+    assert "where mined" in text and "elsewhere" in text
+    assert result.divergence["elsewhere"]["change"]["mean_score"] > 0.1
+    entry = reg.get("student", "v0.damaged")
+    assert entry.status == "rejected" and "where mined" in entry.note
+    assert [e.ref for e in reg.list("student") if e.status == "promoted"] == in_service  # still in service
+
+
+def test_gates_on_figures():
+    fig = {"divergence": {"mined": {"before": {"mean_score": 1.0, "frames": 100}, "after": {"mean_score": 0.4,
+                                                                                          "frames": 100}},
+                          "elsewhere": {"before": {"mean_score": 1.0, "frames": 100},
+                                        "after": {"mean_score": 1.05, "frames": 100}}},
+           "closed_loop": {"before": {"collisions": 1, "mean_min_ttc_s": 5.0, "episodes": 8},
+                           "after": {"collisions": 1, "mean_min_ttc_s": 4.8, "episodes": 8}},
+           "targets": [{"chip": "orin", "size_budget_met": True, "latency_budget_met": True, "verified": True}]}
+    assert evaluate_gates(GateConfig(), fig).passed
+    fig["closed_loop"]["after"]["collisions"] = 2
+    fig["targets"][0]["latency_budget_met"] = False
+    d = evaluate_gates(GateConfig(), fig)
+    assert not d.passed and {c.name for c in d.checks if not c.passed} == {"closed_loop_collisions", "orin_latency"}
+    fig["divergence"]["mined"]["after"]["frames"] = 3
+    d = evaluate_gates(GateConfig(), fig)
+    assert any("held-out mined frames" in r for r in d.reasons)
+    assert not evaluate_gates(GateConfig(), {}).passed  # a missing figure never passes
+
+
+def test_bad_configs_are_refused(world):
+    with pytest.raises(ValidationError, match="verification.chip"):
+        config(world, targets=["orin"])
+    with pytest.raises(ValidationError, match="extra"):
+        config(world, surprise=1)
+    with pytest.raises(ValidationError, match="unknown closed-loop conditions"):
+        VerificationConfig(conditions=["snow"])
+    with pytest.raises(ValidationError):
+        GateConfig(mined_reduction=2.0)
+    with pytest.raises(ValidationError, match="leaves no drive"):
+        config(world, dataset={"val_fraction": 0.5, "test_fraction": 0.5})
