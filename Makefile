@@ -44,6 +44,6 @@ lock:
 	.lock-venv/bin/pip install -q ".[dev]"
 	{ echo "# Exact versions of every dependency (dev tools included) that make setup, CI and the image install; torch is"; \
 	  echo "# installed first, exactly 2.13.0 (the CPU build), and is not listed. Refresh with: make lock"; \
-	  .lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|flywheel|pip|setuptools|wheel)=='; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -v -i -E '^(torch|flywheel|pip|setuptools|wheel)( @|==)'; \
 	} > requirements.lock
 	rm -rf .lock-venv
