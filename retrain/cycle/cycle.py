@@ -356,42 +356,38 @@ def _f(x, fmt: str = ".4f") -> str:
 
 def format_result(r: CycleResult) -> str:
     """The cycle as fixed-width tables: divergence, closed loop, targets, gate, step times."""
-    c = r.candidate
-    lines = [f"cycle {r.cycle_id}: {c['name']}:{c['version']} from {r.parent['ref']} -> {r.status.upper()}",
-             f"mined {r.mining.get('windows')} windows ({r.mining.get('rule')}), snapshot {r.snapshot['id']} "
-             f"(drives {r.snapshot['drives']}); fine-tune {r.finetune['steps_run']} steps, best "
-             f"{r.finetune['best_step']}",
+    c, d, cl = r.candidate, r.divergence, r.closed_loop
+    lines = [f"cycle {r.cycle_id}: {c.name}:{c.version} from {r.parent.ref} -> {r.status.upper()}",
+             f"mined {r.mining.windows} windows ({r.mining.rule}), snapshot {r.snapshot.id} "
+             f"(drives {r.snapshot.drives}); fine-tune {r.finetune.steps_run} steps, best {r.finetune.best_step}",
              "", "divergence on held-out test drives (mean score; ADE 4 s in m)",
              f"{'set':<10} {'condition':<12} {'frames':>7} {'before':>8} {'after':>8} {'change':>8} "
              f"{'ADE bef':>8} {'ADE aft':>8}"]
-    rows = [(w, "all", r.divergence[w]) for w in ("mined", "elsewhere")]
-    rows += [(x["set"], x["condition"], x) for x in r.divergence["by_condition"]]
+    rows = [("mined", "all", d.mined), ("elsewhere", "all", d.elsewhere)]
+    rows += [(x.set, x.condition, x) for x in d.by_condition]
     for w, cond, x in rows:
-        b, a, ch = x["before"], x["after"], x["change"]
-        lines.append(f"{w:<10} {cond:<12} {a['frames']:>7d} {_f(b['mean_score']):>8} {_f(a['mean_score']):>8} "
-                     f"{_f(ch['mean_score'], '+.1%'):>8} {_f(b['mean_ade_4s'], '.3f'):>8} "
-                     f"{_f(a['mean_ade_4s'], '.3f'):>8}")
-    fp = r.divergence.get("fp32")
-    if fp:
+        b, a = x.before, x.after
+        lines.append(f"{w:<10} {cond:<12} {a.frames:>7d} {_f(b.mean_score):>8} {_f(a.mean_score):>8} "
+                     f"{_f(x.change.get('mean_score'), '+.1%'):>8} {_f(b.mean_ade_4s, '.3f'):>8} "
+                     f"{_f(a.mean_ade_4s, '.3f'):>8}")
+    if d.fp32 is not None:
         lines.append("FP32 models, before compression (attribution, not gated): " + "; ".join(
-            f"{w} {_f(fp[w]['before']['mean_score'])} -> {_f(fp[w]['after']['mean_score'])} "
-            f"({_f(fp[w]['change']['mean_score'], '+.1%')})" for w in ("mined", "elsewhere")))
-    lines += ["", f"closed loop ({', '.join(r.closed_loop['conditions'])})",
+            f"{w} {_f(x.before.mean_score)} -> {_f(x.after.mean_score)} ({_f(x.change.get('mean_score'), '+.1%')})"
+            for w, x in (("mined", d.fp32.mined), ("elsewhere", d.fp32.elsewhere))))
+    lines += ["", f"closed loop ({', '.join(cl.conditions)})",
               f"{'policy':<14} {'episodes':>8} {'collisions':>10} {'rate':>6} {'mean min TTC s':>14} "
               f"{'min TTC s':>9} {'comfortable':>11}"]
-    for who, label in (("before", "current"), ("after", "candidate"), ("expert", "expert")):
-        x = r.closed_loop.get(who) or {}
-        if x:
-            lines.append(f"{label:<14} {x['episodes']:>8d} {x['collisions']:>10d} {x['collision_rate']:>6.2f} "
-                         f"{_f(x['mean_min_ttc_s'], '.2f'):>14} {_f(x['min_ttc_s'], '.2f'):>9} "
-                         f"{_f(x['comfortable_rate'], '.2f'):>11}")
+    for x, label in ((cl.before, "current"), (cl.after, "candidate"), (cl.expert, "expert")):
+        if x is not None:
+            lines.append(f"{label:<14} {x.episodes:>8d} {x.collisions:>10d} {x.collision_rate:>6.2f} "
+                         f"{_f(x.mean_min_ttc_s, '.2f'):>14} {_f(x.min_ttc_s, '.2f'):>9} "
+                         f"{_f(x.comfortable_rate, '.2f'):>11}")
     lines += ["", f"{'chip':<10} {'bytes':>9} {'size ok':>7} {'CPU ms measured':>15} {'chip ms ESTIMATE':>16} "
               f"{'latency ok':>10} {'verified':>8}"]
     for t in r.targets:
-        lines.append(f"{t['chip']:<10} {t['bytes']:>9d} {str(t['size_budget_met']):>7} "
-                     f"{t['cpu_latency_ms_measured']:>15.3f} {t['latency_ms_estimate']:>16.4f} "
-                     f"{str(t['latency_budget_met']):>10} {str(t['verified']):>8}")
+        lines.append(f"{t.chip:<10} {t.bytes:>9d} {str(t.size_budget_met):>7} {t.cpu_latency_ms_measured:>15.3f} "
+                     f"{t.latency_ms_estimate:>16.4f} {str(t.latency_budget_met):>10} {str(t.verified):>8}")
     lines += ["", f"gate: {'PASSED' if r.passed else 'REJECTED'}"] + [f"  - {x}" for x in r.reasons]
-    lines.append("steps: " + ", ".join(f"{k} {v['seconds']:.1f}s{' (resumed)' if v['resumed'] else ''}"
+    lines.append("steps: " + ", ".join(f"{k} {v.seconds:.1f}s{' (resumed)' if v.resumed else ''}"
                                        for k, v in r.steps.items()) + f"; wall {r.wall_s:.1f}s")
     return "\n".join(lines)
