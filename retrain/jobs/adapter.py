@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 from ingest.lake import model_id, pair_id
 from retrain.cycle.registry import Registry
+from retrain.cycle.results import CycleResult
 from retrain.jobs.models import Job, JobCancelled, JobSpec, JobState, JobsConfig, LeaseLost, NotConfigured
 from retrain.jobs.store import JobStore
 
@@ -72,7 +73,8 @@ class CycleAdapter(Protocol):
 
 
 def gate_outcome(result: dict) -> tuple[JobState, str]:
-    """SUCCEEDED when the result says the student was promoted, else REJECTED with the gate's reasons.
+    """SUCCEEDED when a result document says the student was promoted, else REJECTED with the gate's reasons (for
+    cycles other than the real one, whose result is typed: `RealCycle.outcome`).
 
     Reads `status` ("promoted" / "rejected", as `retrain.cycle.results.CycleResult` has it), else `promoted` (bool), else
     `decision`, else `passed`, else `gate.passed`; the reasons from `reasons`, `gate.reasons` or `gate.failed`.
@@ -202,7 +204,10 @@ class RealCycle:
         return jsonable(run_cycle(config, work_dir, progress=tell, resume=resume))
 
     def outcome(self, result: dict) -> tuple[JobState, str]:
-        return gate_outcome(result)
+        """From the cycle's typed result: SUCCEEDED when promoted (or, not registered, when its gates passed)."""
+        r = CycleResult.model_validate(result)
+        ok = r.passed if r.status == "not registered" else r.status == "promoted"
+        return (JobState.SUCCEEDED, "") if ok else (JobState.REJECTED, "; ".join(r.reasons) or "a gate failed")
 
 
 def _default_verification_chip() -> str:
