@@ -321,14 +321,46 @@ def from_cycle(result: CycleResult, lake: Path | None, job: dict, top_scenes: in
                  "mined windows": result.mining.windows, "error": job.get("error") or None}
     d.conditions = conditions_from_cycle(result.divergence.model_dump()["by_condition"])
     d.conditions_source = "from the cycle's verification (held-out drives)" if d.conditions else ""
+    d.targets, d.gate, d.lineage = _cycle_targets(result), _cycle_gate(result), _cycle_lineage(result)
     doc = result.model_dump(mode="json")
-    d.targets, d.gate, d.lineage = targets_of(doc), gate_of(doc), lineage_of(doc)
     models = verified.models if verified else {}
     scene_lake = Path(verified.lake) if verified and Path(verified.lake).is_dir() else lake
     _add_scenes(d, scene_lake, step_output(doc, "mine").get("items") or [], pairs.get("before"), pairs.get("after"),
                 {"teacher": models.get("teacher"), "student_before": models.get("before"),
                  "student_after": models.get("after")}, top_scenes)
     return d
+
+
+def _cycle_targets(result: CycleResult) -> list[dict]:
+    out = []
+    for t in result.targets:
+        held_out = result.divergence.mined.after.mean_score if t.chip == result.candidate.verified_chip else None
+        budgets = [b for b in (t.size_budget_met, t.latency_budget_met) if b is not None]
+        out.append({"chip": t.chip, "size_bytes": t.bytes, "max_abs_error": _num(t.max_abs_error),
+                    "precision": ", ".join(f"{k}:{v}" for k, v in t.precision_mix.items()) if t.precision_mix
+                    else None, "cpu_latency_ms": _num(t.cpu_latency_ms_measured),
+                    "chip_latency_ms_estimate": _num(t.latency_ms_estimate), "divergence": _num(held_out),
+                    "budgets_met": all(budgets) if budgets else None, "verified": t.verified})
+    return out
+
+
+def _cycle_gate(result: CycleResult) -> dict:
+    cl = result.closed_loop
+    return {"passed": result.gate.passed, "status": result.status, "reasons": list(result.gate.reasons),
+            "checks": [c.model_dump() for c in result.gate.checks],
+            "closed_loop": [{"policy": who, **fig.model_dump()} for who, fig in
+                            (("before", cl.before), ("after", cl.after), ("expert", cl.expert)) if fig is not None]}
+
+
+def _cycle_lineage(result: CycleResult) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = [(f"registered {e.ref}", f"{e.status}; parents: {', '.join(e.parents)}")
+                                  for e in result.registry.entries]
+    facts = (("cycle", result.cycle_id), ("teacher", result.teacher.ref), ("student before", result.parent.ref),
+             ("student checkpoint", result.parent.checkpoint_source), ("snapshot", result.snapshot.id),
+             ("dataset sha256", result.snapshot.content_sha256), ("mining rule", result.mining.rule),
+             ("mining query", result.mining.sql), ("mining threshold", result.mining.threshold),
+             ("registered", result.registry.ref))
+    return out + [(k, v) for k, v in facts if v is not None]
 
 
 def from_document(doc: dict, lake: Path | None, job: dict, top_scenes: int = 4) -> ReportData:

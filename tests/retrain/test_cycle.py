@@ -242,3 +242,20 @@ def test_bad_configs_are_refused(world):
         GateConfig(mined_reduction=2.0)
     with pytest.raises(ValidationError, match="leaves no drive"):
         config(world, dataset={"val_fraction": 0.5, "test_fraction": 0.5})
+
+
+def test_report_reads_the_typed_result_and_its_verify_record(cycle_run):
+    from retrain.cycle.report_data import load_data
+    from retrain.cycle.results import VerifyRecord
+
+    result, _, work, _ = cycle_run
+    doc = json.loads((work / "result.json").read_text())
+    assert CycleResult.model_validate(doc) == result  # result.json is the typed result, losslessly
+    verified = VerifyRecord.model_validate(json.loads((work / "verify.json").read_text())["output"])
+    assert verified.models["teacher"] == "teacher-v1" and verified.models["after"].endswith(result.candidate.version)
+    data = load_data(doc, None)
+    assert data.summary["student before"] == result.parent.ref and data.summary["pair after"] == verified.pairs["after"]
+    assert [t["chip"] for t in data.targets] == [t.chip for t in result.targets]
+    assert data.gate["status"] == result.status and len(data.gate["checks"]) == len(result.gate.checks)
+    assert ("teacher", result.teacher.ref) in data.lineage
+    assert data.scenes and "scenes" in data.missing  # drawn from the verification lake the record names
