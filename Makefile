@@ -34,6 +34,7 @@ bench: setup
 wheel: setup
 	rm -rf dist build
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build
 
 # Refresh requirements.lock: resolve pyproject.toml's ranges anew in a clean virtualenv and freeze what it got.
 lock:
