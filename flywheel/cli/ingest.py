@@ -82,7 +82,7 @@ def agent(drives: Annotated[Optional[Path], typer.Argument(help="drive directory
 @app.command("import-mcap")
 def import_mcap_cmd(mcap_file: Path, drives: Annotated[Optional[Path], typer.Option(help="drive directory")] = None) -> None:
     """Convert the flywheel.v1.Frame messages of an MCAP log into drive files for the agent."""
-    from ingest.mcap_io import import_mcap
+    from ingest.importers.mcap import import_mcap
 
     out = drives or settings().agent.drives_dir
     for p in import_mcap(mcap_file, out):

@@ -7,7 +7,7 @@ import pytest
 from mcap.writer import Writer
 
 from ingest.lake import list_drive_files, read_drive, write_drive
-from ingest.mcap_io import SCHEMA_NAME, file_descriptor_set, export_mcap, frames_to_messages, import_mcap
+from ingest.importers.mcap import SCHEMA_NAME, file_descriptor_set, export_mcap, frames_to_messages, import_mcap
 from ingest.synth import synthetic_drive
 
 
