@@ -374,8 +374,15 @@ def ingest_date(timestamp_ms: int) -> str:
 def to_lake_batch(frames: Frames, drive_id: str, vehicle_id: str, first_seq: int, schema_version: int,
                   ingest_ms: int, partition: int, offset: int) -> pa.RecordBatch:
     """Frames of one chunk as rows of FRAMES_LAKE_SCHEMA; `ingest_ms` is the Kafka record timestamp in ms."""
-    batch = frames_to_arrow(frames, drive_id, vehicle_id, first_seq)
-    n = batch.num_rows
+    return lake_batch(frames_to_arrow(frames, drive_id, vehicle_id, first_seq), schema_version, ingest_ms, partition,
+                      offset)
+
+
+def lake_batch(frames: pa.RecordBatch, schema_version: int, ingest_ms: int, partition: int,
+               offset: int) -> pa.RecordBatch:
+    """FRAME_SCHEMA rows (as the frames topic carries them, `ingest.bus`) as rows of FRAMES_LAKE_SCHEMA: the lake
+    columns appended; `ingest_ms` is the Kafka record timestamp in ms, `offset` the record's Kafka offset."""
+    n = frames.num_rows
     lake_cols = [
         pa.array(np.full(n, schema_version, np.int16)),
         pa.array(np.full(n, ingest_ms, np.int64)).view(pa.timestamp("ms", tz="UTC")),
@@ -383,4 +390,4 @@ def to_lake_batch(frames: Frames, drive_id: str, vehicle_id: str, first_seq: int
         pa.array(np.full(n, offset, np.int64)),
     ]
     # from_arrays with an explicit schema fails on any type drift instead of inferring a new schema
-    return pa.RecordBatch.from_arrays([*batch.columns, *lake_cols], schema=FRAMES_LAKE_SCHEMA)
+    return pa.RecordBatch.from_arrays([*frames.columns, *lake_cols], schema=FRAMES_LAKE_SCHEMA)

@@ -1,6 +1,6 @@
-"""The gRPC ingest server (grpc.aio): vehicles stream DriveChunks, the server validates them, produces one Kafka record
-per chunk (idempotent producer, acks=all, key = drive id) and acknowledges each chunk with the highest sequence
-number Kafka has durably accepted.
+"""The gRPC ingest server (grpc.aio): vehicles stream DriveChunks, the server decodes and validates them, produces one
+Kafka record per chunk (the validated frames as Arrow, `ingest.bus`; idempotent producer, acks=all, key = drive id)
+and acknowledges each chunk with the highest sequence number Kafka has durably accepted.
 
 Per stream a reader task validates chunks and hands them to the producer in order, while the handler awaits the
 produce results in the same order and yields acks. A rejected chunk ends the stream with a precise status only after
@@ -28,6 +28,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.auth import TokenStore, bearer
+from ingest.bus import encode_record
 from ingest.config import KafkaConfig, ServerConfig
 from ingest.contract import ChunkRejected, RejectReason, check_id, decode_chunk, parse_chunk
 from ingest.wire import drive_pb2 as pb
@@ -139,7 +140,7 @@ class KafkaBridge:
             except Exception as exc:  # Kafka down at start: those sends go through the thread until it answers
                 log.warning("no metadata for %s yet (%r); producing through a thread until there is", topic, exc)
 
-    def send(self, topic: str, key: bytes, value: bytes, on_done) -> asyncio.Future:
+    def send(self, topic: str, key: bytes, value: bytes, on_done, headers=None) -> asyncio.Future:
         """Produce; the returned future resolves with the record metadata once Kafka has it durably (acks=all).
 
         `on_done(metadata_or_exception)` runs on the event loop before the future resolves, in produce order.
@@ -159,7 +160,7 @@ class KafkaBridge:
 
         def submit() -> None:
             try:
-                f = self.producer.send(topic, key=key, value=value)
+                f = self.producer.send(topic, key=key, value=value, headers=headers)
             except Exception as exc:  # KafkaTimeoutError when metadata is unavailable
                 self.loop.call_soon_threadsafe(settle, None, exc)
                 return
@@ -424,8 +425,10 @@ class IngestService:
                 await self.budget.acquire(len(data), self.cfg.inflight_wait_s)
                 next_seq[drive_id] = last_seq + 1
                 item = _Pending(chunk, last_seq, frames.num_frames, len(data), None)
-                item.produced = self.bridge.send(self.kafka.frames_topic, drive_id.encode(), data,
-                                                 lambda result, it=item: self._on_produced(it, result))
+                value, headers = encode_record(frames, drive_id, chunk.vehicle_id, chunk.first_seq, chunk.final,
+                                               chunk.schema_version)
+                item.produced = self.bridge.send(self.kafka.frames_topic, drive_id.encode(), value,
+                                                 lambda result, it=item: self._on_produced(it, result), headers)
                 await queue.put(item)
             await queue.put(None)
         except (ChunkRejected, Unavailable) as exc:

@@ -1,10 +1,11 @@
 """The Kafka -> Parquet sink: drive chunks from the frames topic into `lake/frames`, each frame exactly once.
 
-One consumer in group `SinkConfig.group_id` buffers the decoded frames of each assigned Kafka partition and flushes a
-buffer as one Parquet file named from the Kafka offsets it covers (`ingest.lake.file_name`), written atomically
-(temp name, fsync, rename); the partition's offset is committed only after that. Records that break the frame
-contract go to the dead-letter topic with the reason in headers, flushed durably before the offsets past them are
-committed.
+One consumer in group `SinkConfig.group_id` reads the records of each assigned Kafka partition (a chunk's frames as
+one Arrow record batch, validated by the ingest server: `ingest.bus`; a record in the older protobuf format is decoded
+and validated in full here), buffers them and flushes a buffer as one Parquet file named from the Kafka offsets it
+covers (`ingest.lake.file_name`), written atomically (temp name, fsync, rename); the partition's offset is committed
+only after that. Records that fail their checks go to the dead-letter topic with the reason in headers, flushed
+durably before the offsets past them are committed.
 
 Exactly once, even across crashes and resent chunks:
 - the lake, not the committed offset, is the source of truth for position: on assignment a partition is sought to
@@ -39,9 +40,10 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.config import KafkaConfig, SinkConfig
-from ingest.contract import ChunkRejected, RejectReason, decode_chunk, parse_chunk
+from ingest.bus import decode_record
+from ingest.contract import ChunkRejected, RejectReason
 from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, file_name, ingest_date, overlapping_files, partition_dir,
-                         remove_stale_temporaries, to_lake_batch, write_parquet_atomic)
+                         lake_batch, remove_stale_temporaries, write_parquet_atomic)
 from ingest.tables import FRAMES_LAKE_SCHEMA
 from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq, lake_positions, merge_drive_final
 
@@ -260,20 +262,15 @@ class Sink:
         buf.last = record.offset
         buf.nbytes += len(value)
         try:
-            chunk = parse_chunk(value)
-            frames = decode_chunk(chunk, max_frames=MAX_FRAMES_PER_CHUNK)
-            if record.key != chunk.drive_id.encode():
-                raise ChunkRejected(RejectReason.BAD_ID, f"record key {record.key[:128]!r} is not the chunk's "
-                                    f"drive_id {chunk.drive_id!r}" if record.key is not None else "record has no key")
-            first = chunk.first_seq
-            last = first + frames.num_frames - 1
+            chunk = decode_record(record.key, value, record.headers, max_frames=MAX_FRAMES_PER_CHUNK)
+            first, last = chunk.first_seq, chunk.last_seq
             seen = self._seen.setdefault(partition, {}).setdefault(chunk.drive_id, SeqRanges())
             # only the frames not stored yet: a resent chunk is dropped, an overlapping one is cut, and a chunk that
             # fills an earlier gap is kept (ranges, not a high-water mark)
             pieces = seen.missing(first, last)
             new = sum(hi - lo + 1 for lo, hi in pieces)
-            if new < frames.num_frames:
-                self._count_duplicates(frames.num_frames - new)
+            if new < chunk.num_frames:
+                self._count_duplicates(chunk.num_frames - new)
                 if not pieces:
                     self.stats.duplicate_records += 1
                     return
@@ -282,9 +279,9 @@ class Sink:
                 self.stats.gaps += 1
                 log.warning("drive %s: chunk at seq %d, expected %d (partition %d offset %d); storing it anyway",
                             chunk.drive_id, first, seen.max + 1, partition, record.offset)
-            batches = [to_lake_batch(frames.slice(lo - first, hi - first + 1) if new < frames.num_frames else frames,
-                                     chunk.drive_id, chunk.vehicle_id, lo, chunk.schema_version, ts, partition,
-                                     record.offset) for lo, hi in pieces]
+            # Arrow slices share the record's buffers: no copy until the Parquet writer reads them
+            batches = [lake_batch(chunk.frames.slice(lo - first, hi - lo + 1), chunk.schema_version, ts, partition,
+                                  record.offset) for lo, hi in pieces]
         except ChunkRejected as exc:
             self._dead_letter(buf, record, exc.reason.value, exc.detail)
             return
@@ -311,7 +308,9 @@ class Sink:
         self.stats.duplicate_frames += n
 
     def _dead_letter(self, buf: _Buffer, record, reason: str, detail: str) -> None:
-        headers = [("reason", reason.encode()), ("detail", detail[:2000].encode("utf-8", "replace")),
+        # the record's own headers travel with it (an Arrow record is read by them), the reason after them
+        headers = [*(record.headers or ()), ("reason", reason.encode()),
+                   ("detail", detail[:2000].encode("utf-8", "replace")),
                    ("source_topic", record.topic.encode()), ("source_partition", str(record.partition).encode()),
                    ("source_offset", str(record.offset).encode())]
         buf.dead_letters.append(self._producer.send(self.kafka.dead_letter_topic, key=record.key,

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import grpc
 from kafka import KafkaConsumer, TopicPartition
 
+from ingest.bus import ChunkRecord, decode_record
 from ingest.config import KafkaConfig, ServerConfig
 from ingest.server import IngestService
+from ingest.sink import MAX_FRAMES_PER_CHUNK
 from ingest.wire import drive_pb2 as pb
 
 STREAM = "/flywheel.v1.DriveIngest/StreamDrive"
@@ -77,8 +79,9 @@ def kafka_records(kafka: KafkaConfig, topic: str | None = None, quiet_polls: int
         consumer.close()
 
 
-def chunk_records(kafka: KafkaConfig) -> list[pb.DriveChunk]:
-    return [pb.DriveChunk.FromString(r.value) for r in kafka_records(kafka)]
+def chunk_records(kafka: KafkaConfig) -> list[ChunkRecord]:
+    """The chunks in the frames topic, decoded as the sink reads them (every record must pass its checks)."""
+    return [decode_record(r.key, r.value, r.headers, max_frames=MAX_FRAMES_PER_CHUNK) for r in kafka_records(kafka)]
 
 
 def run(coro):

@@ -19,12 +19,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.contract import Frames
-from ingest.tables import FRAMES_LAKE_SCHEMA
+from ingest.bus import ChunkRecord
+from ingest.lake import lake_batch
 from ingest.lake_index import SeqRanges
+from ingest.tables import FRAMES_LAKE_SCHEMA
 from shadow.outputs import OUTPUT_TABLES
-from ingest.lake import to_lake_batch
-
 
 
 @dataclass
@@ -90,9 +89,9 @@ class PartitionState:
 
     # ------------------------------------------------------------------------------------------------- records
 
-    def add(self, offset: int, ts_ms: int, chunk, frames: Frames | None, now: float) -> None:
-        """One Kafka record: `chunk` (DriveChunk) and its decoded `frames`, or None for a record that breaks the
-        contract (the sink dead-letters those; here they are simply done)."""
+    def add(self, offset: int, ts_ms: int, chunk: ChunkRecord | None, now: float) -> None:
+        """One Kafka record: its decoded `chunk` (`ingest.bus`), or None for a record that fails its checks (the sink
+        dead-letters those; here they are simply done)."""
         if offset < self.next_offset and offset >= self.start:
             return  # fetched twice around a seek
         self.next_offset = max(self.next_offset, offset + 1)
@@ -100,19 +99,18 @@ class PartitionState:
         rec = None
         if offset >= self.start:
             rec = self.records[offset] = Record(offset, ts_ms, now)
-        if chunk is None or frames is None:
+        if chunk is None:
             return
         d = self.drives.get(chunk.drive_id)
         if d is None:
             d = self.drives[chunk.drive_id] = Drive(chunk.drive_id, FRAMES_LAKE_SCHEMA.empty_table(),
                                                     np.zeros(0, bool))
-        first, last = chunk.first_seq, chunk.first_seq + frames.num_frames - 1
+        first, last = chunk.first_seq, chunk.last_seq
         seen = self.seen.setdefault(chunk.drive_id, SeqRanges())
         pieces = [(first, last)] if context else seen.missing(first, last)
         for lo, hi in pieces:
-            part = frames if (lo, hi) == (first, last) else frames.slice(lo - first, hi - first + 1)
-            d.add(to_lake_batch(part, chunk.drive_id, chunk.vehicle_id, lo, chunk.schema_version, ts_ms,
-                                self.partition, offset), emitted=context)
+            part = chunk.frames.slice(lo - first, hi - lo + 1)
+            d.add(lake_batch(part, chunk.schema_version, ts_ms, self.partition, offset), emitted=context)
             seen.add(lo, hi)
             if rec is not None and not context:
                 rec.pending += hi - lo + 1

@@ -6,8 +6,10 @@
 Throughput scales by starting more workers: the group (default `flywheel-shadow-<pair id>`, one per teacher/student
 pair) spreads the partitions over them, and all chunks of a drive are in one partition (key = drive id).
 
-Per partition the worker decodes chunks, keeps each drive's recent frames (ego history) and holds frames back until
-their 4 s future has arrived, the drive's final chunk came, or the drive has been quiet for `drive_end_idle_s`.
+Per partition the worker reads each chunk's frames as the Arrow record batch the ingest server produced (`ingest.bus`:
+no per-frame decode; older protobuf records are decoded in full), keeps each drive's recent frames (ego history) and
+holds frames back until their 4 s future has arrived, the drive's final chunk came, or the drive has been quiet for
+`drive_end_idle_s`.
 Ready frames of all partitions are featurized once and run through both models in one batch (`shadow.compute`).
 Output files cover the prefix of records whose frames are all computed and whose scenario windows are complete;
 they are named from those records' Kafka offsets and written with `shadow.outputs.write_unit`, divergences last;
@@ -41,7 +43,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ingest.config import KafkaConfig
-from ingest.contract import ChunkRejected, decode_chunk, parse_chunk
+from ingest.bus import decode_record
+from ingest.contract import ChunkRejected
 from ingest.lake import ingest_date, remove_stale_temporaries
 from ingest.sink import MAX_FRAMES_PER_CHUNK
 from shadow.compute import WINDOW_META, Shadow
@@ -191,14 +194,11 @@ class StreamWorker:
         self.stats.records += 1
         ts = record.timestamp if record.timestamp is not None and record.timestamp >= 0 else int(time.time() * 1000)
         try:
-            chunk = parse_chunk(record.value or b"")
-            frames = decode_chunk(chunk, max_frames=MAX_FRAMES_PER_CHUNK)
-            if record.key != chunk.drive_id.encode():
-                raise ValueError(f"record key {record.key!r} is not the chunk's drive_id {chunk.drive_id!r}")
-        except (ChunkRejected, ValueError) as exc:  # the sink dead-letters it; nothing to replay
+            chunk = decode_record(record.key, record.value, record.headers, max_frames=MAX_FRAMES_PER_CHUNK)
+        except ChunkRejected as exc:  # the sink dead-letters it; nothing to replay
             log.debug("partition %d offset %d skipped: %s", record.partition, record.offset, exc)
-            chunk = frames = None
-        state.add(record.offset, ts, chunk, frames, now)
+            chunk = None
+        state.add(record.offset, ts, chunk, now)
 
     def _compute(self, now: float) -> None:
         """Compute every ready frame of every partition in one batch and hand the rows back per partition."""

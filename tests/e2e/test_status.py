@@ -12,7 +12,8 @@ import time
 from kafka import KafkaProducer
 
 from ingest.config import SinkConfig
-from ingest.contract import encode_chunk
+from ingest.bus import encode_record
+from ingest.contract import SCHEMA_VERSION
 from ingest.sink import run_sink
 from ingest.synth import synthetic_frames
 from tests.e2e.test_e2e import lake_rows
@@ -29,8 +30,9 @@ def test_status_of_a_running_system(kafka_config, group_id, tmp_path):
     producer = KafkaProducer(bootstrap_servers=kafka_config.bootstrap_servers, acks="all")
     for d in range(3):
         frames = synthetic_frames(40, agents=4, seed=d)
+        value, headers = encode_record(frames, f"drive-{d}", "veh-1", 0, True, SCHEMA_VERSION)
         producer.send(kafka_config.frames_topic, key=f"drive-{d}".encode(),
-                      value=encode_chunk(f"drive-{d}", "veh-1", 0, frames, final=True).SerializeToString())
+                      value=value, headers=headers)
     producer.flush()
     producer.close()
     stop = threading.Event()

@@ -19,7 +19,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from ingest.config import KafkaConfig, SinkConfig
-from ingest.contract import FRAME_SCHEMA, encode_chunk, frames_to_arrow
+from ingest.bus import encode_record
+from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, encode_chunk, frames_to_arrow
 from ingest.tables import FRAMES_LAKE_SCHEMA
 from ingest.lake import all_files, file_name, live_files, parse_file, partition_dir, write_parquet_atomic
 from ingest.lake import DRIVE_SEQ_KEY
@@ -37,20 +38,28 @@ T0_MS = EPOCH_NS // 1_000_000  # 2026-01-01T00:00:00Z
 # ------------------------------------------------------------------------------------------------------------ helpers
 
 
-def make_drive(drive_id: str, n_frames: int, chunk: int, seed: int, vehicle: str = "veh-1"):
-    """(reference FRAME_SCHEMA table of the whole drive, [(first_seq, serialized DriveChunk)])."""
+def make_drive(drive_id: str, n_frames: int, chunk: int, seed: int, vehicle: str = "veh-1", legacy: bool = False):
+    """(reference FRAME_SCHEMA table of the whole drive, [(first_seq, record)]): each record as the ingest server
+    produces it, (Arrow IPC value, headers) (`ingest.bus`), or with `legacy` a serialized DriveChunk (the older
+    format)."""
     frames = synthetic_frames(n_frames, agents=5, waypoints=3, seed=seed)
     ref = pa.Table.from_batches([frames_to_arrow(frames, drive_id, vehicle, 0)])
-    chunks = [(s, encode_chunk(drive_id, vehicle, s, frames.slice(s, min(s + chunk, n_frames)),
-                               final=s + chunk >= n_frames).SerializeToString()) for s in range(0, n_frames, chunk)]
+    chunks = []
+    for s in range(0, n_frames, chunk):
+        part, final = frames.slice(s, min(s + chunk, n_frames)), s + chunk >= n_frames
+        chunks.append((s, encode_chunk(drive_id, vehicle, s, part, final=final).SerializeToString() if legacy
+                       else encode_record(part, drive_id, vehicle, s, final, SCHEMA_VERSION)))
     return ref, chunks
 
 
 def produce(kafka: KafkaConfig, records: list[tuple], topic: str | None = None) -> list:
-    """records: (key, value[, timestamp_ms]); returns the RecordMetadata of each, in order."""
+    """records: (key, value[, timestamp_ms]), value either bytes or (bytes, headers); returns the RecordMetadata of
+    each, in order."""
     producer = KafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
     try:
-        futures = [producer.send(topic or kafka.frames_topic, key=r[0], value=r[1],
+        futures = [producer.send(topic or kafka.frames_topic, key=r[0],
+                                 value=r[1][0] if isinstance(r[1], tuple) else r[1],
+                                 headers=r[1][1] if isinstance(r[1], tuple) else None,
                                  timestamp_ms=r[2] if len(r) > 2 else None) for r in records]
         producer.flush()
         return [f.get(timeout=10) for f in futures]
@@ -328,7 +337,7 @@ def test_bad_records_go_to_dead_letter_topic_with_reason(kafka_config, group_id,
         assert h["reason"].decode() == reason and h["detail"]
         assert (h["source_topic"].decode(), int(h["source_partition"]), int(h["source_offset"])) == \
             (kafka_config.frames_topic, md.partition, md.offset)
-        assert record.key == k and record.value == value
+        assert record.key == k and record.value == (value[0] if isinstance(value, tuple) else value)
 
 
 def test_rotation_by_rows_date_age_and_stop(kafka_config, group_id, tmp_path):

@@ -17,7 +17,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from ingest.config import KafkaConfig
-from ingest.contract import encode_chunk
+from ingest.bus import encode_record
+from ingest.contract import SCHEMA_VERSION, encode_chunk
 from ingest.lake import live_files
 from shadow.outputs import covered
 from shadow.config import ReplayConfig
@@ -30,14 +31,19 @@ REPO = Path(__file__).resolve().parents[2]
 PAIR = IDS[2]
 
 
-def produce(kafka: KafkaConfig, chunks: list[tuple], pause_s: float = 0.0) -> list[tuple]:
-    """chunks: (drive_id, first_seq, frames, final); returns (partition, offset, drive_id, first_seq, frames)."""
+def produce(kafka: KafkaConfig, chunks: list[tuple], pause_s: float = 0.0, legacy_every: int = 0) -> list[tuple]:
+    """chunks: (drive_id, first_seq, frames, final), produced as the ingest server does (`ingest.bus`), every
+    `legacy_every`-th one in the older protobuf format instead; returns (partition, offset, drive_id, first_seq,
+    frames)."""
     producer = KafkaProducer(**kafka.client_options(), acks="all", enable_idempotence=True)
     out = []
     try:
-        for d, s, f, final in chunks:
-            md = producer.send(kafka.frames_topic, key=d.encode(),
-                               value=encode_chunk(d, "veh-1", s, f, final=final).SerializeToString()).get(10)
+        for i, (d, s, f, final) in enumerate(chunks):
+            if legacy_every and i % legacy_every == 0:
+                value, headers = encode_chunk(d, "veh-1", s, f, final=final).SerializeToString(), None
+            else:
+                value, headers = encode_record(f, d, "veh-1", s, final, SCHEMA_VERSION)
+            md = producer.send(kafka.frames_topic, key=d.encode(), value=value, headers=headers).get(10)
             out.append((md.partition, md.offset, d, s, f))
             if pause_s:
                 time.sleep(pause_s)
@@ -79,7 +85,8 @@ def by_frame(t: pa.Table) -> pa.Table:
 
 def test_stream_continues_a_batch_replay_and_matches_it(models, kafka_config, group_id, tmp_path):
     lengths = {"d0": 130, "d1": 110, "d2": 150, "d3": 75}
-    sent = produce(kafka_config, fleet_chunks(lengths, 30))
+    # a third of the records in the older protobuf format: a topic written before and after an upgrade
+    sent = produce(kafka_config, fleet_chunks(lengths, 30), legacy_every=3)
     total = sum(lengths.values())
     now_ms = int(time.time() * 1000)
     # lake A: the sink has stored the first three chunks of every drive and a batch replay ran over them
