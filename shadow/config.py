@@ -54,6 +54,11 @@ class RuntimeConfig(BaseModel):
     memory_pattern: bool = Field(True, description="plan buffer offsets once per input shape (fixed batches)")
     allow_spinning: bool = Field(True, description="intra-op threads spin between operators instead of sleeping: "
                                  "faster back-to-back operators, at the price of CPU burnt while idle")
+    int8_kernel: Literal["auto", "native", "emulated"] = Field(
+        "auto", description="integer kernel of quantized models: 'auto' uses onnxruntime's fused INT8 kernels only "
+        "where a probe finds them exact on this host (VNNI), else runs the QDQ graph unfused, which equals the "
+        "artifact's integer semantics to float rounding on any host (see shadow.numerics); 'native' and "
+        "'emulated' force one")
     batch_size: int = Field(64, ge=1, le=1 << 20, description="frames per session run; every run but the last "
                             "of a call has exactly this size, so the memory plan is reused. Small on purpose: "
                             "measured here, 32-64 frames (576-1152 token rows) keep a run's activations in the 2 MB "

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from shadow import featurize as fz
 from shadow.config import RuntimeConfig
+from shadow.numerics import Int8Kernel, apply_int8_kernel, int8_kernel
 from shadow.spec import ModelSpec, model_file, read_spec
 
 log = logging.getLogger(__name__)
@@ -49,16 +50,20 @@ def session_options(runtime: RuntimeConfig) -> ort.SessionOptions:
 def runtime_label(runtime: RuntimeConfig) -> str:
     """Short description of a RuntimeConfig, stored with noise-floor rows (runtime_a / runtime_b)."""
     return (f"ort{ort.__version__}/opt={runtime.graph_optimization}/threads={runtime.threads()}x"
-            f"{runtime.concurrency()}/{runtime.execution_mode}/batch={runtime.batch_size}")
+            f"{runtime.concurrency()}/{runtime.execution_mode}/batch={runtime.batch_size}/"
+            f"int8={int8_kernel(runtime.int8_kernel)}")
 
 
 def session(model: Path | str | bytes, threads: int | None = None, optimization: str = "all",
-            options: ort.SessionOptions | None = None, verify: bool = True) -> ort.InferenceSession:
+            options: ort.SessionOptions | None = None, verify: bool = True,
+            int8_kernel: Int8Kernel = "auto") -> ort.InferenceSession:
     """The one way this project opens an onnxruntime session (CPU provider).
 
     `model`: a model directory or .onnx file (with `verify`, the sha256 in its spec.json is checked when there is
     one), or a serialized graph. `options` as given, else graph optimisation `optimization` ("disable", "basic",
-    "extended", "all") and, with `threads`, that many intra-op threads and one inter-op thread.
+    "extended", "all") and, with `threads`, that many intra-op threads and one inter-op thread. Quantized graphs
+    run with the integer kernel `shadow.numerics` finds exact on this host (`int8_kernel` "auto"), so a quantized
+    artifact computes its integer semantics on every host.
     """
     if options is None:
         options = ort.SessionOptions()
@@ -66,6 +71,7 @@ def session(model: Path | str | bytes, threads: int | None = None, optimization:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+    apply_int8_kernel(options, int8_kernel)
     if isinstance(model, bytes):
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     path = model_file(Path(model))
@@ -174,7 +180,7 @@ def load_model(path: Path, runtime: RuntimeConfig | None = None, verify: bool = 
         raise ModelError(f"{onnx_path}: no spec.json beside it; write one with shadow.spec.write_spec") from None
     except ValueError as exc:
         raise ModelError(str(exc)) from None
-    sess = session(onnx_path, options=session_options(runtime), verify=False)
+    sess = session(onnx_path, options=session_options(runtime), verify=False, int8_kernel=runtime.int8_kernel)
     _check(spec, onnx_path, sess)
     log.info("loaded %s:%s (%s, %s) with %s", spec.name, spec.version, spec.precision, onnx_path, runtime_label(runtime))
     return LoadedModel(onnx_path, spec, sess, runtime)

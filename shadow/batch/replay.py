@@ -53,6 +53,7 @@ from shadow.batch.frames_index import FileInfo, PartitionIndex, load_context
 from shadow.criteria import pass_rates
 from shadow.compute import WINDOW_META, Inferred, Shadow
 from shadow.config import ReplayConfig
+from shadow.numerics import numerics_record
 from shadow.models import runtime_label
 from shadow.outputs import Coverage, FrameInfo, covered, stored_decisions, unit_outputs, write_unit
 
@@ -84,6 +85,8 @@ class ReplayReport(BaseModel):
     by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value")
     pass_rates: list[dict] = Field(default_factory=list, description="criteria pass rates vs required")
     noise_floor: dict = Field(default_factory=dict, description="teacher vs itself across runtimes")
+    numerics: dict = Field(default_factory=dict, description="integer kernel the student ran with and the host's "
+                           "CPU features (shadow.numerics.numerics_record)")
 
 
 @dataclass
@@ -116,7 +119,7 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
     t0 = time.perf_counter()
     shadow = shadow or Shadow(teacher_path, student_path, config)
     report = ReplayReport(replay_id=uuid.uuid4().hex, pair=shadow.pair, teacher=shadow.teacher_id,
-                          student=shadow.student_id)
+                          student=shadow.student_id, numerics=numerics_record(config.runtime.int8_kernel))
     for table in ("decisions", "divergences", "scenarios", "noise_floor"):
         remove_stale_temporaries(lake, table)
     coverage = Coverage(lake)

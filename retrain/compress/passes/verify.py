@@ -14,6 +14,12 @@ Rule check, from the graph alone:
 
 Numerical check: trajectories and maneuver logits against the FP32 reference on the verification frames: largest
 and mean absolute trajectory error (m / rad), mean displacement (ADE, m) and maneuver agreement.
+
+Host check: the artifact as onnxruntime runs it on this host against its integer reference
+(`retrain.compress.reference`: exact integer products, independent of onnxruntime) on `reference_frames` frames.
+A runtime whose integer kernels do not compute the artifact's semantics here (a saturating INT8 kernel) shows up as
+metres; agreement is float rounding (FP16 nodes: a few FP16 roundings), millimetres. The integer kernel that ran
+(`shadow.numerics`) is recorded with the result.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from retrain.models.evaluate import displacement, predict
 from shadow.models import session
 from retrain.compress.passes import graph as G
 from retrain.compress.passes.base import Artifact, Pass
+from retrain.compress.reference import IntegerReference
 from retrain.compress.targets import TargetProfile
 from shadow.featurize import Features
+from shadow.numerics import numerics_record
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +170,27 @@ class VerifyConfig(BaseModel):
     tolerance_traj_max_abs: float = Field(3.0, gt=0, description="largest |trajectory - FP32| of any frame, "
                                           "waypoint and coordinate (m or rad)")
     min_maneuver_agreement: float = Field(0.9, ge=0, le=1, description="share of frames with the FP32 maneuver")
+    reference_frames: int = Field(32, ge=0, description="verification frames also run through the artifact's "
+                                  "integer reference (0: skip the host check)")
+    reference_tolerance_ade_m: float = Field(0.02, gt=0, description="largest mean displacement between "
+                                             "onnxruntime on this host and the integer reference (m); measured "
+                                             "0.5-3 mm for artifacts with FP16/INT16 nodes, 1e-5 m for INT8+FP32 "
+                                             "ones, metres for a saturating INT8 kernel")
     threads: int = Field(2, ge=1, description="onnxruntime threads")
+
+
+def host_check(model: Path, feats: Features, config: VerifyConfig) -> dict | None:
+    """onnxruntime on this host against the integer reference on `feats`: ADE and largest differences (m), or None
+    without frames."""
+    if len(feats) == 0:
+        return None
+    inputs = feats.inputs()
+    got = predict(session(model, config.threads), feats)
+    want = IntegerReference(model)(inputs)
+    ade, _ = displacement(got[0], want[0])
+    return {"frames": len(feats), "ade_m": float(ade.mean()),
+            "traj_max_abs": float(np.abs(got[0] - want[0]).max(initial=0.0)),
+            "logits_max_abs": float(np.abs(got[1] - want[1]).max(initial=0.0))}
 
 
 class VerifyArtifact(Pass[VerifyConfig]):
@@ -184,8 +212,11 @@ class VerifyArtifact(Pass[VerifyConfig]):
         div = divergence(model.path, reference, self.frames, config.threads)
         numeric_ok = (div["ade_m"] <= config.tolerance_ade_m and div["traj_max_abs"] <= config.tolerance_traj_max_abs
                       and div["maneuver_agreement"] >= config.min_maneuver_agreement)
+        host = host_check(model.path, self.frames.take(slice(0, config.reference_frames)), config)
+        host_ok = host is None or host["ade_m"] <= config.reference_tolerance_ade_m
         result = {"rules_ok": not rules, "violations": rules, "numeric_ok": numeric_ok, "vs_fp32": div,
-                  "passed": numeric_ok and not rules, "measured_on": "this CPU, onnxruntime"}
+                  "host_ok": host_ok, "vs_integer_reference": host, "numerics": numerics_record(),
+                  "passed": numeric_ok and host_ok and not rules, "measured_on": "this CPU, onnxruntime"}
         log.log(logging.INFO if result["passed"] else logging.WARNING, "%s verify: rules %s, ADE %.4f m, max %.4f",
                 self.target.chip, "ok" if not rules else f"{len(rules)} violations", div["ade_m"],
                 div["traj_max_abs"])
