@@ -7,6 +7,7 @@ and fill them from a TOML file and FLYWHEEL_* environment variables.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -102,3 +103,6 @@ class SinkConfig(_Model):
     max_poll_interval_ms: int = Field(10000, ge=1000)
     max_poll_records: int = Field(500, ge=1)
     compact_target_rows: int = Field(1_000_000, ge=1, description="compaction merges runs of small files up to this many rows")
+    compression: Literal["lz4", "zstd", "snappy", "none"] = Field(
+        "lz4", description="Parquet codec of the files the sink writes: LZ4 costs the sink a fifth less CPU than "
+        "ZSTD for files ~13% larger; compaction rewrites them with ZSTD")

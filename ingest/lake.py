@@ -200,22 +200,31 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
+def statistics_columns(schema: pa.Schema) -> list[str]:
+    """The top-level scalar columns: the only ones whose min/max statistics let readers skip row groups (seq, times,
+    ids, conditions). Statistics of the values inside lists (agents, waypoints) prune nothing and cost the sink
+    about an eighth of its Parquet write time (measured on frames)."""
+    return [f.name for f in schema if not pa.types.is_nested(f.type)]
+
+
 def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 << 17,
                          metadata: dict[str, str] | None = None,
-                         before_rename: Callable[[], None] | None = None) -> Path:
+                         before_rename: Callable[[], None] | None = None,
+                         compression: str = PARQUET_COMPRESSION) -> Path:
     """Write `table` to `path` so that no reader ever sees a partial file: hidden temp name, fsync, rename, fsync dir.
 
     `metadata` is merged into the schema's key-value metadata (footer). An existing file at `path` is replaced.
     `before_rename` runs once the temporary file is durable, just before it becomes visible; if it raises, the
-    temporary file is removed and nothing is published.
+    temporary file is removed and nothing is published. `compression`: a Parquet codec (zstd, lz4, snappy, none).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
     return _write_atomic(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_size,
-                                                         compression=PARQUET_COMPRESSION,
-                                                         use_dictionary=dictionary_columns(table.schema)),
+                                                         compression=compression,
+                                                         use_dictionary=dictionary_columns(table.schema),
+                                                         write_statistics=statistics_columns(table.schema)),
                          before_rename)
 
 

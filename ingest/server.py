@@ -18,16 +18,15 @@ import json
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ingest.auth import TokenStore, bearer
+from ingest.bridge import ByteBudget, DriveState, KafkaBridge, Unavailable, load_progress
 from ingest.bus import encode_record
 from ingest.config import KafkaConfig, ServerConfig
 from ingest.contract import ChunkRejected, RejectReason, check_id, decode_chunk, parse_chunk
@@ -42,7 +41,6 @@ BYTES_ACCEPTED = Counter("flywheel_ingest_bytes_accepted_total", "chunk bytes du
 REJECTED = Counter("flywheel_ingest_chunks_rejected_total", "chunks or streams refused", ["reason"])
 PRODUCE_LATENCY = Histogram("flywheel_ingest_produce_latency_seconds", "chunk handed to the producer -> durable",
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-INFLIGHT = Gauge("flywheel_ingest_inflight_bytes", "chunk bytes accepted but not yet durable in Kafka")
 STREAMS = Gauge("flywheel_ingest_active_streams", "open StreamDrive calls")
 
 STATUS_OF = {
@@ -64,18 +62,6 @@ STATUS_OF = {
 }
 
 
-class Unavailable(Exception):
-    """Kafka is slow or down; the vehicle should retry after the hint."""
-
-
-@dataclass
-class DriveState:
-    vehicle_id: str
-    committed_seq: int = -1
-    complete: bool = False
-    streaming: bool = False
-
-
 @dataclass
 class _Pending:
     chunk: pb.DriveChunk
@@ -86,147 +72,6 @@ class _Pending:
     started: float = field(default_factory=time.perf_counter)
 
 
-class ByteBudget:
-    """Counting semaphore over bytes: at most `limit` bytes held at once across all streams."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, n: int, timeout: float) -> None:
-        n = min(n, self.limit)  # a single chunk larger than the budget may still pass alone
-        async with self._cond:
-            try:
-                await asyncio.wait_for(self._cond.wait_for(lambda: self.used + n <= self.limit), timeout)
-            except TimeoutError:
-                raise Unavailable(f"ingest is at its in-flight limit ({self.limit} bytes) for {timeout:.1f}s; "
-                                  "Kafka is slow or unavailable") from None
-            self.used += n
-            INFLIGHT.set(self.used)
-
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used -= min(n, self.limit)
-            INFLIGHT.set(self.used)
-            self._cond.notify_all()
-
-
-class KafkaBridge:
-    """kafka-python's threaded producer bridged into asyncio futures, order preserved."""
-
-    def __init__(self, kafka: KafkaConfig, cfg: ServerConfig, loop: asyncio.AbstractEventLoop) -> None:
-        self.kafka = kafka
-        self.loop = loop
-        self.producer = KafkaProducer(
-            **kafka.client_options(), acks="all", enable_idempotence=True, linger_ms=cfg.linger_ms,
-            batch_size=cfg.producer_batch_bytes, max_request_size=cfg.max_chunk_bytes + 4096,
-            max_block_ms=int(cfg.produce_timeout_s * 1000),
-            request_timeout_ms=int(cfg.produce_timeout_s * 1000),
-            delivery_timeout_ms=int(cfg.produce_timeout_s * 1000) + 1000,
-        )
-        # send() blocks only while a topic's metadata is unknown: those sends go through one thread (in order) and
-        # everything else is sent inline once nothing is queued there, so the produce order is the send order.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="produce")
-        self._warm: set[str] = set()
-        self._backlog = 0
-
-    def warm(self, topics: list[str]) -> None:
-        """Fetch the topics' metadata (blocking); afterwards send() to them never blocks the event loop."""
-        for topic in topics:
-            try:
-                self.producer.partitions_for(topic)
-                self._warm.add(topic)
-            except Exception as exc:  # Kafka down at start: those sends go through the thread until it answers
-                log.warning("no metadata for %s yet (%r); producing through a thread until there is", topic, exc)
-
-    def send(self, topic: str, key: bytes, value: bytes, on_done, headers=None) -> asyncio.Future:
-        """Produce; the returned future resolves with the record metadata once Kafka has it durably (acks=all).
-
-        `on_done(metadata_or_exception)` runs on the event loop before the future resolves, in produce order.
-        """
-        fut = self.loop.create_future()
-        # a stream torn down early stops awaiting; the outcome is still logged by on_done
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-        def settle(result, exc) -> None:
-            on_done(exc if exc is not None else result)
-            if fut.done():
-                return
-            if exc is not None:
-                fut.set_exception(exc)
-            else:
-                fut.set_result(result)
-
-        def submit() -> None:
-            try:
-                f = self.producer.send(topic, key=key, value=value, headers=headers)
-            except Exception as exc:  # KafkaTimeoutError when metadata is unavailable
-                self.loop.call_soon_threadsafe(settle, None, exc)
-                return
-            f.add_callback(lambda md: self.loop.call_soon_threadsafe(settle, md, None))
-            f.add_errback(lambda e: self.loop.call_soon_threadsafe(settle, None, e))
-
-        if topic in self._warm and not self._backlog:
-            submit()  # appends to the accumulator: no I/O, no blocking once the topic's partitions are known
-        else:
-            # metadata may block: off the loop, and one thread keeps the order of everything sent this way
-            self._backlog += 1
-            self._executor.submit(self._run_then_warm, submit, topic)
-        return fut
-
-    def _run_then_warm(self, submit, topic: str) -> None:
-        try:
-            submit()
-            if self.producer.partitions_for(topic):
-                self._warm.add(topic)
-        except Exception:
-            pass
-        finally:
-            self.loop.call_soon_threadsafe(self._drained)
-
-    def _drained(self) -> None:
-        self._backlog -= 1
-
-    def send_nowait(self, topic: str, key: bytes, value: bytes) -> None:
-        self.send(topic, key, value, lambda _: None)
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._executor.shutdown(wait=True)
-        try:
-            self.producer.flush(timeout)
-        finally:
-            self.producer.close(timeout)
-
-
-def load_progress(kafka: KafkaConfig, timeout_s: float = 10.0) -> dict[str, DriveState]:
-    """Rebuild drive progress from the compacted progress topic (the server may have restarted)."""
-    consumer = KafkaConsumer(**kafka.client_options(), enable_auto_commit=False, consumer_timeout_ms=1000)
-    states: dict[str, DriveState] = {}
-    try:
-        parts = consumer.partitions_for_topic(kafka.progress_topic) or set()
-        tps = [TopicPartition(kafka.progress_topic, p) for p in parts]
-        if not tps:
-            return states
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    try:
-                        doc = json.loads(r.value)
-                        st = states.setdefault(r.key.decode(), DriveState(doc["vehicle_id"]))
-                        st.committed_seq = max(st.committed_seq, int(doc["committed_seq"]))
-                        st.complete = st.complete or bool(doc.get("complete"))
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        log.warning("ignoring malformed progress record at %s:%d", r.topic, r.offset)
-    finally:
-        consumer.close()
-    return states
-
-
 class IngestService:
     """The DriveIngest service; `start()` builds the grpc.aio server around it."""
 
@@ -235,6 +80,7 @@ class IngestService:
         self.cfg = cfg
         self.tokens = TokenStore.load(cfg.token_file) if cfg.token_file else None
         self.drives: dict[str, DriveState] = {}
+        self._progress: dict[str, DriveState] = {}  # drives acknowledged since the last progress records
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.bridge: KafkaBridge | None = None
@@ -253,7 +99,11 @@ class IngestService:
         await loop.run_in_executor(None, self.bridge.warm, [self.kafka.frames_topic, self.kafka.progress_topic])
         self.budget = ByteBudget(self.cfg.max_inflight_bytes)
         options = [("grpc.max_receive_message_length", self.cfg.max_chunk_bytes * 2),
-                   ("grpc.max_send_message_length", 1 << 20)]
+                   ("grpc.max_send_message_length", 1 << 20),
+                   # a chunk is ~350 KB: with HTTP/2's defaults (16 KB frames, 64 KB stream window) each one arrives
+                   # in 22 frames and costs a dozen WINDOW_UPDATE writes, a syscall each, on the event loop
+                   ("grpc.http2.max_frame_size", 1 << 20),
+                   ("grpc.http2.lookahead_bytes", 4 << 20)]
         self.server = grpc.aio.server(options=options)
         handlers = {
             "StreamDrive": grpc.stream_stream_rpc_method_handler(
@@ -291,6 +141,8 @@ class IngestService:
             return
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.cfg.drain_grace_s if grace is None else grace)
+        if self._progress:
+            self._send_progress()
         if self.bridge is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.bridge.close)
         self.server = None
@@ -369,7 +221,10 @@ class IngestService:
         try:
             if item.produced is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(item.produced), self.cfg.produce_timeout_s)
+                    # the future is settled by the producer (its delivery timeout is just past this one); cancelling
+                    # it on timeout is harmless: the outcome callback checks before it sets a result
+                    async with asyncio.timeout(self.cfg.produce_timeout_s):
+                        await item.produced
                 except Exception as exc:  # timeout or a Kafka error: the vehicle must resume from status
                     self.kafka_healthy = False
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -465,12 +320,23 @@ class IngestService:
             FRAMES_ACCEPTED.inc(item.frames)
             CHUNKS_ACCEPTED.inc()
             BYTES_ACCEPTED.inc(item.size)
-            progress = json.dumps({"vehicle_id": state.vehicle_id, "committed_seq": state.committed_seq,
-                                   "complete": state.complete}).encode()
-            self.bridge.send_nowait(self.kafka.progress_topic, item.chunk.drive_id.encode(), progress)
+            if not self._progress:
+                asyncio.get_running_loop().call_soon(self._send_progress)
+            self._progress[item.chunk.drive_id] = state
         if not self.kafka_healthy:
             self.kafka_healthy = True
             asyncio.ensure_future(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+
+    def _send_progress(self) -> None:
+        """Produce the progress of every drive acknowledged since the last call: the outcomes of one produce
+        response arrive together, so a drive with several chunks in it gets one progress record, not one per chunk.
+        Progress was never awaited before acking (it only serves `GetDriveStatus` after a restart, and a status that
+        lags makes a vehicle resend frames the sink drops as duplicates), so this loses nothing."""
+        pending, self._progress = self._progress, {}
+        for drive_id, state in pending.items():
+            doc = json.dumps({"vehicle_id": state.vehicle_id, "committed_seq": state.committed_seq,
+                              "complete": state.complete}).encode()
+            self.bridge.send_nowait(self.kafka.progress_topic, drive_id.encode(), doc)
 
 
 async def serve(kafka: KafkaConfig, cfg: ServerConfig, ready=None) -> None:

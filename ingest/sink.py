@@ -412,12 +412,12 @@ class Sink:
 
         try:
             return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta,
-                                        before_rename=not_overtaken)
+                                        before_rename=not_overtaken, compression=self.config.compression)
         except FileNotFoundError:
             # another worker starting up removed our temporary file as stale: write it again once
             log.warning("temporary file of %s vanished; writing again", path.name)
             return write_parquet_atomic(table, path, row_group_size=self.config.row_group_rows, metadata=meta,
-                                        before_rename=not_overtaken)
+                                        before_rename=not_overtaken, compression=self.config.compression)
 
     def _report(self, results: list[FlushResult]) -> None:
         if self.on_flush is not None:

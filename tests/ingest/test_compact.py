@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.compact import compact, merge_run
+from ingest.config import SinkConfig
 from ingest.lake import DRIVE_FINAL_KEY, DRIVE_SEQ_KEY
 from ingest.lake_index import lake_positions, read_drive_final
 from ingest.tables import FRAMES_LAKE_SCHEMA
@@ -36,7 +37,7 @@ def put_files(lake: Path, date: str, partition: int, first_offset: int, sizes: l
             meta[DRIVE_FINAL_KEY] = json.dumps({drive: seq + n - 1})
         write_parquet_atomic(pa.Table.from_batches([batch]),
                              partition_dir(lake, "frames", date) / file_name(TOPIC, partition, offset, offset),
-                             metadata=meta)
+                             metadata=meta, compression=SinkConfig().compression)
         seq += n
 
 
@@ -78,6 +79,9 @@ def test_small_files_are_merged_with_every_row_kept(lake):
         assert pf.schema_arrow.remove_metadata().equals(FRAMES_LAKE_SCHEMA.remove_metadata())
         assert pf.schema_arrow.metadata[b"flywheel.table"] == b"frames"
         assert pf.metadata.num_row_groups == 1  # row groups of target_rows: one per merged file here
+        # the sink's cheap codec is rewritten with the compact one (the big file nothing merged keeps the sink's)
+        codec = pf.metadata.row_group(0).column(0).compression
+        assert codec == ("ZSTD" if f.first != f.last else "LZ4"), (f.path.name, codec)
         t = pf.read()
         offsets = t["kafka_offset"].to_pylist()
         assert offsets == sorted(offsets) and f.first == offsets[0] and f.last == offsets[-1]

@@ -152,6 +152,7 @@ def check_files(lake: Path, topic: str) -> None:
     for f in live_files(lake, "frames"):
         pf = pq.ParquetFile(f.path)
         assert pf.schema_arrow.remove_metadata().equals(FRAMES_LAKE_SCHEMA.remove_metadata()), f.path
+        assert pf.metadata.row_group(0).column(0).compression == "LZ4"  # the sink's codec (compaction recompresses)
         t = pf.read()
         assert f.topic == topic
         assert set(t["kafka_partition"].to_pylist()) == {f.partition}
