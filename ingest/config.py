@@ -64,6 +64,22 @@ class ServerConfig(_Model):
     drain_grace_s: float = Field(20.0, ge=0, description="on SIGTERM, how long open streams get to finish")
     linger_ms: int = Field(5, ge=0, le=1000, description="producer linger")
     producer_batch_bytes: int = Field(1 << 20, ge=16384)
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint: loopback unless set, "
+                              "e.g. 0.0.0.0 to expose it on every interface")
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description="a stream that sends no chunk for this long is ended "
+                                         "(DEADLINE_EXCEEDED, reason idle_timeout); must exceed produce_timeout_s")
+    max_streams: int = Field(1024, ge=1, description="open StreamDrive calls over all vehicles; one more is refused "
+                             "(RESOURCE_EXHAUSTED, reason too_many_streams, retry hint)")
+    max_streams_per_vehicle: int = Field(4, ge=1, description="open StreamDrive calls of one vehicle (the agent "
+                                         "uploads one drive per stream); one more is refused like past max_streams")
+    keepalive_time_s: float = Field(30.0, gt=0, description="the server pings a connection with no traffic this often")
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="a connection that does not answer a ping within this "
+                                       "is closed")
+    min_client_ping_interval_s: float = Field(10.0, gt=0, description="a client that pings more often (twice) is "
+                                              "disconnected with GOAWAY ENHANCE_YOUR_CALM")
+    max_connection_idle_s: float = Field(300.0, gt=0, description="a connection without a call for this long is closed")
+    rejection_logs_per_s: float = Field(5.0, gt=0, description="refusals logged per second after a burst of 20; the "
+                                        "others are counted in the next line (metrics count every one)")
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> "ServerConfig":
@@ -71,6 +87,9 @@ class ServerConfig(_Model):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("mTLS (tls_client_ca) needs tls_cert and tls_key")
+        if self.stream_idle_timeout_s <= self.produce_timeout_s:
+            raise ValueError("stream_idle_timeout_s must exceed produce_timeout_s: a vehicle waiting for its acks "
+                             "sends nothing meanwhile")
         return self
 
 
@@ -93,6 +112,8 @@ class AgentConfig(_Model):
 class SinkConfig(_Model):
     lake_dir: Path = Field(Path("data/lake"), description="root of the Parquet lake")
     metrics_port: int = Field(9465, ge=0, le=65535, description="Prometheus metrics port of `flywheel sink`; 0 disables")
+    metrics_host: str = Field("127.0.0.1", description="address of the Prometheus endpoint: loopback unless set, "
+                              "e.g. 0.0.0.0 to expose it on every interface")
     group_id: str = Field("flywheel-sink", description="consumer group of the sink workers")
     max_rows: int = Field(200_000, ge=1, description="rotate a partition's file at this many rows")
     max_bytes: int = Field(128 << 20, ge=1024, description="rotate at this many buffered record bytes")

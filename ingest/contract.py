@@ -52,6 +52,8 @@ class RejectReason(str, enum.Enum):
     VEHICLE_MISMATCH = "vehicle_mismatch"
     UNAUTHENTICATED = "unauthenticated"
     DRIVE_BUSY = "drive_busy"
+    TOO_MANY_STREAMS = "too_many_streams"
+    IDLE_TIMEOUT = "idle_timeout"
 
 
 class ChunkRejected(ValueError):

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 from ingest.auth import TokenStore, bearer
 from ingest.bridge import ByteBudget, DriveState, KafkaBridge, Unavailable, load_progress
 from ingest.bus import encode_record
 from ingest.config import KafkaConfig, ServerConfig
 from ingest.contract import ChunkRejected, RejectReason, check_id, decode_chunk, parse_chunk
+from ingest.limits import RejectionLog, StreamSlots, serve_metrics
 from ingest.wire import drive_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,33 @@ STATUS_OF = {
     RejectReason.VEHICLE_MISMATCH: grpc.StatusCode.PERMISSION_DENIED,
     RejectReason.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     RejectReason.DRIVE_BUSY: grpc.StatusCode.ABORTED,
+    RejectReason.TOO_MANY_STREAMS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RejectReason.IDLE_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# refusals that pass with time: their trailers carry the retry hint, as UNAVAILABLE's do
+RETRY_LATER = {RejectReason.TOO_MANY_STREAMS, RejectReason.IDLE_TIMEOUT}
+
+
+class SequenceGap(ChunkRejected):
+    """A chunk that does not start at the drive's next seq. Raised when the chunk is read, reported after the acks
+    of the chunks before it: its message names the committed seq at that moment, the one GetDriveStatus returns."""
+
+    def __init__(self, drive_id: str, first_seq: int, expected: int) -> None:
+        super().__init__(RejectReason.SEQUENCE_GAP, f"drive {drive_id}: chunk starts at seq {first_seq}, expected "
+                         f"{expected}")
+        self.drive_id, self.first_seq, self.expected = drive_id, first_seq, expected
+
+    def with_committed(self, committed: int) -> str:
+        return f"{self.detail} (committed {committed}); resume from status"
+
+
+@dataclass
+class _Stream:
+    """Who a stream is, as far as it is known: for the stream slots and the rejection log."""
+
+    vehicle_id: str | None = None  # authenticated, else the first chunk's
+    counted: str | None = None  # the vehicle whose slot this stream holds
+    drive_id: str | None = None  # of the last chunk read
 
 
 @dataclass
@@ -87,6 +114,8 @@ class IngestService:
         self.budget: ByteBudget | None = None
         self.port: int | None = None
         self.kafka_healthy = True
+        self.slots = StreamSlots(cfg.max_streams, cfg.max_streams_per_vehicle)
+        self.rejections = RejectionLog(log, cfg.rejection_logs_per_s, burst=20)
         if self.tokens is None and cfg.tls_client_ca is None:
             log.warning("ingest server runs WITHOUT vehicle authentication (no token_file, no mTLS)")
 
@@ -103,7 +132,14 @@ class IngestService:
                    # a chunk is ~350 KB: with HTTP/2's defaults (16 KB frames, 64 KB stream window) each one arrives
                    # in 22 frames and costs a dozen WINDOW_UPDATE writes, a syscall each, on the event loop
                    ("grpc.http2.max_frame_size", 1 << 20),
-                   ("grpc.http2.lookahead_bytes", 4 << 20)]
+                   ("grpc.http2.lookahead_bytes", 4 << 20),
+                   # keepalive enforced: dead peers are found, idle connections closed, ping floods disconnected
+                   ("grpc.keepalive_time_ms", int(self.cfg.keepalive_time_s * 1000)),
+                   ("grpc.keepalive_timeout_ms", int(self.cfg.keepalive_timeout_s * 1000)),
+                   ("grpc.keepalive_permit_without_calls", 0),
+                   ("grpc.http2.min_ping_interval_without_data_ms", int(self.cfg.min_client_ping_interval_s * 1000)),
+                   ("grpc.http2.max_ping_strikes", 2),
+                   ("grpc.max_connection_idle_ms", int(self.cfg.max_connection_idle_s * 1000))]
         self.server = grpc.aio.server(options=options)
         handlers = {
             "StreamDrive": grpc.stream_stream_rpc_method_handler(
@@ -156,21 +192,29 @@ class IngestService:
             token = bearer(context.invocation_metadata())
             vehicle = self.tokens.vehicle_for(token) if token else None
             if vehicle is None:
-                REJECTED.labels(RejectReason.UNAUTHENTICATED.value).inc()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    "missing bearer token" if not token else "unknown or revoked bearer token")
+                await self._refuse(context, RejectReason.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing bearer token" if not token else "unknown or revoked bearer token")
             identities.append(vehicle)
         if self.cfg.tls_client_ca is not None:
             names = context.auth_context().get("x509_common_name") or []
             if not names:
-                REJECTED.labels(RejectReason.UNAUTHENTICATED.value).inc()
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate has no common name")
+                await self._refuse(context, RejectReason.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                                   "client certificate has no common name")
             identities.append(names[0].decode())
         if len(set(identities)) > 1:
-            REJECTED.labels(RejectReason.VEHICLE_MISMATCH.value).inc()
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"token and certificate name different vehicles: {sorted(set(identities))}")
+            await self._refuse(context, RejectReason.VEHICLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED,
+                               f"token and certificate name different vehicles: {sorted(set(identities))}")
         return identities[0] if identities else None
+
+    async def _refuse(self, context, reason: RejectReason | str, code: grpc.StatusCode, detail: str,
+                      stream: _Stream | None = None, trailers: tuple = ()) -> None:
+        """End the call with `code` and `detail`: counted, logged once (rate-limited), reason in the trailers."""
+        label = reason.value if isinstance(reason, RejectReason) else reason
+        REJECTED.labels(label).inc()
+        stream = stream or _Stream()
+        self.rejections.rejected(label, code.name, stream.vehicle_id, stream.drive_id, detail)
+        context.set_trailing_metadata((("flywheel-reason", label), *trailers))
+        await context.abort(code, detail)
 
     # ---------------------------------------------------------------------------------------------------- status
 
@@ -179,12 +223,13 @@ class IngestService:
         try:
             check_id("drive_id", request.drive_id)
         except ChunkRejected as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(context, exc.reason, grpc.StatusCode.INVALID_ARGUMENT, str(exc), _Stream(identity))
         state = self.drives.get(request.drive_id)
         owner = state.vehicle_id if state else request.vehicle_id
         if identity is not None and owner and owner != identity:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"drive {request.drive_id} belongs to another vehicle")
+            await self._refuse(context, RejectReason.VEHICLE_MISMATCH, grpc.StatusCode.PERMISSION_DENIED,
+                               f"drive {request.drive_id} belongs to another vehicle",
+                               _Stream(identity, drive_id=request.drive_id))
         if state is None:
             return pb.DriveStatus(drive_id=request.drive_id, committed_seq=-1)
         return pb.DriveStatus(drive_id=request.drive_id, committed_seq=state.committed_seq,
@@ -194,10 +239,22 @@ class IngestService:
 
     async def stream_drive(self, requests, context):
         identity = await self._identity(context)
+        stream = _Stream(identity)
+        try:
+            self.slots.take()
+        except ChunkRejected as exc:
+            await self._abort(context, exc, stream)
+        try:
+            if identity is not None:
+                self.slots.take_vehicle(identity)
+                stream.counted = identity
+        except ChunkRejected as exc:
+            self.slots.give(None)
+            await self._abort(context, exc, stream)
         STREAMS.inc()
         queue: asyncio.Queue = asyncio.Queue()
         claimed: list[str] = []
-        reader = asyncio.create_task(self._read(requests, identity, queue, claimed))
+        reader = asyncio.create_task(self._read(requests, stream, queue, claimed))
         try:
             while True:
                 item = await queue.get()
@@ -206,9 +263,10 @@ class IngestService:
                 elif item is None:
                     return
                 else:
-                    await self._abort(context, item)
+                    await self._abort(context, item, stream)
         finally:
             STREAMS.dec()
+            self.slots.give(stream.counted)
             reader.cancel()
             while not queue.empty():  # a stream torn down early still returns its budget
                 item = queue.get_nowait()
@@ -229,36 +287,59 @@ class IngestService:
                     self.kafka_healthy = False
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
                     await self._abort(context, Unavailable(f"Kafka did not accept chunk at seq {item.chunk.first_seq} "
-                                                           f"of drive {item.chunk.drive_id}: {exc!r}"))
+                                                           f"of drive {item.chunk.drive_id}: {exc!r}"),
+                                      _Stream(item.chunk.vehicle_id, drive_id=item.chunk.drive_id))
             state = self.drives[item.chunk.drive_id]
             return pb.ChunkAck(drive_id=item.chunk.drive_id, committed_seq=state.committed_seq,
                                drive_complete=state.complete)
         finally:
             await self.budget.release(item.size)
 
-    async def _abort(self, context, error: Exception) -> None:
+    async def _abort(self, context, error: Exception, stream: _Stream) -> None:
+        hint = (("retry-after-ms", str(self.cfg.retry_after_ms)), ("grpc-retry-pushback-ms", str(self.cfg.retry_after_ms)))
         if isinstance(error, ChunkRejected):
-            REJECTED.labels(error.reason.value).inc()
-            context.set_trailing_metadata((("flywheel-reason", error.reason.value),))
-            await context.abort(STATUS_OF[error.reason], str(error))
+            detail = str(error)
+            if isinstance(error, SequenceGap):  # every chunk before it is settled now: name the real committed seq
+                state = self.drives.get(error.drive_id)
+                detail = f"{error.reason.value}: {error.with_committed(state.committed_seq if state else -1)}"
+            later = error.reason in RETRY_LATER
+            await self._refuse(context, error.reason, STATUS_OF[error.reason],
+                               f"{detail}; retry after {self.cfg.retry_after_ms} ms" if later else detail, stream,
+                               hint if later else ())
         if isinstance(error, Unavailable):
-            REJECTED.labels("unavailable").inc()
-            context.set_trailing_metadata((("flywheel-reason", "unavailable"),
-                                           ("retry-after-ms", str(self.cfg.retry_after_ms)),
-                                           ("grpc-retry-pushback-ms", str(self.cfg.retry_after_ms))))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; retry after {self.cfg.retry_after_ms} ms")
-        log.exception("unexpected error in StreamDrive", exc_info=error)
+            await self._refuse(context, "unavailable", grpc.StatusCode.UNAVAILABLE,
+                               f"{error}; retry after {self.cfg.retry_after_ms} ms", stream, hint)
+        log.error("unexpected error in StreamDrive", exc_info=error,
+                  extra={"vehicle_id": stream.vehicle_id, "drive_id": stream.drive_id, "reason": "internal"})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
-    async def _read(self, requests, identity: str | None, queue: asyncio.Queue, claimed: list[str]) -> None:
+    async def _next(self, requests) -> bytes | None:
+        """The stream's next message, None at its end; an idle stream ends with `idle_timeout`."""
+        try:
+            async with asyncio.timeout(self.cfg.stream_idle_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise ChunkRejected(RejectReason.IDLE_TIMEOUT, f"no chunk for {self.cfg.stream_idle_timeout_s:g} s; "
+                                "streams are ended after stream_idle_timeout_s") from None
+
+    async def _read(self, requests, stream: _Stream, queue: asyncio.Queue, claimed: list[str]) -> None:
         """Validate chunks in arrival order and hand them to Kafka; the handler turns results into acks."""
         next_seq: dict[str, int] = {}
+        identity = stream.vehicle_id
+        requests = aiter(requests)
         try:
-            async for data in requests:
+            while (data := await self._next(requests)) is not None:
                 if len(data) > self.cfg.max_chunk_bytes:
                     raise ChunkRejected(RejectReason.TOO_LARGE,
                                         f"chunk of {len(data)} bytes; limit {self.cfg.max_chunk_bytes}")
                 chunk = parse_chunk(data)
+                stream.drive_id = chunk.drive_id[:128]
+                if stream.counted is None:  # no authentication: the slot of the vehicle the chunk names
+                    stream.vehicle_id = chunk.vehicle_id[:128]
+                    self.slots.take_vehicle(chunk.vehicle_id)
+                    stream.counted = chunk.vehicle_id
                 if identity is not None and chunk.vehicle_id != identity:
                     raise ChunkRejected(RejectReason.VEHICLE_MISMATCH,
                                         f"authenticated as {identity!r}, chunk claims vehicle {chunk.vehicle_id!r}")
@@ -274,9 +355,7 @@ class IngestService:
                     await queue.put(_Pending(chunk, last_seq, frames.num_frames, 0, None))
                     continue
                 if chunk.first_seq != next_seq[drive_id]:
-                    raise ChunkRejected(RejectReason.SEQUENCE_GAP,
-                                        f"drive {drive_id}: chunk starts at seq {chunk.first_seq}, expected "
-                                        f"{next_seq[drive_id]} (committed {state.committed_seq}); resume from status")
+                    raise SequenceGap(drive_id, chunk.first_seq, next_seq[drive_id])
                 await self.budget.acquire(len(data), self.cfg.inflight_wait_s)
                 next_seq[drive_id] = last_seq + 1
                 item = _Pending(chunk, last_seq, frames.num_frames, len(data), None)
@@ -342,7 +421,7 @@ class IngestService:
 async def serve(kafka: KafkaConfig, cfg: ServerConfig, ready=None) -> None:
     """Run until SIGTERM/SIGINT, then drain gracefully. `ready(port)` is called once the server listens."""
     if cfg.metrics_port:
-        start_http_server(cfg.metrics_port)
+        serve_metrics(cfg.metrics_host, cfg.metrics_port)
     service = IngestService(kafka, cfg)
     port = await service.start()
     if ready is not None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flywheel.cli.common import console, settings, start_metrics, stop_on_signal, wait_for_stop
+from flywheel.cli.common import console, settings, stop_on_signal, wait_for_stop
 
 app = typer.Typer()
 token_app = typer.Typer(help="Vehicle bearer tokens (stored hashed).", no_args_is_help=True)
@@ -126,6 +126,7 @@ def sink(lake: Annotated[Optional[Path], typer.Option(help="lake directory; over
                                                             "its first record")] = None,
          metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port; 0 disables")] = None) -> None:
     """Consume the frames topic into the Parquet lake (exactly once) until SIGTERM/Ctrl-C, then flush and commit."""
+    from ingest.limits import serve_metrics
     from ingest.sink import run_sink
 
     s = settings()
@@ -133,7 +134,8 @@ def sink(lake: Annotated[Optional[Path], typer.Option(help="lake directory; over
                                              dead_letter_topic=dlq_topic))
     cfg = type(s.sink).model_validate({**s.sink.model_dump(), **_given(
         lake_dir=lake, group_id=group, max_rows=max_rows, max_age_s=max_age_s, metrics_port=metrics_port)})
-    start_metrics(cfg.metrics_port)
+    if cfg.metrics_port:
+        serve_metrics(cfg.metrics_host, cfg.metrics_port)
     stats = run_sink(kafka, cfg, stop_on_signal())
     console.print(f"sink stopped: {stats.rows_written} rows in {stats.files_written} files; "
                   f"{stats.duplicate_frames} duplicate frames dropped; dead-lettered {stats.dead_lettered or 'none'}")
