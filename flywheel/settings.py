@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
 from sim.config import FleetConfig
 from retrain.jobs.models import ControlConfig, JobsConfig
+from shadow.catalog_config import CatalogConfig
 from shadow.config import ShadowConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
@@ -43,6 +44,8 @@ class Settings(BaseSettings):
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="`flywheel fleet simulate`")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="`flywheel demo`")
     shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="shadow replay: batch and streaming")
+    sql: CatalogConfig = Field(default_factory=CatalogConfig, description="`flywheel sql` and the control service's "
+                               "queries: timeout, memory limit, rows printed")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="retraining jobs: store, work dirs, runners")
     control: ControlConfig = Field(default_factory=ControlConfig, description="RetrainControl gRPC service")
 

@@ -43,10 +43,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.tables import TABLES, read_footer
 from ingest.lake import LakeFile, live_files
+from shadow.catalog_config import CatalogConfig  # noqa: F401  (re-exported: part of the catalog's API)
 
 log = logging.getLogger(__name__)
 
@@ -80,20 +80,12 @@ SUMMARY_VIEWS = {
 }
 
 
-class CatalogConfig(BaseModel):
-    """Resources of the catalog's DuckDB engine."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    threads: int | None = Field(None, ge=1, le=512, description="DuckDB worker threads; None: one per core")
-    memory_limit: str | None = Field(None, pattern=r"^\d+(\.\d+)?\s*[KMGT]i?B$",
-                                     description="DuckDB memory limit, e.g. '4GB'; None: DuckDB's default")
-    timeout_s: float | None = Field(None, gt=0, description="interrupt a query running longer (arrow, saved)")
-    spill: bool = Field(True, description="let large operators spill to a private temporary directory")
-
-
 class QueryError(Exception):
     """A query that could not run: syntax, unknown table or column, runtime error, timeout."""
+
+
+class QueryInterrupted(QueryError):
+    """A query stopped by the caller (Ctrl-C) or by `CatalogConfig.timeout_s`."""
 
 
 class QueryRefused(QueryError):
@@ -398,7 +390,7 @@ class Catalog:
         if isinstance(exc, duckdb.TransactionException) and "read-only" in msg:
             return QueryRefused(f"refused: {msg} ({READ_ONLY_HINT})")
         if isinstance(exc, duckdb.InterruptException):
-            return QueryError(f"query interrupted after {self.config.timeout_s} s")
+            return QueryInterrupted(f"query interrupted after {self.config.timeout_s:g} s (sql.timeout_s)")
         return QueryError(msg)
 
     def sql(self, query: str | duckdb.Statement, params: dict[str, Any] | None = None) -> duckdb.DuckDBPyRelation:
@@ -419,19 +411,38 @@ class Catalog:
         return rel
 
     def arrow(self, query: str | duckdb.Statement, params: dict[str, Any] | None = None) -> pa.Table:
-        """One read-only statement, executed, as an Arrow table (interrupted after `config.timeout_s`)."""
+        """One read-only statement, executed, as an Arrow table. Interrupted after `config.timeout_s`, or by Ctrl-C
+        within a fraction of a second: it runs in a worker thread while the calling thread waits in short slices,
+        so a signal reaches Python at once and interrupts the engine (`QueryInterrupted`)."""
         with self._lock:
             rel = self.sql(query, params)
-            timer = threading.Timer(self.config.timeout_s, self._con.interrupt) if self.config.timeout_s else None
-            if timer:
-                timer.start()
+            got: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    got["table"] = rel.to_arrow_table()
+                except BaseException as exc:  # handed to the caller's thread
+                    got["error"] = exc
+
+            worker = threading.Thread(target=run, name="flywheel-sql", daemon=True)
+            deadline = time.monotonic() + self.config.timeout_s if self.config.timeout_s else None
             try:
-                return rel.to_arrow_table()
-            except duckdb.Error as exc:
-                raise self._error(exc) from None
-            finally:
-                if timer:
-                    timer.cancel()
+                worker.start()
+                log.debug("running %s", str(query).strip()[:200])
+                while worker.is_alive():
+                    worker.join(0.05)
+                    if deadline is not None and time.monotonic() > deadline:
+                        self._con.interrupt()
+                        deadline = None
+            except KeyboardInterrupt:
+                self._con.interrupt()
+                worker.join()
+                raise QueryInterrupted("query interrupted") from None
+            if "error" in got:
+                if isinstance(got["error"], duckdb.Error):
+                    raise self._error(got["error"]) from None
+                raise got["error"]
+            return got["table"]
 
     def split(self, text: str) -> list[str]:
         """The statements of a script (e.g. a .sql file), each checked read-only before any runs."""

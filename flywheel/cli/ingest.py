@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from flywheel.cli.common import console, settings, stop_on_signal, wait_for_stop
 
@@ -155,8 +157,17 @@ def compact(lake: Annotated[Optional[Path], typer.Option(help="lake directory; o
     s = settings()
     report = run_compact(lake or s.sink.lake_dir, table=table, target_rows=target_rows or s.sink.compact_target_rows,
                          dry_run=dry_run, max_run_bytes=max_run_mb << 20)
-    if not as_json:
-        console.print(report)
-        return
     runs = [{"output": str(r.output), "inputs": len(r.inputs), "rows": r.rows} for r in report.runs]
-    typer.echo(json.dumps({k: v for k, v in report.__dict__.items() if k != "runs"} | {"runs": runs}, indent=2))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in report.__dict__.items() if k != "runs"} | {"runs": runs}, indent=2))
+        return
+    verb = "would merge" if report.dry_run else "merged"
+    table = Table("merged file", "small files", "rows", title=f"{report.table}: {verb} {len(report.runs)} runs",
+                  caption=f"live files {report.files_before} -> {report.files_after}; small files removed "
+                          f"{report.small_files_removed}; leftovers of an earlier run removed "
+                          f"{report.superseded_removed}")
+    for r in runs:
+        table.add_row(Path(r["output"]).relative_to(Path(lake or s.sink.lake_dir)).as_posix()
+                      if Path(r["output"]).is_relative_to(Path(lake or s.sink.lake_dir)) else r["output"],
+                      str(r["inputs"]), f"{r['rows']:,}")
+    Console().print(table)

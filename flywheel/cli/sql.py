@@ -65,13 +65,17 @@ def _flat_for_csv(table: pa.Table) -> pa.Table:
 
 
 def render(table: pa.Table, fmt: Format, out: Path | None, max_rows: int) -> None:
-    """Write a result in `fmt` to `out` (or stdout; parquet needs a file)."""
+    """Write a result in `fmt` to `out` (or stdout; parquet needs a file). A terminal gets at most `max_rows` rows
+    (a file or a pipe gets every row)."""
     if fmt is Format.parquet:
         if out is None:
             raise typer.BadParameter("--format parquet needs --out FILE", param_hint="--out")
         pq.write_table(table, out)
         console.print(f"wrote {table.num_rows} rows to {out}")
         return
+    if out is None and fmt is not Format.table and sys.stdout.isatty() and table.num_rows > max_rows:
+        console.print(f"[yellow]first {max_rows} of {table.num_rows} rows shown (--max-rows, or --out FILE for all)[/]")
+        table = table.slice(0, max_rows)
     if fmt is Format.csv:
         buf = io.BytesIO()
         pacsv.write_csv(_flat_for_csv(table), buf)
@@ -184,11 +188,14 @@ def sql_cmd(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the result to this file")] = None,
     lake: Annotated[Optional[Path], typer.Option(help="lake directory; overrides the config")] = None,
     list_saved: Annotated[bool, typer.Option("--list-saved", help="list the saved queries and exit")] = False,
-    max_rows: Annotated[int, typer.Option(help="rows shown in table format", min=1)] = 1000,
+    max_rows: Annotated[Optional[int], typer.Option(help="rows printed to a terminal; default sql.max_rows",
+                                                    min=1)] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="interrupt a query running longer, in seconds; default "
+                                                     "sql.timeout_s", min=0.001)] = None,
 ) -> None:
     """Query the lake with read-only SQL: tables frames, decisions, divergences, scenarios, noise_floor and the
     divergence_summary / divergence_by_condition rollups. Files outside the lake cannot be read."""
-    from shadow.catalog import Catalog, QueryError, QueryRefused
+    from shadow.catalog import Catalog, QueryError, QueryInterrupted, QueryRefused
 
     chosen = [name for name, v in (("QUERY", query), ("--file", file), ("--saved", saved)) if v is not None]
     if len(chosen) > 1:
@@ -197,10 +204,17 @@ def sql_cmd(
         raise typer.BadParameter("--param is for --saved queries", param_hint="--param")
     if fmt is Format.parquet and out is None and not list_saved:
         raise typer.BadParameter("--format parquet needs --out FILE", param_hint="--out")
-    lake_dir = lake or settings().sink.lake_dir
+    s = settings()
+    lake_dir = lake or s.sink.lake_dir
+    config = s.sql.model_copy(update={"timeout_s": timeout} if timeout is not None else {})
+    max_rows = max_rows or config.max_rows
     if not Path(lake_dir).is_dir():
         console.print(f"[yellow]lake {lake_dir} does not exist: every table is empty[/]")
-    catalog = Catalog(lake_dir)
+    try:
+        catalog = Catalog(lake_dir, config)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
     try:
         if list_saved:
             _list_saved(catalog)
@@ -215,6 +229,9 @@ def sql_cmd(
     except QueryRefused as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(3) from None
+    except (QueryInterrupted, KeyboardInterrupt) as exc:  # one line, no traceback; Ctrl-C exits as a shell expects
+        console.print(f"[red]{escape(str(exc) or 'interrupted')}[/]")
+        raise typer.Exit(1 if isinstance(exc, QueryInterrupted) and "after" in str(exc) else 130) from None
     except QueryError as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from None

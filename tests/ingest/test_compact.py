@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,14 @@ def test_runs_respect_target_rows_and_command_line(lake):
     assert report["files_before"] == 23 and report["files_after"] == len(live_files(lake, "frames"))
     assert max(pq.read_metadata(f.path).num_rows for f in live_files(lake, "frames") if f.first != f.last) <= 50
     assert read_rows(lake) == before
+
+
+def test_the_command_prints_a_table(lake):
+    """Not a Python object: a table of the merged files, and the counts."""
+    out = subprocess.run([sys.executable, "-m", "flywheel", "compact", "--lake", str(lake), "--target-rows", "100",
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"}, check=True)
+    assert "CompactionReport(" not in out.stdout and "MergedRun(" not in out.stdout
+    assert "frames: would merge 5 runs" in out.stdout and "live files 23 -> 6" in out.stdout
+    assert "date=2026-01-01/flywheel.frames-p00000-00000000000000000000-00000000000000000004.parquet" in out.stdout
+    assert "100" in out.stdout  # rows of that run
