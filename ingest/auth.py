@@ -7,9 +7,11 @@ plain SHA-256 is the right hash: a slow password hash would only add latency to 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
+import socket
 from pathlib import Path
 
 PREFIX = "sha256:"
@@ -66,3 +68,25 @@ def bearer(metadata) -> str | None:
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value[len("Bearer "):].strip()
     return None
+
+
+def certificate_name(context) -> str | None:
+    """The common name of the client certificate of a gRPC call under mTLS, None without one."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a `host:port` listen address accepts connections from this machine only (127.0.0.0/8, ::1, a name
+    resolving there). An empty host, 0.0.0.0 or :: listens on every interface."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False

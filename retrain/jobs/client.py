@@ -18,9 +18,18 @@ from retrain.jobs.wire import control_pb2_grpc
 class ControlClient:
     """A blocking client of RetrainControl (the CLI's); raises grpc.RpcError with the server's status."""
 
-    def __init__(self, target: str, token: str | None = None, tls_ca: Path | None = None, timeout: float = 30.0):
-        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()))
-                        if tls_ca else grpc.insecure_channel(target))
+    def __init__(self, target: str, token: str | None = None, tls_ca: Path | None = None, timeout: float = 30.0,
+                 tls_cert: Path | None = None, tls_key: Path | None = None):
+        """`tls_ca` enables TLS; `tls_cert` and `tls_key` (PEM) present a client certificate for mTLS."""
+        if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+            raise ValueError("a client certificate needs tls_cert, tls_key and tls_ca together")
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes(),
+                                                 Path(tls_key).read_bytes() if tls_key else None,
+                                                 Path(tls_cert).read_bytes() if tls_cert else None)
+            self.channel = grpc.secure_channel(target, creds)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = control_pb2_grpc.RetrainControlStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout

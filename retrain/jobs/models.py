@@ -137,6 +137,10 @@ class ControlConfig(BaseModel):
                                     "issue`); None disables authentication")
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
     tls_key: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca: Path | None = Field(None, description="CA of operator certificates; enables mTLS (identity = "
+                                       "certificate CN)")
+    allow_unauthenticated: bool = Field(False, description="serve without token_file or mTLS on an address other "
+                                        "than loopback (refused otherwise)")
     runners: int = Field(1, ge=0, le=16, description="job runner threads beside the service (0: service only)")
     policy_file: Path | None = Field(None, description="trigger policy (retrain.jobs.policy, TOML); None: no policy")
     policy_interval_s: float = Field(300.0, gt=0, description="how often the policy is evaluated")
@@ -146,6 +150,8 @@ class ControlConfig(BaseModel):
     def _tls_pair(self) -> "ControlConfig":
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mTLS (tls_client_ca) needs tls_cert and tls_key")
         return self
 
 

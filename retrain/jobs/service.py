@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ingest.auth import TokenStore, bearer
+from ingest.auth import TokenStore, bearer, certificate_name, is_loopback
 from retrain.compress.targets import known_targets
 from retrain.cycle.registry import Registry
 from retrain.jobs.adapter import CycleAdapter
@@ -53,6 +53,10 @@ STATUS_OF: dict[type, grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownStudent: grpc.StatusCode.NOT_FOUND,
 }
+
+
+class Unprotected(RuntimeError):
+    """The service would be open to anyone who reaches its address."""
 
 
 # ------------------------------------------------------------------------------------------------- validation
@@ -124,8 +128,14 @@ class ControlService:
         self.tokens = TokenStore.load(config.token_file) if config.token_file else None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
-        if self.tokens is None:
-            log.warning("retrain control service runs WITHOUT authentication (no token_file)")
+        if self.tokens is None and config.tls_client_ca is None:
+            if not is_loopback(config.listen) and not config.allow_unauthenticated:
+                # anyone who reaches the port could start retraining jobs and read the lake through mining queries
+                raise Unprotected(f"refusing to serve RetrainControl on {config.listen} without authentication: set "
+                                  "[control] token_file or tls_client_ca, listen on loopback, or set "
+                                  "allow_unauthenticated = true")
+            log.warning("retrain control service runs WITHOUT authentication (no token_file, no mTLS) on %s",
+                        config.listen)
 
     async def start(self) -> int:
         self.server = grpc.aio.server()
@@ -147,7 +157,10 @@ class ControlService:
         if self.config.tls_cert is None:
             port = self.server.add_insecure_port(self.config.listen)
         else:
-            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())])
+            ca = self.config.tls_client_ca
+            creds = grpc.ssl_server_credentials([(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                                                root_certificates=ca.read_bytes() if ca else None,
+                                                require_client_auth=ca is not None)
             port = self.server.add_secure_port(self.config.listen, creds)
         await self.server.start()
         for name in ("", SERVICE):
@@ -164,14 +177,25 @@ class ControlService:
         self.server = None
 
     async def _identity(self, context) -> str:
-        if self.tokens is None:
-            return ""
-        token = bearer(context.invocation_metadata())
-        who = self.tokens.vehicle_for(token) if token else None
-        if who is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing bearer token" if not token else "unknown or revoked bearer token")
-        return who
+        """Who calls: the token's identity and/or the client certificate's name (they must agree); "" when the
+        service runs without authentication."""
+        names = []
+        if self.tokens is not None:
+            token = bearer(context.invocation_metadata())
+            who = self.tokens.vehicle_for(token) if token else None
+            if who is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "missing bearer token" if not token else "unknown or revoked bearer token")
+            names.append(who)
+        if self.config.tls_client_ca is not None:
+            name = certificate_name(context)
+            if name is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "client certificate has no common name")
+            names.append(name)
+        if len(set(names)) > 1:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"token and certificate name different identities: {sorted(set(names))}")
+        return names[0] if names else ""
 
     async def _call(self, context, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking store call in a thread; the store's refusals become their status codes."""
@@ -231,7 +255,10 @@ async def serve(jobs: JobsConfig, config: ControlConfig, cycle: CycleAdapter, re
 
     A job still running at shutdown keeps its state; its lease expires and the next runner resumes it.
     """
-    service = ControlService(jobs, config, cycle)
+    try:
+        service = ControlService(jobs, config, cycle)
+    except Unprotected as exc:  # the command line's refusal: one line and a failing exit status, no traceback
+        raise SystemExit(f"retrain control: {exc}") from None
     port = await service.start()
     runners = [JobRunner(JobStore.from_config(jobs), cycle, jobs, reporter=default_reporter(jobs.lake_dir)).start()
                for _ in range(config.runners)]
