@@ -3,17 +3,26 @@
 Within each (date directory, topic, Kafka partition) the live files, in offset order, are cut into runs of
 consecutive files that are each below `target_rows` and together hold at most `target_rows` rows (and at most
 `max_run_bytes` uncompressed, which bounds memory). Each run of two or more files becomes ONE file named from the
-run's first and last offset, written atomically by `ingest.lake.write_parquet_atomic`; then the small files are
-deleted. Readers resolve the table with `live_files`, which hides every file covered by a larger one, so a crash
-between the rename and the deletes leaves readers with the merged file only; the next run deletes such superseded
-leftovers first.
+run's first and last offset (ZSTD-compressed, whatever the sink wrote).
 
-One compactor per lake at a time; sinks may keep writing meanwhile (they only add files past the merged offsets).
+Every reader sees a directory before or after its compaction, whole (`swap_in`): the merged files are written into a
+new version of the directory beside the lake (`<lake>/.compact/`), the files it keeps are hard-linked there, and the
+two versions are exchanged atomically (`ingest.dirswap`). So plain globs (`read_parquet('frames/**/*.parquet')` in
+DuckDB, polars, Spark, Trino, pyarrow datasets) count every row once, even after a compaction killed at any step;
+the next run removes what a killed one left beside the lake. On a filesystem without an atomic exchange, merged
+files are renamed in before the small files are deleted, as before: `live_files` hides the small files, naive globs
+may not, until the deletes end.
+
+One compactor per lake at a time; sinks may keep writing meanwhile (they only add files past the merged offsets, and
+hold the directory's lock while they do).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
-from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, LakeFile, file_name, live_files, superseded_files,
-                         write_parquet_atomic)
+from ingest.dirswap import dir_lock, exchange_dirs, exchange_supported
+from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, LakeFile, file_name, fsync_dir, live_files,
+                         overlapping_files, superseded_files, write_parquet_atomic)
 from ingest.tables import TABLES
 from ingest.lake_index import (SeqRanges, encode_drive_final, encode_drive_seq, merge_drive_final, read_drive_final,
                                read_drive_seq)
@@ -89,8 +99,10 @@ def plan_runs(files: list[_FileInfo], target_rows: int, max_run_bytes: int) -> l
     return [r for r in runs if len(r) >= 2]
 
 
-def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = DEFAULT_TARGET_ROWS) -> MergedRun:
-    """Write the merged file of `run` (consecutive files of one directory/topic/partition); deletes nothing.
+def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = DEFAULT_TARGET_ROWS,
+              out_dir: Path | None = None) -> MergedRun:
+    """Write the merged file of `run` (consecutive files of one directory/topic/partition) into `out_dir` (default:
+    the run's directory); deletes nothing. `output` of the result names the file in the run's directory.
 
     Rows keep offset order; the schema is the table's fixed one; the footer's drive_seq is the union of the inputs'.
     """
@@ -120,14 +132,82 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
         if len(offsets) > 1 and not pc.all(pc.greater_equal(offsets[1:], offsets[:-1])).as_py():
             raise ValueError(f"rows of {[f.path.name for f in run]} are not in Kafka offset order")
     out = run[0].path.parent / file_name(run[0].topic, run[0].partition, run[0].first, max(f.last for f in run))
+    written = (Path(out_dir) / out.name) if out_dir is not None else out
     meta = {"flywheel.compacted_from": str(len(run))}
     if have_seqs:  # a partial union would let the sink take stored frames for new ones: then leave the key out
         meta[DRIVE_SEQ_KEY] = encode_drive_seq(seqs)
     if finals:
         meta[DRIVE_FINAL_KEY] = encode_drive_final(finals)
     merged = merged.replace_schema_metadata(spec.schema.metadata)
-    write_parquet_atomic(merged, out, row_group_size=row_group_rows, metadata=meta)
+    write_parquet_atomic(merged, written, row_group_size=row_group_rows, metadata=meta)
     return MergedRun(out, tuple(f.path for f in run), merged.num_rows)
+
+
+def staging_root(lake: Path, table: str) -> Path:
+    """Where compaction builds the next versions of a table's directories: beside the tables, so no reader's glob
+    over a table (`<lake>/<table>/**`) ever lists it, and on the lake's filesystem, so it can be exchanged."""
+    return Path(lake) / ".compact" / table
+
+
+def swap_in(lake: Path, table: str, directory: Path, runs: list[list[LakeFile]], row_group_rows: int,
+            atomic: bool = True) -> list[MergedRun]:
+    """Replace the runs of small files of one directory by their merged files in one atomic exchange.
+
+    1. each run's merged file is written into a new version of the directory, beside the lake;
+    2. under the directory's exclusive lock (writers wait), every other file of the live directory is hard-linked
+       into the new version, which is then exchanged with the live one (`ingest.dirswap.exchange_dirs`);
+    3. the old version, now at the staging path, is removed.
+    Killed anywhere, the live directory is the old version or the new one, whole; the next run removes the rest.
+    Without `atomic` (a filesystem that cannot exchange directories) step 2 renames the merged files in and then
+    deletes the small ones: `live_files` readers see no duplicate, plain globs may until the deletes end.
+    """
+    rel = directory.relative_to(Path(lake) / table)
+    stage = staging_root(lake, table) / rel.parent / f"{rel.name}.{uuid.uuid4().hex[:8]}"
+    stage.mkdir(parents=True)
+    merged = [merge_run(run, table, row_group_rows, out_dir=stage) for run in runs]
+    with dir_lock(directory, exclusive=True):
+        # the runs were planned from a listing taken without the lock: a file renamed in meanwhile (a sink's) inside
+        # a run's offset range would be hidden by the merged file (and removed later as superseded). Under the lock
+        # the directory holds still: keep only the runs that are still exactly what covers their range.
+        kept = [m for m, run in zip(merged, runs) if _still_exact(directory, run)]
+        for m in merged:
+            if m not in kept:
+                log.warning("not merging into %s: a file was written into its offset range meanwhile", m.output.name)
+                (stage / m.output.name).unlink()
+        if kept and atomic:
+            link_rest(directory, stage, {f.name for m in kept for f in m.inputs})
+            exchange_dirs(stage, directory)
+            fsync_dir(directory.parent)
+            fsync_dir(stage.parent)
+        elif kept:
+            for m in kept:
+                os.replace(stage / m.output.name, m.output)
+            fsync_dir(directory)
+            for f in (f for m in kept for f in m.inputs):
+                f.unlink(missing_ok=True)
+    remove_tree(stage)
+    return kept
+
+
+def _still_exact(directory: Path, run: list[LakeFile]) -> bool:
+    """Whether the data files of `directory` holding offsets of the run's range are exactly the run's files."""
+    first, last = min(f.first for f in run), max(f.last for f in run)
+    now = overlapping_files(directory, run[0].topic, run[0].partition, first, last)
+    return {f.path.name for f in now} == {f.path.name for f in run}
+
+
+def link_rest(directory: Path, stage: Path, sources: set[str]) -> None:
+    """Hard-link every entry of `directory` but the `sources` into `stage` (whose merged files win a name clash)."""
+    for entry in os.scandir(directory):
+        if entry.name in sources or (stage / entry.name).exists():
+            continue
+        os.link(entry.path, stage / entry.name)
+    fsync_dir(stage)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory version no reader can reach any more."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET_ROWS, dry_run: bool = False,
@@ -143,6 +223,9 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
         raise ValueError("target_rows and max_run_bytes must be positive")
     lake = Path(lake)
     report = CompactionReport(table=table, dry_run=dry_run)
+    staging = staging_root(lake, table)
+    if not dry_run and staging.exists():  # versions a killed run left: the old one or an unused new one
+        remove_tree(staging)
     for f in superseded_files(lake, table):
         report.superseded_removed += 1
         if not dry_run:
@@ -153,6 +236,7 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
     for f in live:
         groups.setdefault((f.path.parent, f.topic, f.partition), []).append(f)
     expected_schema = TABLES[table].schema.remove_metadata()
+    planned: dict[Path, list[list[LakeFile]]] = {}
     for files in groups.values():
         infos: list[_FileInfo] = []
         for f in sorted(files):
@@ -164,20 +248,23 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
                 continue
             infos.append(_info(f))
         for run in plan_runs(infos, target_rows, max_run_bytes):
-            files_of_run = [i.file for i in run]
-            rows = sum(i.rows for i in run)
+            planned.setdefault(files[0].path.parent, []).append([i.file for i in run])
             if dry_run:
-                out = files_of_run[0].path.parent / file_name(files_of_run[0].topic, files_of_run[0].partition,
-                                                               files_of_run[0].first, files_of_run[-1].last)
-                merged = MergedRun(out, tuple(f.path for f in files_of_run), rows)
-            else:
-                merged = merge_run(files_of_run, table, row_group_rows=target_rows)
-                # the merged file is durable and covers them: readers already ignore the small ones
-                for f in files_of_run:
-                    f.path.unlink(missing_ok=True)
-            report.runs.append(merged)
-            report.small_files_removed += len(run) if not dry_run else 0
-            report.rows_merged += merged.rows
-            log.info("merged %d files (%d rows) into %s", len(run), merged.rows, merged.output.name)
+                first, last = run[0].file, run[-1].file
+                out = first.path.parent / file_name(first.topic, first.partition, first.first, last.last)
+                report.runs.append(MergedRun(out, tuple(i.file.path for i in run), sum(i.rows for i in run)))
+    atomic = bool(planned) and not dry_run and exchange_supported(staging)
+    if planned and not dry_run and not atomic:
+        log.warning("this filesystem cannot exchange directories atomically: merged files are published before "
+                    "their small files are removed, and readers not using ingest.lake.live_files may count rows "
+                    "twice meanwhile")
+    for directory, runs in ({} if dry_run else planned).items():
+        for m in swap_in(lake, table, directory, runs, target_rows, atomic):
+            report.runs.append(m)
+            report.small_files_removed += len(m.inputs)
+            log.info("merged %d files (%d rows) into %s", len(m.inputs), m.rows, m.output.name)
+    if not dry_run and staging.exists():
+        remove_tree(staging)  # the emptied staging directories
+    report.rows_merged = sum(r.rows for r in report.runs)
     report.files_after = report.files_before - sum(len(r.inputs) - 1 for r in report.runs)
     return report

@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.contract import FRAME_SCHEMA, ChunkRejected, Frames, arrow_to_frames, frames_to_arrow
+from ingest.dirswap import dir_lock
 from ingest.tables import FRAMES_LAKE_SCHEMA, TABLES
 from ingest.versions import check_version
 
@@ -221,11 +222,18 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
-    return _write_atomic(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_size,
-                                                         compression=compression,
-                                                         use_dictionary=dictionary_columns(table.schema),
-                                                         write_statistics=statistics_columns(table.schema)),
-                         before_rename)
+    def write() -> Path:
+        return _write_atomic(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_size,
+                                                             compression=compression,
+                                                             use_dictionary=dictionary_columns(table.schema),
+                                                             write_statistics=statistics_columns(table.schema)),
+                             before_rename)
+
+    if parse_file(path) is None:
+        return write()
+    # a lake file: no compaction may replace the directory's version between the temporary file and the rename
+    with dir_lock(path.parent, exclusive=False):
+        return write()
 
 
 def _write_atomic(path: Path, write: Callable, before_rename: Callable[[], None] | None = None) -> Path:
