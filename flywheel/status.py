@@ -1,6 +1,7 @@
 """`flywheel status`: one text view of a running system, no Grafana needed.
 
-Broker (reachable, topics, partitions), consumer lag per group, lake size per table, the last shadow replay per
+Broker (reachable, topics, partitions), consumer lag per group, lake size per table, the sinks' own state (a
+stalled sink says so: `ingest.sink_watch`), the last shadow replay per
 model pair, and retraining jobs. Every section degrades to a reason ("unreachable: ...") instead of failing, so the
 command is useful exactly when something is wrong.
 """
@@ -21,6 +22,7 @@ from kafka.admin import KafkaAdminClient
 from flywheel.settings import Settings
 from ingest.tables import TABLES
 from ingest.lake import live_files, table_dir
+from ingest.sink_watch import read_states
 
 GROUPS_OF_INTEREST = ("sink", "shadow")
 
@@ -58,6 +60,7 @@ class Status:
     topics: list[TopicStatus] = field(default_factory=list)
     lag: list[LagStatus] = field(default_factory=list)
     tables: list[TableStatus] = field(default_factory=list)
+    sinks: list[dict] = field(default_factory=list)  # what each running sink says of itself (ingest.sink_watch)
     jobs: list[dict] = field(default_factory=list)
     jobs_error: str | None = None
     taken_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -137,6 +140,7 @@ def collect(settings: Settings, lake: Path | None = None, jobs_db: Path | None =
     except Exception as exc:  # an unreachable broker is a status, not a crash
         status.broker_error = f"unreachable after {time.monotonic() - started:.1f}s: {type(exc).__name__}: {exc}"
     status.tables = table_status(lake or settings.sink.lake_dir)
+    status.sinks = read_states(lake or settings.sink.lake_dir)
     status.jobs, status.jobs_error = _jobs(settings, jobs_db)
     return status
 

@@ -124,6 +124,10 @@ class SinkConfig(_Model):
     max_poll_interval_ms: int = Field(10000, ge=1000)
     max_poll_records: int = Field(500, ge=1)
     compact_target_rows: int = Field(1_000_000, ge=1, description="compaction merges runs of small files up to this many rows")
+    stall_after_s: float = Field(30.0, gt=0, description="holding no partition while the topic has records the lake "
+                                 "lacks, with no progress, for this long: the sink reports a stall and rejoins with a "
+                                 "fresh consumer; as long again: it assigns itself every partition (at least max_age_s "
+                                 "plus a session timeout: a healthy member may hold records that long)")
     compression: Literal["lz4", "zstd", "snappy", "none"] = Field(
         "lz4", description="Parquet codec of the files the sink writes: LZ4 costs the sink a fifth less CPU than "
         "ZSTD for files ~13% larger; compaction rewrites them with ZSTD")

@@ -46,6 +46,7 @@ from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, file_name, ingest_date,
                          lake_batch, remove_stale_temporaries, write_parquet_atomic)
 from ingest.tables import FRAMES_LAKE_SCHEMA
 from ingest.lake_index import SeqRanges, encode_drive_final, encode_drive_seq, lake_positions, merge_drive_final
+from ingest.sink_watch import SinkWatch
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class Sink:
         self._failed = False
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        self._watch: SinkWatch | None = None
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -173,16 +175,18 @@ class Sink:
             log.info("removed %d stale temporary files", removed)
         opts = self.kafka.client_options()
         self._producer = KafkaProducer(**opts, acks="all", enable_idempotence=True, linger_ms=5)
-        self._consumer = KafkaConsumer(
-            **opts, group_id=self.config.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
-            session_timeout_ms=self.config.session_timeout_ms, max_poll_interval_ms=self.config.max_poll_interval_ms,
-            heartbeat_interval_ms=max(100, self.config.session_timeout_ms // 3),  # Kafka's rule: under a third
-            max_poll_records=self.config.max_poll_records)
-        self._consumer.subscribe([self.kafka.frames_topic], listener=_Listener(self))
+        self._consumer = self._new_consumer(subscribe=True)
+        # another member may hold its records for max_age_s before the lake moves: never call that a stall
+        stall_after = max(self.config.stall_after_s, self.config.max_age_s + self.config.session_timeout_ms / 1000)
+        self._watch = SinkWatch(lake, self.kafka.frames_topic, self.config.group_id, stall_after)
         log.info("sink consuming %s as group %s into %s", self.kafka.frames_topic, self.config.group_id, lake)
         try:
             while not stop.is_set():
                 polled = self._consumer.poll(timeout_ms=self.config.poll_ms)
+                action = self._watch.check(self._consumer, bool(self._consumer.assignment() or self._pending))
+                if action is not None:
+                    self._recover(action)
+                    continue
                 if self._pending:
                     self._position_pending()
                 for tp, records in polled.items():
@@ -200,7 +204,37 @@ class Sink:
         log.info("sink stopped: %s", self.stats)
         return self.stats
 
+    def _new_consumer(self, subscribe: bool) -> KafkaConsumer:
+        consumer = KafkaConsumer(
+            **self.kafka.client_options(), group_id=self.config.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=self.config.session_timeout_ms,
+            max_poll_interval_ms=self.config.max_poll_interval_ms,
+            heartbeat_interval_ms=max(100, self.config.session_timeout_ms // 3),  # Kafka's rule: under a third
+            max_poll_records=self.config.max_poll_records)
+        if subscribe:
+            consumer.subscribe([self.kafka.frames_topic], listener=_Listener(self))
+        return consumer
+
+    def _recover(self, how: str) -> None:
+        """A stall (`ingest.sink_watch`): rejoin the group with a fresh consumer, or take every partition directly.
+        Nothing is held: a stalled sink owns no partition, so it has no buffer."""
+        self._forget(set(self._buffers))
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception:  # a consumer stuck in a join may not close cleanly; it is replaced either way
+            log.exception("closing the stalled consumer failed")
+        self._consumer = self._new_consumer(subscribe=how == "rejoin")
+        if how == "assign":
+            parts = self._consumer.partitions_for_topic(self.kafka.frames_topic) or set()
+            tps = [TopicPartition(self.kafka.frames_topic, p) for p in sorted(parts)]
+            self._consumer.assign(tps)
+            for tp in tps:
+                self._consumer.pause(tp)
+            self._pending |= set(tps)  # positioned from the lake by _position_pending, as after any assignment
+
     def _close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
         if self._failed:
             self._forget(set(self._buffers))
         if self._consumer is not None:

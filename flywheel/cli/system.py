@@ -62,6 +62,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
             for g in st.lag:
                 t.add_row(g.group, g.topic, str(g.committed), str(g.end), str(g.lag))
             out.print(t)
+        if st.sinks:
+            t = Table("group", "host", "pid", "state", "seen s ago", title="sinks")
+            for k in st.sinks:
+                state = f"[red]{k['state']}[/]" if k.get("stalled") else k["state"]
+                t.add_row(k["group"], k["host"], str(k["pid"]), state, f"{k['age_s']:.0f}")
+            out.print(t)
         t = Table("table", "files", "rows", "MB", "newest file", "partitions", title=f"lake {lake or settings().sink.lake_dir}")
         for tb in st.tables:
             t.add_row(tb.table, str(tb.files), f"{tb.rows:,}", f"{tb.bytes / 1e6:.1f}", tb.newest or "-",
