@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import grpc
@@ -86,3 +89,16 @@ def chunk_records(kafka: KafkaConfig) -> list[ChunkRecord]:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+def start_server_process(kafka: KafkaConfig, *options: str, env: dict | None = None) -> tuple:
+    """`flywheel [options] server` on a free loopback port, metrics off: (process, port), once it listens; its
+    stderr is the caller's to read or drain."""
+    env = {**os.environ, "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+           "FLYWHEEL_SERVER__METRICS_PORT": "0", "FLYWHEEL_SERVER__LISTEN": "127.0.0.1:0", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel", *options, "server"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stderr:
+        if line.startswith("listening on port"):
+            return proc, int(line.split()[-1])
+    raise RuntimeError(f"server did not start (exit {proc.wait()})")

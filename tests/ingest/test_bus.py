@@ -3,15 +3,13 @@ read, and corrupt records dead-lettered with their reason while the partition go
 
 from __future__ import annotations
 
-import time
-
 import pyarrow as pa
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
 from ingest.bus import (FIRST_SEQ_HEADER, FRAMES_HEADER, SCHEMA_VERSION_HEADER, decode_record, encode_record)
 from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, RejectReason, encode_chunk, frames_to_arrow
 from ingest.synth import synthetic_frames
+from tests.ingest_helpers import kafka_records
 from tests.ingest.test_sink import (SinkThread, check_files, frame_rows, lake_rows, make_drive, produce, read_lake,
                                     sink_config, wait_until)
 
@@ -102,17 +100,7 @@ def test_corrupt_arrow_records_are_dead_lettered_and_the_partition_goes_on(kafka
         expected[reason.value] = expected.get(reason.value, 0) + 1
     assert st.stats.dead_lettered == expected
 
-    dlq = KafkaConsumer(**kafka_config.client_options(), enable_auto_commit=False)
-    tps = [TopicPartition(kafka_config.dead_letter_topic, p)
-           for p in dlq.partitions_for_topic(kafka_config.dead_letter_topic)]
-    dlq.assign(tps)
-    dlq.seek_to_beginning(*tps)
-    got = []
-    deadline = time.monotonic() + 10
-    while len(got) < len(bad) and time.monotonic() < deadline:
-        for records in dlq.poll(timeout_ms=200).values():
-            got.extend(records)
-    dlq.close()
+    got = kafka_records(kafka_config, kafka_config.dead_letter_topic)
     got.sort(key=lambda r: int(dict(r.headers)["source_offset"]))
     assert [dict(r.headers)["reason"].decode() for r in got] == [reason.value for _, _, reason in bad]
     for r, (_, (value, headers), _) in zip(got, bad):

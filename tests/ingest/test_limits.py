@@ -24,7 +24,7 @@ from ingest.limits import RejectionLog, serve_metrics
 from ingest.synth import synthetic_drive
 from ingest.wire import drive_pb2 as pb
 from tests.ingest.test_server import chunk
-from tests.ingest_helpers import STREAM, chunk_records, run, running_server, send_raw
+from tests.ingest_helpers import STREAM, chunk_records, run, running_server, send_raw, start_server_process
 
 
 def rejected(reason: str) -> float:
@@ -182,16 +182,8 @@ def test_rejections_are_logged_once_with_fields_and_rate_limited(kafka_config, t
 
 
 def test_json_logs_carry_the_rejection_as_fields(kafka_config):
-    env = {**os.environ, "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka_config.bootstrap_servers,
-           "FLYWHEEL_SERVER__METRICS_PORT": "0", "FLYWHEEL_SERVER__LISTEN": "127.0.0.1:0"}
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "--log-format", "json", "server"], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc, port = start_server_process(kafka_config, "--log-format", "json")
     try:
-        port = None
-        for line in proc.stderr:
-            if line.startswith("listening on port"):
-                port = int(line.split()[-1])
-                break
         out = run(send_raw(port, [chunk("drive-v9", "veh-9", schema_version=7).SerializeToString()]))
         assert out.code == grpc.StatusCode.FAILED_PRECONDITION
         proc.terminate()

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -24,7 +21,7 @@ from ingest.lake import read_drive, write_drive
 from ingest.server import DriveState
 from ingest.synth import synthetic_drive, synthetic_frames
 from ingest.wire import drive_pb2 as pb
-from tests.ingest_helpers import chunk_records, run, running_server, send_raw
+from tests.ingest_helpers import chunk_records, run, running_server, send_raw, start_server_process
 
 
 def chunk(drive="drive-1", vehicle="veh-1", first=0, n=100, **kw) -> pb.DriveChunk:
@@ -167,17 +164,8 @@ def test_health_reflection_and_metrics(kafka_config):
 
 def test_sigterm_drains_open_streams(kafka_config, tmp_path):
     path = write_drive(tmp_path / "drives", synthetic_drive("drive-long", "veh-1", 3000, agents=5))
-    env = {**os.environ, "FLYWHEEL_KAFKA__BOOTSTRAP_SERVERS": kafka_config.bootstrap_servers,
-           "FLYWHEEL_SERVER__METRICS_PORT": "0", "FLYWHEEL_SERVER__LISTEN": "127.0.0.1:0"}
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "server"], env=env, stderr=subprocess.PIPE,
-                            text=True)
+    proc, port = start_server_process(kafka_config)
     try:
-        port = None
-        for line in proc.stderr:
-            if line.startswith("listening on port"):
-                port = int(line.split()[-1])
-                break
-        assert port, "server did not start"
 
         async def go():
             cfg = AgentConfig(server=f"127.0.0.1:{port}", frames_per_chunk=50, window=1)
