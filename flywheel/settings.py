@@ -16,7 +16,7 @@ from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, 
 from sim.config import FleetConfig
 from retrain.jobs.models import ControlConfig, JobsConfig
 from shadow.catalog_config import CatalogConfig
-from shadow.config import ShadowConfig
+from shadow.config import ExecutionConfig, ShadowConfig
 
 DEFAULT_CONFIG_FILE = Path("flywheel.toml")
 
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="`flywheel fleet simulate`")
     demo: DemoConfig = Field(default_factory=DemoConfig, description="`flywheel demo`")
     shadow: ShadowConfig = Field(default_factory=ShadowConfig, description="shadow replay: batch and streaming")
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig, description="where models run: onnxruntime "
+                                       "execution providers and their options, fallback, the fine-tune's torch "
+                                       "device")
     sql: CatalogConfig = Field(default_factory=CatalogConfig, description="`flywheel sql` and the control service's "
                                "queries: timeout, memory limit, rows printed")
     jobs: JobsConfig = Field(default_factory=JobsConfig, description="retraining jobs: store, work dirs, runners")

@@ -9,6 +9,7 @@ and computes every divergence metric. The table builders turn the result into ro
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,18 @@ class Shadow:
         self.teacher_id = model_id(self.teacher.name, self.teacher.version)
         self.student_id = model_id(self.student.name, self.student.version)
         self.pair = pair_id(self.teacher_id, self.student_id)
+
+    def execution(self) -> dict:
+        """The execution providers each model ran on (`shadow.models.execution_record`), for reports."""
+        return {"teacher": self.teacher.execution, "student": self.student.execution,
+                "noise_teacher": self.noise_teacher.execution}
+
+    def footer(self, replay_id: str) -> dict[str, str]:
+        """Footer of every file a replay writes: its id and the providers that computed it."""
+        return {"flywheel.shadow.replay_id": replay_id,
+                "flywheel.shadow.providers": json.dumps({"teacher": self.teacher.execution["providers"],
+                                                         "student": self.student.execution["providers"]},
+                                                        separators=(",", ":"))}
 
     @property
     def ids(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shadow import featurize as fz
 from shadow.metrics import MetricsConfig
@@ -33,6 +33,66 @@ def physical_cores() -> int:
             return len(cpus)
         cores.add((pkg, core))
     return max(1, len(cores))
+
+
+# onnxruntime's names of the execution providers this project configures, and the short names it accepts for them
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "rocm": "ROCMExecutionProvider",
+                    "openvino": "OpenVINOExecutionProvider"}
+
+
+class ExecutionConfig(BaseModel):
+    """Where models run: the onnxruntime execution providers (in priority order) with their options, whether a
+    missing one may fall back, and the torch device of the fine-tune. `[execution]` of the umbrella settings; the
+    default is the CPU everywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    providers: tuple[str, ...] = Field(("CPUExecutionProvider",), min_length=1, description="onnxruntime "
+                                       "execution providers in priority order: onnxruntime names "
+                                       "(CUDAExecutionProvider) or short ones (cuda, tensorrt, cpu); nodes a "
+                                       "provider cannot run go to the next one, the CPU last")
+    provider_options: dict[str, dict[str, str]] = Field(default_factory=dict, description="options per provider "
+                                                        "(keyed by either name), passed to onnxruntime as given, "
+                                                        "e.g. {cuda = {device_id = \"1\"}}")
+    allow_fallback: bool = Field(False, description="a requested provider that this onnxruntime lacks (or that "
+                                 "fails to start) is skipped with a warning instead of failing with an error")
+    torch_device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$", description="torch device of "
+                              "the fine-tune: cpu, cuda, cuda:N")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _names(cls, v):
+        names = [v] if isinstance(v, str) else list(v)
+        out = []
+        for name in names:
+            full = PROVIDER_ALIASES.get(str(name).lower(), str(name))
+            if not full.endswith("ExecutionProvider"):
+                raise ValueError(f"{name!r} is not an execution provider (known short names: "
+                                 f"{', '.join(PROVIDER_ALIASES)}; or onnxruntime's name, e.g. CUDAExecutionProvider)")
+            if full not in out:
+                out.append(full)
+        return tuple(out)
+
+    @field_validator("provider_options", mode="before")
+    @classmethod
+    def _option_names(cls, v):
+        return {PROVIDER_ALIASES.get(str(k).lower(), str(k)): {str(a): str(b) for a, b in dict(o).items()}
+                for k, o in dict(v or {}).items()}
+
+
+_execution = [ExecutionConfig()]
+
+
+def configure_execution(execution: ExecutionConfig) -> None:
+    """Set the execution providers (and torch device) of everything this process runs without its own: every
+    onnxruntime session (`shadow.models.session`) and the fine-tune. The CLI sets it from [execution]; the
+    default is the CPU."""
+    _execution[0] = execution
+
+
+def default_execution() -> ExecutionConfig:
+    return _execution[0]
 
 
 class RuntimeConfig(BaseModel):
@@ -59,6 +119,9 @@ class RuntimeConfig(BaseModel):
         "where a probe finds them exact on this host (VNNI), else runs the QDQ graph unfused, which equals the "
         "artifact's integer semantics to float rounding on any host (see shadow.numerics); 'native' and "
         "'emulated' force one")
+    execution: ExecutionConfig | None = Field(None, description="execution providers; None: the process's default "
+                                              "(`configure_execution`, which the CLI sets from "
+                                              "[execution])")
     batch_size: int = Field(64, ge=1, le=1 << 20, description="frames per session run; every run but the last "
                             "of a call has exactly this size, so the memory plan is reused. Small on purpose: "
                             "measured here, 32-64 frames (576-1152 token rows) keep a run's activations in the 2 MB "

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from shadow import featurize as fz
-from shadow.config import RuntimeConfig
+from shadow.config import ExecutionConfig, RuntimeConfig, default_execution
 from shadow.numerics import Int8Kernel, apply_int8_kernel, int8_kernel
 from shadow.spec import ModelSpec, model_file, read_spec
 
@@ -54,16 +54,76 @@ def runtime_label(runtime: RuntimeConfig) -> str:
             f"int8={int8_kernel(runtime.int8_kernel)}")
 
 
+class ProviderUnavailable(RuntimeError):
+    """A configured execution provider that this onnxruntime lacks or that failed to start, fallback not allowed."""
+
+
+def resolve_providers(execution: ExecutionConfig | None = None) -> list[tuple[str, dict[str, str]]]:
+    """(provider, options) to open a session with: the configured providers this onnxruntime has, in order.
+
+    A requested provider that is missing raises ProviderUnavailable naming it and what is available, unless
+    `allow_fallback`, which skips it with a warning (and the CPU runs what nothing else took)."""
+    execution = execution or default_execution()
+    available = ort.get_available_providers()
+    out, missing = [], []
+    for name in execution.providers:
+        if name in available:
+            out.append((name, dict(execution.provider_options.get(name, {}))))
+        else:
+            missing.append(name)
+    if missing and not execution.allow_fallback:
+        raise ProviderUnavailable(
+            f"execution provider(s) {', '.join(missing)} requested but not in onnxruntime {ort.__version__} "
+            f"(available: {', '.join(available)}); install the onnxruntime build that has them (e.g. "
+            "onnxruntime-gpu for CUDA/TensorRT) or set execution.allow_fallback = true to run without them")
+    if missing:
+        log.warning("execution provider(s) %s not available (have %s); falling back", ", ".join(missing),
+                    ", ".join(available))
+    if not any(n == "CPUExecutionProvider" for n, _ in out):
+        out.append(("CPUExecutionProvider", {}))  # nodes no accelerator takes, and the fallback
+    return out
+
+
+def execution_record(sess: ort.InferenceSession, execution: ExecutionConfig | None = None) -> dict:
+    """What to store with a replay or a verification: the providers that ran the session (onnxruntime's own
+    account, in priority order), what was requested, and whether a fallback happened."""
+    execution = execution or default_execution()
+    ran = list(sess.get_providers())
+    return {"providers": ran, "requested": list(execution.providers),
+            "fallback": any(p not in ran for p in execution.providers), "onnxruntime": ort.__version__,
+            "available": list(ort.get_available_providers())}
+
+
+def _open(model, options: ort.SessionOptions, execution: ExecutionConfig | None) -> ort.InferenceSession:
+    execution = execution or default_execution()
+    providers = resolve_providers(execution)
+    sess = ort.InferenceSession(model, options, providers=[n for n, _ in providers],
+                                provider_options=[o for _, o in providers])
+    # a provider present in this build may still fail to start (no driver, no device): onnxruntime then drops it
+    # with a warning of its own, so compare with what it reports
+    dropped = [n for n, _ in providers if n not in sess.get_providers()]
+    if dropped and not execution.allow_fallback:
+        raise ProviderUnavailable(f"execution provider(s) {', '.join(dropped)} failed to start (onnxruntime runs "
+                                  f"the session on {', '.join(sess.get_providers())}); see onnxruntime's log, or "
+                                  "set execution.allow_fallback = true")
+    if dropped:
+        log.warning("execution provider(s) %s failed to start; running on %s", ", ".join(dropped),
+                    ", ".join(sess.get_providers()))
+    return sess
+
+
 def session(model: Path | str | bytes, threads: int | None = None, optimization: str = "all",
             options: ort.SessionOptions | None = None, verify: bool = True,
-            int8_kernel: Int8Kernel = "auto") -> ort.InferenceSession:
-    """The one way this project opens an onnxruntime session (CPU provider).
+            int8_kernel: Int8Kernel = "auto", execution: ExecutionConfig | None = None) -> ort.InferenceSession:
+    """The one way this project opens an onnxruntime session, on the configured execution providers
+    (`execution`, else the process default of `shadow.config.configure_execution`: the CPU unless configured).
 
     `model`: a model directory or .onnx file (with `verify`, the sha256 in its spec.json is checked when there is
     one), or a serialized graph. `options` as given, else graph optimisation `optimization` ("disable", "basic",
     "extended", "all") and, with `threads`, that many intra-op threads and one inter-op thread. Quantized graphs
     run with the integer kernel `shadow.numerics` finds exact on this host (`int8_kernel` "auto"), so a quantized
-    artifact computes its integer semantics on every host.
+    artifact computes its integer semantics on every host. Raises ProviderUnavailable for a configured provider
+    that is missing or fails to start, unless the configuration allows the fallback.
     """
     if options is None:
         options = ort.SessionOptions()
@@ -73,14 +133,14 @@ def session(model: Path | str | bytes, threads: int | None = None, optimization:
             options.inter_op_num_threads = 1
     apply_int8_kernel(options, int8_kernel)
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return _open(model, options, execution)
     path = model_file(Path(model))
     if verify:
         try:
             read_spec(path, verify=True)
         except FileNotFoundError:
             log.debug("%s has no spec.json; running it unchecked", path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _open(str(path), options, execution)
 
 
 class ModelError(ValueError):
@@ -99,6 +159,7 @@ class LoadedModel:
         self._logits_name = spec.output("maneuver_logits").name
         self._outputs = [self._traj_name, self._logits_name]
         self._pool: ThreadPoolExecutor | None = None
+        self.execution = execution_record(session, runtime.execution)
 
     @property
     def name(self) -> str:
@@ -180,8 +241,10 @@ def load_model(path: Path, runtime: RuntimeConfig | None = None, verify: bool = 
         raise ModelError(f"{onnx_path}: no spec.json beside it; write one with shadow.spec.write_spec") from None
     except ValueError as exc:
         raise ModelError(str(exc)) from None
-    sess = session(onnx_path, options=session_options(runtime), verify=False, int8_kernel=runtime.int8_kernel)
+    sess = session(onnx_path, options=session_options(runtime), verify=False, int8_kernel=runtime.int8_kernel,
+                   execution=runtime.execution)
     _check(spec, onnx_path, sess)
-    log.info("loaded %s:%s (%s, %s) with %s", spec.name, spec.version, spec.precision, onnx_path, runtime_label(runtime))
+    log.info("loaded %s:%s (%s, %s) with %s on %s", spec.name, spec.version, spec.precision, onnx_path,
+             runtime_label(runtime), ",".join(sess.get_providers()))
     return LoadedModel(onnx_path, spec, sess, runtime)
 

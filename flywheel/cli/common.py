@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from rich.console import Console
 
 from flywheel.settings import Settings, load_settings
+from shadow.config import configure_execution
 
 console = Console(stderr=True)
 
@@ -33,6 +34,7 @@ def configure(config: Path | None, verbose: bool, log_format: str) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     logging.getLogger("kafka").setLevel(logging.WARNING)
     _State.settings = load_settings(config)
+    configure_execution(_State.settings.execution)  # every model this process runs: providers, torch device
 
 
 def settings() -> Settings:

@@ -85,7 +85,7 @@ def run(lake: LakeOpt = None, teacher: TeacherOpt = None, student: StudentOpt = 
 
     from shadow.criteria import CriteriaError
     from shadow.batch.replay import replay
-    from shadow.models import ModelError
+    from shadow.models import ModelError, ProviderUnavailable
 
     cfg = shadow_settings()
     t, s = _models(cfg, teacher, student)
@@ -100,7 +100,7 @@ def run(lake: LakeOpt = None, teacher: TeacherOpt = None, student: StudentOpt = 
         try:
             report = replay(lake or cfg.lake_dir, t, s, rcfg,
                             progress=lambda done, total: bar.update(task, completed=done, total=total))
-        except (ModelError, CriteriaError, FileNotFoundError) as exc:
+        except (ModelError, CriteriaError, FileNotFoundError, ProviderUnavailable) as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(2) from None
     if as_json:

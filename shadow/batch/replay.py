@@ -87,6 +87,9 @@ class ReplayReport(BaseModel):
     noise_floor: dict = Field(default_factory=dict, description="teacher vs itself across runtimes")
     numerics: dict = Field(default_factory=dict, description="integer kernel the student ran with and the host's "
                            "CPU features (shadow.numerics.numerics_record)")
+    execution: dict = Field(default_factory=dict, description="execution providers each model ran on, what was "
+                            "requested, and whether it fell back (shadow.models.execution_record); the files "
+                            "written carry the providers in their footer (flywheel.shadow.providers)")
 
 
 @dataclass
@@ -119,7 +122,8 @@ def replay(lake: Path, teacher_path: Path, student_path: Path, config: ReplayCon
     t0 = time.perf_counter()
     shadow = shadow or Shadow(teacher_path, student_path, config)
     report = ReplayReport(replay_id=uuid.uuid4().hex, pair=shadow.pair, teacher=shadow.teacher_id,
-                          student=shadow.student_id, numerics=numerics_record(config.runtime.int8_kernel))
+                          student=shadow.student_id, numerics=numerics_record(config.runtime.int8_kernel),
+                          execution=shadow.execution())
     for table in ("decisions", "divergences", "scenarios", "noise_floor"):
         remove_stale_temporaries(lake, table)
     coverage = Coverage(lake)
@@ -295,7 +299,7 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
                  and index.ended(d, config.drive_end_idle_s, time.time())}
         info = FrameInfo(drive[m], seq[m], off[m], ts_ms[m], ended)
         res = write_unit(coverage, index.files[u.file].date, p.topic, p.partition, u.lo, u.hi, outputs, info,
-                         {"flywheel.shadow.replay_id": rid}, config.row_group_rows)
+                         shadow.footer(rid), config.row_group_rows)
         report.units += 1
         report.files_written += len(res.files)
         report.frames_replayed += int(sel.sum())

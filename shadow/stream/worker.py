@@ -283,7 +283,7 @@ class StreamWorker:
             info = FrameInfo(drive, div["seq"].to_numpy(), off, ts, ended)
             self.coverage.refresh(state.topic, p)  # a batch replay may have covered some offsets meanwhile
             res = write_unit(self.coverage, date, state.topic, p, first, last, outputs, info,
-                             {"flywheel.shadow.replay_id": self.replay_id}, self.config.row_group_rows)
+                             self.shadow.footer(self.replay_id), self.config.row_group_rows)
             self.stats.files += len(res.files)
             self.stats.writes.append((p, first, last))
             offsets[TopicPartition(state.topic, p)] = OffsetAndMetadata(last + 1, "", -1)
