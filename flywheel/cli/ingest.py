@@ -1,4 +1,4 @@
-"""Ingest commands: broker, topics, server, agent, import-mcap, token issue, sink, compact."""
+"""Ingest commands: broker, topics, server, agent, import, import-mcap, token issue, sink, compact."""
 
 from __future__ import annotations
 
@@ -89,6 +89,62 @@ def import_mcap_cmd(mcap_file: Path, drives: Annotated[Optional[Path], typer.Opt
     out = drives or settings().agent.drives_dir
     for p in import_mcap(mcap_file, out):
         typer.echo(p)
+
+
+@app.command("import")
+def import_cmd(sources: Annotated[list[Path], typer.Argument(help="source files or directories")],
+               fmt: Annotated[str, typer.Option("--format", "-f", help="ros2, waymo, av2, nuplan or mcap")],
+               out: Annotated[Optional[Path], typer.Option("--out", help="drive directory; default from config")]
+               = None,
+               vehicle: Annotated[Optional[str], typer.Option(help="vehicle id of every drive; default from the "
+                                                              "source")] = None,
+               odometry_topic: Annotated[Optional[str], typer.Option(help="ROS 2: nav_msgs/msg/Odometry topic")]
+               = None,
+               objects_topic: Annotated[Optional[str], typer.Option(help="ROS 2: Tracked/PredictedObjects topic")]
+               = None,
+               trajectory_topic: Annotated[Optional[str], typer.Option(help="ROS 2: Trajectory topic")] = None,
+               as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False) -> None:
+    """Import fleet logs or public datasets into drive files for the agent, resampled onto the frame contract and
+    validated by the ingest server's checks; a bad record stops with the file and record named, writing nothing
+    of that file."""
+    from ingest.importers.common import ImportFailed, ImportOptions
+    from ingest.importers.run import FORMATS, import_sources, source_files
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}")
+    opts = ImportOptions(**_given(vehicle_id=vehicle, odometry_topic=odometry_topic, objects_topic=objects_topic,
+                                  trajectory_topic=trajectory_topic))
+    drives = out or settings().agent.drives_dir
+    try:
+        files = source_files(fmt, sources)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    total = sum(f.stat().st_size for f in files)
+    done: dict[Path, int] = {}
+    with Progress(TextColumn(f"importing {fmt}"), BarColumn(), MofNCompleteColumn(), TextColumn("bytes"),
+                  TimeElapsedColumn(), console=console, disable=as_json) as bar:
+        task = bar.add_task("import", total=total)
+
+        def tick(path: Path, n: int) -> None:
+            done[path] = n
+            bar.update(task, completed=sum(done.values()))
+
+        try:
+            report = import_sources(fmt, files, drives, opts, progress=tick)
+        except ImportFailed as exc:
+            console.print(f"[red]import failed[/] {exc}")
+            raise typer.Exit(1) from None
+    dropped = {k: v for k, v in sorted(report.dropped.items()) if v}
+    if as_json:
+        typer.echo(json.dumps({"format": fmt, "files": report.files, "frames": report.frames, "dropped": dropped,
+                               "drives": [d.__dict__ for d in report.drives]}, indent=2))
+        return
+    table = Table("drive", "vehicle", "frames", "from", title=f"{fmt}: {len(report.drives)} drives, "
+                  f"{report.frames:,} frames from {report.files} files into {drives}")
+    for d in report.drives:
+        table.add_row(d.drive_id, d.vehicle_id, f"{d.frames:,}", d.record)
+    Console().print(table)
+    console.print("dropped: " + (", ".join(f"{k} {v:,}" for k, v in dropped.items()) or "nothing"))
 
 
 @token_app.command("issue")

@@ -1,2 +1,4 @@
-"""Importers of robotics log formats into the drive directory (`ingest.lake` layout): `mcap` (MCAP logs of
-`flywheel.v1.Frame` protobuf messages) today."""
+"""Importers of fleet and public-dataset log formats into the drive directory (`ingest.lake` layout), one module
+per format: `ros2` (ROS 2 MCAP with standard messages), `waymo` (Waymo Open Motion Dataset TFRecords), `av2`
+(Argoverse 2 motion-forecasting parquet), `nuplan` (nuPlan SQLite logs), `mcap` (the project's own MCAP). `run`
+drives them (`flywheel import --format F SRC...`); `common` holds the resampling onto the frame contract."""

@@ -1,4 +1,4 @@
-"""MCAP interop: import robotics logs of `flywheel.v1.Frame` messages into the drive directory, and export drives.
+"""The project's own MCAP: import robotics logs of `flywheel.v1.Frame` messages into the drive directory, and export drives.
 
 An MCAP file may hold several drives on any channel whose schema is `flywheel.v1.Frame` with protobuf encoding; other
 channels (camera, lidar, ...) are ignored. Frames are grouped by drive id, ordered by seq, checked for contiguity
@@ -9,16 +9,19 @@ converts message by message; everything downstream works on columns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import DecodeError
+from mcap.exceptions import McapError
 from mcap.reader import make_reader
 from mcap.writer import Writer
 
 from ingest.contract import COLUMNS, ChunkRejected, Frames, frames_to_arrow, validate
+from ingest.importers.common import ImportFailed, ImportOptions, Progress, SourceDrive
 from ingest.lake import read_drive, write_drive
 from ingest.wire import drive_pb2 as pb
 
@@ -98,38 +101,69 @@ def export_mcap(drive_files: list[Path], out: Path) -> Path:
     return out
 
 
-def import_mcap(path: Path, drives_dir: Path) -> list[Path]:
-    """Convert every drive in an MCAP file into the drive directory; returns the written drive files.
-
-    Raises ValueError naming the drive and the rule when a drive is incomplete or breaks the frame contract; no drive
-    file is written for it (and drives already converted stay as they are).
-    """
+def _drives(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
+    """(drive id, vehicle id, frames) of every drive in an MCAP file of `flywheel.v1.Frame` messages, each checked
+    for seq 0..n-1 exactly once and one vehicle; ValueError (ImportFailed) names the file and the drive."""
     by_drive: dict[str, list[pb.Frame]] = {}
+    where = "the file header"
     with open(path, "rb") as fh:
-        reader = make_reader(fh)
-        for schema, channel, message in reader.iter_messages():
-            if schema is None or schema.name != SCHEMA_NAME or channel.message_encoding != "protobuf":
-                continue
-            try:
-                msg = pb.Frame.FromString(message.data)
-            except DecodeError as exc:
-                raise ValueError(f"{path}: undecodable {SCHEMA_NAME} message at log time {message.log_time}: {exc}") from None
-            by_drive.setdefault(msg.drive_id, []).append(msg)
-    written = []
+        try:
+            reader = make_reader(fh, validate_crcs=True)
+            for count, (schema, channel, message) in enumerate(reader.iter_messages()):
+                where = f"message {count} at log time {message.log_time}"
+                if schema is None or schema.name != SCHEMA_NAME or channel.message_encoding != "protobuf":
+                    continue
+                try:
+                    msg = pb.Frame.FromString(message.data)
+                except DecodeError as exc:
+                    raise ImportFailed(path, where, f"undecodable {SCHEMA_NAME} message: {exc}") from None
+                by_drive.setdefault(msg.drive_id, []).append(msg)
+                if progress is not None and count % 1024 == 0:
+                    progress(fh.tell())
+        except ImportFailed:
+            raise
+        except (McapError, EOFError, ValueError, KeyError, OSError) as exc:
+            raise ImportFailed(path, f"after {where}", f"unreadable MCAP ({type(exc).__name__}: {exc})") from None
+    out = []
     for drive_id, msgs in sorted(by_drive.items()):
         msgs.sort(key=lambda m: m.seq)
         seqs = np.array([m.seq for m in msgs])
         if not np.array_equal(seqs, np.arange(len(msgs))):
-            raise ValueError(f"{path}: drive {drive_id} does not hold seq 0..{len(msgs) - 1} exactly once")
+            raise ImportFailed(path, f"drive {drive_id}", f"does not hold seq 0..{len(msgs) - 1} exactly once")
         vehicles = {m.vehicle_id for m in msgs}
         if len(vehicles) != 1:
-            raise ValueError(f"{path}: drive {drive_id} names several vehicles {sorted(vehicles)}")
-        frames = messages_to_frames(msgs)
+            raise ImportFailed(path, f"drive {drive_id}", f"names several vehicles {sorted(vehicles)}")
+        try:
+            out.append((drive_id, vehicles.pop(), messages_to_frames(msgs)))
+        except ValueError as exc:
+            raise ImportFailed(path, f"drive {drive_id}", str(exc)) from None
+    return out
+
+
+def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
+    """`flywheel import --format mcap`: every drive of the file as contract frames (validated by the caller, which
+    adds the tag `source:mcap` to frames without a source tag)."""
+    for drive_id, vehicle_id, frames in _drives(path, progress):
+        yield SourceDrive(record=f"drive {drive_id}", drive_id=drive_id, vehicle_id=opts.vehicle_id or vehicle_id,
+                          frames=frames)
+
+
+def import_mcap(path: Path, drives_dir: Path) -> list[Path]:
+    """Convert every drive in an MCAP file into the drive directory, exactly as logged; returns the written files.
+
+    Raises ValueError naming the drive and the rule when a drive is incomplete or breaks the frame contract; nothing
+    of the file is written then (every drive is checked before the first is written).
+    """
+    checked = []
+    for drive_id, vehicle_id, frames in _drives(path):
         try:
             validate(frames)
         except ChunkRejected as exc:
             raise ValueError(f"{path}: drive {drive_id}: {exc}") from None
-        table = frames_to_arrow(frames, drive_id, vehicles.pop(), 0)
+        checked.append((drive_id, vehicle_id, frames))
+    written = []
+    for drive_id, vehicle_id, frames in checked:
+        table = frames_to_arrow(frames, drive_id, vehicle_id, 0)
         written.append(write_drive(drives_dir, pa.Table.from_batches([table])))
-        log.info("imported drive %s (%d frames) from %s", drive_id, len(msgs), path)
+        log.info("imported drive %s (%d frames) from %s", drive_id, frames.num_frames, path)
     return written

@@ -1,0 +1,72 @@
+"""nuPlan log databases (SQLite, the published `.db` layout of nuplan-devkit) -> drives.
+
+Tables and columns used: `log` (logfile, vehicle_name), `ego_pose` (timestamp [µs], x, y, qw, qx, qy, qz, vx, vy,
+acceleration_x, angular_rate_z: velocity, acceleration and yaw rate in the ego's body frame), `lidar_pc` (token,
+timestamp [µs]), `lidar_box` (lidar_pc_token, track_token, x, y, vx, vy, yaw, length, width, confidence: global
+frame), `track` (token, category_token) and `category` (token, name). One database is one drive, resampled from
+the ego poses (about 100 Hz) and the boxes of each lidar sweep (20 Hz) to the contract's rate. The database is
+opened read-only; a file that is not SQLite, or lacks a table or column, raises `ImportFailed`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ingest.importers.common import AgentObs, EgoTrack, ImportFailed, ImportOptions, Progress, SourceDrive, safe_id
+
+CATEGORY_TO_CLASS = {"vehicle": 1, "bicycle": 4, "pedestrian": 5, "traffic_cone": 0, "barrier": 0,
+                     "czone_sign": 0, "generic_object": 0}
+EGO_SQL = ("SELECT timestamp, x, y, qw, qx, qy, qz, vx, vy, acceleration_x, angular_rate_z FROM ego_pose "
+           "ORDER BY timestamp")
+BOX_SQL = ("SELECT lp.timestamp, lb.track_token, c.name, lb.x, lb.y, lb.vx, lb.vy, lb.yaw, lb.length, lb.width, "
+           "lb.confidence FROM lidar_box lb JOIN lidar_pc lp ON lb.lidar_pc_token = lp.token "
+           "JOIN track t ON lb.track_token = t.token JOIN category c ON t.category_token = c.token")
+
+
+def _floats(rows: list[tuple], i: int) -> np.ndarray:
+    # a NULL becomes NaN: an invalid state, dropped and counted by the resampling
+    return np.array([np.nan if r[i] is None else r[i] for r in rows], np.float64)
+
+
+def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
+    """The drive of one nuPlan log database (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImportFailed(path, "the file", "no such file")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error as exc:
+        raise ImportFailed(path, "the file", f"cannot open as SQLite ({exc})") from None
+    where = "table log"
+    try:
+        log_row = con.execute("SELECT logfile, vehicle_name FROM log").fetchone()
+        where = "table ego_pose"
+        ego_rows = con.execute(EGO_SQL).fetchall()
+        where = "tables lidar_box, lidar_pc, track, category"
+        box_rows = con.execute(BOX_SQL).fetchall()
+    except sqlite3.Error as exc:
+        raise ImportFailed(path, where, f"not a nuPlan log database ({type(exc).__name__}: {exc})") from None
+    finally:
+        con.close()
+    if not ego_rows:
+        raise ImportFailed(path, "table ego_pose", "no ego pose")
+    logfile, vehicle = (log_row or (path.stem, None))
+    qw, qx, qy, qz = (_floats(ego_rows, i) for i in (3, 4, 5, 6))
+    heading = np.arctan2(2.0 * (qw * qz + qx * qy), 1.0 - 2.0 * (qy * qy + qz * qz))
+    ego = EgoTrack(np.array([r[0] for r in ego_rows], np.int64) * 1000, _floats(ego_rows, 1), _floats(ego_rows, 2),
+                   heading, np.hypot(_floats(ego_rows, 7), _floats(ego_rows, 8)), _floats(ego_rows, 9),
+                   _floats(ego_rows, 10))
+    tokens: dict[bytes, int] = {}
+    ids = np.array([tokens.setdefault(bytes(r[1]) if r[1] is not None else b"", len(tokens)) for r in box_rows],
+                   np.int64)
+    agents = AgentObs(np.array([r[0] for r in box_rows], np.int64) * 1000, ids,
+                      np.array([CATEGORY_TO_CLASS.get(r[2], 0) for r in box_rows], np.int32),
+                      *(_floats(box_rows, i) for i in (3, 4, 5, 6, 7, 8, 9, 10))) if box_rows else AgentObs.empty()
+    if progress is not None:
+        progress(path.stat().st_size)
+    yield SourceDrive(record=f"log {logfile}", drive_id=safe_id(f"nuplan-{logfile or path.stem}"),
+                      vehicle_id=opts.vehicle_id or safe_id(vehicle or "nuplan"), ego=ego, agents=agents)

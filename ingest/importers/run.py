@@ -1,0 +1,61 @@
+"""One entry point for every format: `import_sources(format, sources, out)`, behind `flywheel import`.
+
+Each source file is read and converted completely (resampled, validated by the ingest server's checks) before any of
+its drives is written, each drive atomically; a bad record raises `ImportFailed` (file and record named) and leaves
+nothing of that file in the drive directory. Files converted before it stay, so an import can be rerun after the
+bad file is removed: drive files are replaced, not duplicated.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest.importers.common import ImportOptions, ImportReport, convert_file, write_drives
+
+FORMATS = {
+    "ros2": "ingest.importers.ros2",
+    "waymo": "ingest.importers.waymo",
+    "av2": "ingest.importers.av2",
+    "nuplan": "ingest.importers.nuplan",
+    "mcap": "ingest.importers.mcap",
+}
+"""Format name -> module with `read(path, options, progress)` yielding `SourceDrive`s."""
+
+
+def source_files(fmt: str, sources: list[Path]) -> list[Path]:
+    """The files behind the SRC arguments: a directory stands for the format's files inside it."""
+    patterns = {"ros2": "*.mcap", "mcap": "*.mcap", "waymo": "*tfrecord*", "av2": "scenario_*.parquet",
+                "nuplan": "*.db"}
+    out: list[Path] = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            out.extend(sorted(p for p in src.rglob(patterns[fmt]) if p.is_file()))
+        elif src.exists():
+            out.append(src)
+        else:
+            raise FileNotFoundError(f"{src}: no such file or directory")
+    return out
+
+
+def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOptions | None = None,
+                   progress: Callable[[Path, int], None] | None = None) -> ImportReport:
+    """Import every source of format `fmt` into drive directory `out`; returns what was written and dropped.
+
+    `progress(file, bytes_read)` is called as files are read. Raises ImportFailed for a bad record (see above),
+    ValueError for an unknown format, FileNotFoundError for a missing source.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    opts = options or ImportOptions()
+    module = importlib.import_module(FORMATS[fmt])
+    report = ImportReport(fmt)
+    for path in source_files(fmt, sources):
+        tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
+        converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
+        write_drives(converted, Path(out), report)
+        report.files += 1
+        if progress is not None:
+            progress(path, path.stat().st_size)
+    return report
