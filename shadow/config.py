@@ -180,6 +180,8 @@ class ReplayConfig(PipelineConfig):
                                     "waiting for their future")
     topic: str | None = Field(None, description="only frames files of this Kafka topic (None: all)")
     partitions: list[int] | None = Field(None, description="only these Kafka partitions (None: all)")
+    files: list[str] | None = Field(None, description="only the units of these frames files (file names; None: "
+                                    "all); the other live files still give context. A backfill task's share")
     row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
     prefetch: bool = Field(True, description="load, featurize and run the models on the next group in a background "
                            "thread while this one is measured and written")
@@ -207,6 +209,23 @@ class StreamConfig(PipelineConfig):
     row_group_rows: int = Field(65536, ge=1024, description="Parquet row group size of the outputs")
 
 
+class BackfillConfig(BaseModel):
+    """`flywheel shadow backfill`: the batch replay as Ray tasks, on a local Ray or on a cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="Ray cluster to run on (\"ray://head:10001\", or \"auto\" on a "
+                                "node of the cluster); None: a local Ray started in this process and shut down "
+                                "after the backfill. Workers of a cluster need this package installed and the "
+                                "lake at the same path or URI")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all); not for a cluster")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs each task reserves; its onnxruntime runs one batch at a "
+                             "time on this many intra-op threads (rounded up)")
+    files_per_task: int = Field(8, ge=1, description="frames files a task replays (consecutive files of one Kafka "
+                                "partition): each task loads both models once, so fewer, larger tasks cost less; "
+                                "more tasks spread further")
+
+
 class ShadowConfig(BaseModel):
     """Settings of `flywheel shadow` (nested as [shadow] in flywheel.settings)."""
 
@@ -217,3 +236,4 @@ class ShadowConfig(BaseModel):
     student: Path | None = Field(None, description="student model directory or .onnx")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="batch replay")
     stream: StreamConfig = Field(default_factory=StreamConfig, description="streaming worker")
+    backfill: BackfillConfig = Field(default_factory=BackfillConfig, description="backfill on Ray")

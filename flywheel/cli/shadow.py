@@ -1,5 +1,6 @@
-"""Shadow commands: `flywheel shadow run` (batch replay over the lake) and `flywheel shadow stream` (a worker of the
-streaming consumer group; its settings are [shadow.stream], e.g. FLYWHEEL_SHADOW__STREAM='{"max_age_s": 1}')."""
+"""Shadow commands: `flywheel shadow run` (batch replay over the lake), `flywheel shadow backfill` (the same as Ray
+tasks, [shadow.backfill]) and `flywheel shadow stream` (a worker of the streaming consumer group; its settings are
+[shadow.stream], e.g. FLYWHEEL_SHADOW__STREAM='{"max_age_s": 1}')."""
 
 from __future__ import annotations
 
@@ -108,6 +109,46 @@ def run(lake: LakeOpt = None, teacher: TeacherOpt = None, student: StudentOpt = 
     else:
         # piped or captured output gets room for the tables instead of rich's 80-column default
         print_report(report, Console(width=None if sys.stdout.isatty() else 160))
+
+
+@shadow_app.command("backfill")
+def backfill_cmd(lake: LakeOpt = None, teacher: TeacherOpt = None, student: StudentOpt = None,
+                 criteria: CriteriaOpt = None,
+                 address: Annotated[Optional[str], typer.Option(help="Ray cluster (ray://head:10001, auto); "
+                                                                "default: shadow.backfill.address, else a local "
+                                                                "Ray")] = None,
+                 cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray")] = None,
+                 files_per_task: Annotated[Optional[int], typer.Option(help="frames files per Ray task")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False) -> None:
+    """Replay the lake for a pair as Ray tasks (same files as `shadow run`; a killed backfill resumes)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shadow.batch.backfill import BackfillError, backfill
+    from shadow.criteria import CriteriaError
+    from shadow.models import ModelError, ProviderUnavailable
+
+    cfg = shadow_settings()
+    t, s = _models(cfg, teacher, student)
+    rcfg = type(cfg.replay).model_validate({**cfg.replay.model_dump(), **({"criteria": criteria} if criteria else {})})
+    bcfg = cfg.backfill.model_copy(update={k: v for k, v in {"address": address, "num_cpus": cpus,
+                                                             "files_per_task": files_per_task}.items()
+                                           if v is not None})
+    with Progress(TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("backfill", total=None)
+        try:
+            report = backfill(lake or cfg.lake_dir, t, s, rcfg, bcfg,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (ModelError, CriteriaError, FileNotFoundError, ProviderUnavailable, BackfillError) as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.model_dump(mode="json"), indent=2))
+    else:
+        typer.echo(f"backfill {report.pair} on {report.ray_address} Ray ({report.ray_cpus:g} CPUs): "
+                   f"{report.frames_replayed} frames in {report.tasks} tasks, {report.files_written} files, "
+                   f"{report.files_covered} frames files already covered, {report.units_deferred} units deferred, "
+                   f"{report.seconds:.1f} s, {report.frames_per_s:.0f} frames/s")
 
 
 @shadow_app.command("stream")
