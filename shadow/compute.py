@@ -27,6 +27,7 @@ from shadow.criteria import Criteria, evaluate_windows, load_criteria
 from shadow.metrics import WINDOW_METRICS, dominant, driver_metrics, pair_metrics, window_aggregates
 from shadow.config import PipelineConfig
 from shadow.models import LoadedModel, load_model, runtime_label
+from shadow.plugins import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,21 @@ class Shadow:
         `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others (the noise
         floor still runs where `noise_mask` says)."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
-        feats = fz.featurize(frames, segments=fz.segments_of(table), with_targets=True)
+        segments = fz.segments_of(table)
+        feats = fz.featurize(frames, segments=segments, with_targets=True)
         rows = np.flatnonzero(mask)
         f = feats.take(rows)
-        inputs = f.inputs()
+        # each model eats its own featurizer's inputs (shadow.plugins), computed once per featurizer
+        cache = FeatureCache(frames, segments, feats)
+        by_featurizer: dict[str, dict[str, np.ndarray]] = {}
+
+        def inputs_of(model: LoadedModel) -> dict[str, np.ndarray]:
+            name = model.featurizer.name
+            if name not in by_featurizer:
+                by_featurizer[name] = {k: v[rows] for k, v in cache.inputs(model.featurizer).items()}
+            return by_featurizer[name]
+
+        inputs = inputs_of(self.teacher)
         reused = np.zeros(rows.shape[0], bool)
         if teacher_known is not None and teacher_known.rows.size:
             at = np.searchsorted(rows, teacher_known.rows)
@@ -200,7 +212,7 @@ class Shadow:
             t = (traj, logits)
         else:
             t = self.teacher.predict(inputs)
-        s = self.student.predict(inputs)
+        s = self.student.predict(inputs_of(self.student))
         if noise_mask is None:
             noise_mask = table["seq"].to_numpy() % self.config.noise_every == 0
         noise_pos = np.flatnonzero(noise_mask[rows])

@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from shadow import featurize as fz
 from shadow.config import ExecutionConfig, RuntimeConfig, default_execution
+from shadow.plugins import Featurizer, PluginError, featurizer
 from shadow.numerics import Int8Kernel, apply_int8_kernel, int8_kernel
 from shadow.spec import ModelSpec, model_file, read_spec
 
@@ -160,6 +161,7 @@ class LoadedModel:
         self._outputs = [self._traj_name, self._logits_name]
         self._pool: ThreadPoolExecutor | None = None
         self.execution = execution_record(session, runtime.execution)
+        self.featurizer: Featurizer = featurizer(spec.featurizer, spec.featurizer_version)
 
     @property
     def name(self) -> str:
@@ -172,7 +174,8 @@ class LoadedModel:
     def predict(self, inputs: dict[str, np.ndarray], batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run over all frames -> (trajectory (N, T, 3) float32 [m, m, rad], maneuver logits (N, 6) float32).
 
-        `inputs` maps `shadow.featurize.INPUT_NAMES` to float32 arrays with a common first axis N. Batches of
+        `inputs` maps the input names of the model's featurizer (`self.featurizer`) to float32 arrays with a
+        common first axis N. Batches of
         `batch_size` frames run concurrently on `runtime.concurrency()` threads (onnxruntime releases the GIL).
         """
         n = next(iter(inputs.values())).shape[0]
@@ -206,15 +209,17 @@ class LoadedModel:
 
 
 def _check(spec: ModelSpec, path: Path, sess: ort.InferenceSession) -> None:
-    if spec.featurizer_version != fz.FEATURIZER_VERSION:
-        raise ModelError(f"{path}: model {spec.name}:{spec.version} wants featurizer {spec.featurizer_version}, "
-                         f"this code computes {fz.FEATURIZER_VERSION}")
+    try:
+        feat = featurizer(spec.featurizer, spec.featurizer_version)
+    except PluginError as exc:
+        raise ModelError(f"{path}: model {spec.name}:{spec.version}: {exc}") from None
     if spec.horizon != fz.HORIZON or abs(spec.horizon_dt_s - fz.HORIZON_DT_S) > 1e-9:
-        raise ModelError(f"{path}: horizon {spec.horizon} x {spec.horizon_dt_s} s, the featurizer's targets are "
+        raise ModelError(f"{path}: horizon {spec.horizon} x {spec.horizon_dt_s} s, the replay's heads are "
                          f"{fz.HORIZON} x {fz.HORIZON_DT_S} s")
     graph_inputs = {i.name for i in sess.get_inputs()}
-    if graph_inputs != set(fz.INPUT_NAMES):
-        raise ModelError(f"{path}: graph inputs {sorted(graph_inputs)}, expected {sorted(fz.INPUT_NAMES)}")
+    if graph_inputs != set(feat.input_names):
+        raise ModelError(f"{path}: graph inputs {sorted(graph_inputs)}, featurizer {feat.name} gives "
+                         f"{sorted(feat.input_names)}")
     graph_outputs = {o.name for o in sess.get_outputs()}
     for role in ("trajectory", "maneuver_logits"):
         try:

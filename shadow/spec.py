@@ -46,7 +46,11 @@ class ModelSpec(BaseModel):
     format_version: int = Field(SPEC_FORMAT_VERSION, description="version of this spec format")
     name: str = Field(description="model name, e.g. teacher, student")
     version: str = Field(description="model version, e.g. v0")
-    featurizer_version: str = Field(fz.FEATURIZER_VERSION, description="featurizer the inputs must come from")
+    featurizer: str = Field("flywheel", description="registered featurizer plug-in the inputs come from (entry "
+                            "point of flywheel.featurizers, shadow.plugins)")
+    featurizer_version: str = Field(fz.FEATURIZER_VERSION, description="version of that featurizer")
+    planner: str = Field("", description="registered planner plug-in that builds the model's torch module (entry "
+                         "point of flywheel.planners, retrain.models.plugins); empty: the project's Planner")
     precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="numeric precision of the weights")
     inputs: list[TensorSpec] = Field(default_factory=lambda: default_inputs(), description="graph inputs")
     outputs: list[TensorSpec] = Field(default_factory=lambda: default_outputs(), description="graph outputs")
