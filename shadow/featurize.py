@@ -45,6 +45,7 @@ from ingest.lake import read_drive
 log = logging.getLogger(__name__)
 
 FEATURIZER_VERSION = "feat-v1"
+BUILTIN_NAME = "flywheel"  # its name among the registered featurizers (shadow.plugins)
 HISTORY = 10            # ego history tokens, frames (current included)
 MAX_AGENTS = 16         # agent tokens K
 EGO_FEATURES = 9        # Fe
@@ -84,18 +85,38 @@ class Features:
     traj_mask: np.ndarray | None = None
     maneuver: np.ndarray | None = None
     drive_index: np.ndarray | None = None  # (N,) int32: which drive of a concatenation a frame came from
+    # inputs of other featurizers (shadow.plugins) for the same frames: {featurizer name: {input name: (N, ...)}}
+    extra: dict[str, dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return int(self.ego_hist.shape[0])
 
-    def inputs(self) -> dict[str, np.ndarray]:
-        """The model inputs by ONNX input name."""
-        return {name: getattr(self, name) for name in INPUT_NAMES}
+    def inputs(self, featurizer: str | None = None) -> dict[str, np.ndarray]:
+        """The model inputs by ONNX input name: this featurizer's, or those of the plug-in featurizer named (kept
+        in `extra`; KeyError when the frames were not featurized by it)."""
+        if featurizer is None or featurizer == BUILTIN_NAME:
+            return {name: getattr(self, name) for name in INPUT_NAMES}
+        if not self.extra or featurizer not in self.extra:
+            raise KeyError(f"these features hold no inputs of featurizer {featurizer!r} "
+                           f"(have: {[BUILTIN_NAME, *(self.extra or {})]})")
+        return self.extra[featurizer]
+
+    def inputs_for(self, names: set[str] | list[str]) -> dict[str, np.ndarray]:
+        """The inputs of whichever featurizer gives exactly these input names (a graph's inputs)."""
+        names = set(names)
+        if names == set(INPUT_NAMES):
+            return self.inputs()
+        for group in (self.extra or {}).values():
+            if set(group) == names:
+                return group
+        raise KeyError(f"no featurizer of these features gives the inputs {sorted(names)}")
 
     def take(self, index: np.ndarray | slice) -> "Features":
         """Frames selected by an index array or slice, every field alike."""
-        return Features(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-                           for f in fields(self)})
+        out = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
+               for f in fields(self) if f.name != "extra"}
+        extra = None if self.extra is None else {k: {n: a[index] for n, a in g.items()} for k, g in self.extra.items()}
+        return Features(**out, extra=extra)
 
     @staticmethod
     def concat(parts: list["Features"]) -> "Features":
@@ -103,9 +124,15 @@ class Features:
             raise ValueError("nothing to concatenate")
         out = {}
         for f in fields(Features):
+            if f.name == "extra":
+                continue
             vals = [getattr(p, f.name) for p in parts]
             out[f.name] = None if any(v is None for v in vals) else np.concatenate(vals)
-        return Features(**out)
+        extra = None
+        if all(p.extra for p in parts) and len({tuple(sorted(p.extra)) for p in parts}) == 1:
+            extra = {k: {n: np.concatenate([p.extra[k][n] for p in parts]) for n in parts[0].extra[k]}
+                     for k in parts[0].extra}
+        return Features(**out, extra=extra)
 
 
 def _wrap(a: np.ndarray) -> np.ndarray:

@@ -24,10 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import numpy as np
 
 from ingest.contract import Frames
+from ingest.lake import read_drive
 from shadow import featurize as fz
 from shadow import featurize_mixer as fm
 
@@ -150,3 +152,28 @@ class FeatureCache:
         if f.name not in self._by_name:
             self._by_name[f.name] = f(self.frames, self.segments)
         return self._by_name[f.name]
+
+
+def add_inputs(feats: fz.Features, frames: Frames, names: list[str] | tuple[str, ...],
+               segments: np.ndarray | None = None) -> fz.Features:
+    """`feats` (of `frames`, every frame) with the inputs of the featurizers `names` in `feats.extra` as well."""
+    extra = dict(feats.extra or {})
+    for name in names:
+        if name != BUILTIN_FEATURIZER:
+            extra[name] = featurizer(name)(frames, segments)
+    feats.extra = extra or None
+    return feats
+
+
+def featurize_files(paths, featurizers: list[str] | tuple[str, ...] = (), with_targets: bool = True,
+                    stride: int = 1) -> fz.Features:
+    """`shadow.featurize.featurize_drive_files` with the inputs of the plug-in featurizers `featurizers` too."""
+    parts = []
+    for i, p in enumerate(paths):
+        frames = read_drive(Path(p)).frames
+        f = add_inputs(fz.featurize(frames, with_targets=with_targets), frames, featurizers)
+        if stride > 1:
+            f = f.take(slice(0, None, stride))
+        f.drive_index = np.full(len(f), i, np.int32)
+        parts.append(f)
+    return fz.Features.concat(parts)

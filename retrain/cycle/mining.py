@@ -17,8 +17,9 @@ By score: scenario windows of the pair (teacher, current student) whose divergen
 `scenarios` table, per-frame `score` of `shadow.metrics` aggregated over the window) lies above the noise floor: the
 `noise_quantile` of the teacher-against-itself score (`noise_floor` table) times `noise_margin` (and at least
 `min_score`). Among those, the selection is balanced and diverse: windows are taken best first in turns over the
-strata (condition x scenario type), so every stratum with divergent windows gets an equal share until it runs out,
-and no drive gives more than `max_per_drive` windows.
+strata (source x condition x scenario type), so every stratum with divergent windows gets an equal share until it
+runs out, and no drive gives more than `max_per_drive` windows. A window's source is the name of its frames'
+`source:<name>` tag (`flywheel import` writes one per format), else `fleet`.
 
 Conditions: a frame's condition is its lighting when that is not day (night, glare, dusk), else its weather when
 that is not clear (rain, fog, snow), else nominal; scenario type is the road type (highway, merge, ...).
@@ -41,6 +42,10 @@ from shadow.catalog import Catalog, QueryError, QueryRefused
 log = logging.getLogger(__name__)
 
 NOMINAL = "nominal"
+FLEET = "fleet"
+# a frame's or window's source: the name of its `source:<name>` tag (`flywheel import` writes one), else "fleet"
+SOURCE_SQL = ("coalesce(regexp_replace(list_filter(tags, lambda t: starts_with(t, 'source:'))[1], '^source:', ''), "
+              f"'{FLEET}')")
 _NOT_DEGRADED = {"day", "clear", "unknown", "", None}
 
 
@@ -100,6 +105,7 @@ class MinedItem:
     score: float | None = None
     condition: str = ""
     road_type: str = ""
+    source: str = ""  # where its frames came from: a `source:` tag's name (imports), else "fleet"
 
     @property
     def frames(self) -> int:
@@ -120,7 +126,7 @@ class MiningResult:
     config: dict = field(default_factory=dict)
 
     def counts(self, key: str) -> dict[str, int]:
-        """Mined windows per value of an item field ("condition", "road_type", "drive_id")."""
+        """Mined windows per value of an item field ("condition", "road_type", "source", "drive_id")."""
         out: dict[str, int] = {}
         for it in self.items:
             out[getattr(it, key)] = out.get(getattr(it, key), 0) + 1
@@ -131,6 +137,7 @@ class MiningResult:
                 "noise_floor": self.noise_floor, "eligible": self.eligible, "config": self.config,
                 "windows": len(self.items), "frames": sum(i.frames for i in self.items),
                 "by_condition": self.counts("condition"), "by_road_type": self.counts("road_type"),
+                "by_source": self.counts("source"),
                 "drives": len({i.drive_id for i in self.items}), "items": [asdict(i) for i in self.items]}
 
     @classmethod
@@ -254,27 +261,27 @@ def mine_sql(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
         if lo > hi:
             raise MiningError(f"mined window of {d} lies outside its stored frames {list(b)}")
         items.append(_with_context(d, lo, hi, b, cfg, score=s, condition=conds[(d, lo)][0],
-                                   road_type=conds[(d, lo)][1]))
+                                   road_type=conds[(d, lo)][1], source=conds[(d, lo)][2]))
     items.sort(key=lambda i: (i.drive_id, i.start_seq))
     return MiningResult("sql", items, sql=cfg.sql, eligible=len(windows), config=cfg.model_dump(mode="json"))
 
 
-def _window_conditions(catalog: Catalog, windows: list[tuple]) -> dict[tuple[str, int], tuple[str, str]]:
-    """(condition, road type) of each window: the most frequent values of its frames."""
+def _window_conditions(catalog: Catalog, windows: list[tuple]) -> dict[tuple[str, int], tuple[str, str, str]]:
+    """(condition, road type, source) of each window: the most frequent values of its frames."""
     spec = pa.table({"w_drive": [w[0] for w in windows], "w_lo": [int(w[1]) for w in windows],
                      "w_hi": [int(w[2]) for w in windows]})
     # The catalog cannot see Python objects (replacement scans are off): pass the windows as list parameters.
-    t = _run(catalog, """
+    t = _run(catalog, f"""
         WITH w AS (SELECT unnest($d) AS w_drive, unnest($lo) AS w_lo, unnest($hi) AS w_hi)
         SELECT w_drive, w_lo, mode(lighting::VARCHAR) AS lighting, mode(weather::VARCHAR) AS weather,
-               mode(road_type::VARCHAR) AS road_type
+               mode(road_type::VARCHAR) AS road_type, mode({SOURCE_SQL}) AS source
         FROM w JOIN frames f ON f.drive_id = w.w_drive AND f.seq BETWEEN w.w_lo AND w.w_hi
         GROUP BY w_drive, w_lo""", {"d": spec["w_drive"].to_pylist(), "lo": spec["w_lo"].to_pylist(),
                                     "hi": spec["w_hi"].to_pylist()}, "condition lookup")
-    out = {(d, int(lo)): (condition_of(li, we), rt or "") for d, lo, li, we, rt in
-           zip(*(t[c].to_pylist() for c in ("w_drive", "w_lo", "lighting", "weather", "road_type")))}
+    out = {(d, int(lo)): (condition_of(li, we), rt or "", src or FLEET) for d, lo, li, we, rt, src in
+           zip(*(t[c].to_pylist() for c in ("w_drive", "w_lo", "lighting", "weather", "road_type", "source")))}
     for w in windows:
-        out.setdefault((w[0], int(w[1])), (NOMINAL, ""))
+        out.setdefault((w[0], int(w[1])), (NOMINAL, "", FLEET))
     return out
 
 
@@ -299,9 +306,9 @@ def select_balanced(cands: list[dict], cfg: MiningConfig) -> list[dict]:
     """Windows (dicts with drive_id, score, condition, road_type) chosen best first, in turns over the strata when
     `cfg.balance`, with at most `max_per_drive` per drive and `max_windows` in all."""
     ordered = sorted(cands, key=lambda c: (-c["score"], c["drive_id"], c["start"]))
-    strata: dict[tuple[str, str], list[dict]] = {}
+    strata: dict[tuple[str, str, str], list[dict]] = {}
     for c in ordered:
-        key = (c["condition"], c["road_type"]) if cfg.balance else ("", "")
+        key = (c["source"], c["condition"], c["road_type"]) if cfg.balance else ("", "", "")
         strata.setdefault(key, []).append(c)
     per_drive: dict[str, int] = {}
     pos = {k: 0 for k in strata}
@@ -349,20 +356,21 @@ def mine_score(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
     stat = cfg.window_statistic
     t = _run(catalog, f"""
         SELECT drive_id, window_start_seq AS start, window_end_seq AS "end", {stat} AS score, frames,
-               lighting::VARCHAR AS lighting, weather::VARCHAR AS weather, road_type::VARCHAR AS road_type
+               lighting::VARCHAR AS lighting, weather::VARCHAR AS weather, road_type::VARCHAR AS road_type,
+               {SOURCE_SQL} AS source
         FROM scenarios WHERE pair = $pair AND {stat} > $threshold AND frames >= $min_frames""",
              {"pair": pair, "threshold": threshold, "min_frames": cfg.min_window_frames}, "score query")
     cands = [{"drive_id": d, "start": int(a), "end": int(b), "score": float(s), "condition": condition_of(li, we),
-              "road_type": rt or ""}
-             for d, a, b, s, li, we, rt in zip(*(t[c].to_pylist() for c in (
-                 "drive_id", "start", "end", "score", "lighting", "weather", "road_type")))]
+              "road_type": rt or "", "source": src}
+             for d, a, b, s, li, we, rt, src in zip(*(t[c].to_pylist() for c in (
+                 "drive_id", "start", "end", "score", "lighting", "weather", "road_type", "source")))]
     if not cands:
         raise MiningError(f"no window of pair {pair} scores above the threshold {threshold:.4g} "
                           f"(noise floor p{cfg.noise_quantile * 100:g} {floor['score_q']} x {cfg.noise_margin})")
     chosen = select_balanced(cands, cfg)
     bounds = drive_bounds(catalog, sorted({c["drive_id"] for c in chosen}))
     items = [_with_context(c["drive_id"], c["start"], c["end"], bounds[c["drive_id"]], cfg, score=c["score"],
-                           condition=c["condition"], road_type=c["road_type"])
+                           condition=c["condition"], road_type=c["road_type"], source=c["source"])
              for c in chosen if c["drive_id"] in bounds]
     items.sort(key=lambda i: (i.drive_id, i.start_seq))
     log.info("mined %d of %d windows above %.4g (pair %s) over %d drives", len(items), len(cands), threshold, pair,

@@ -44,7 +44,8 @@ def split_drives(paths: Sequence[Path], holdout_fraction: float, seed: int) -> t
 def predict(model: ort.InferenceSession | Path, feats: Features, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Run a planner over all frames in batches -> (trajectory (N, T, 3) [m, m, rad], maneuver logits (N, 6))."""
     sess = model if isinstance(model, ort.InferenceSession) else session(model)
-    inputs = feats.inputs()
+    # the inputs of the featurizer the graph was built for: feat-v1, or a plug-in's kept in feats.extra
+    inputs = feats.inputs_for([i.name for i in sess.get_inputs()])
     trajs, logits = [], []
     for start in range(0, len(feats), batch_size):
         batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
