@@ -11,7 +11,8 @@ two versions are exchanged atomically (`ingest.dirswap`). So plain globs (`read_
 DuckDB, polars, Spark, Trino, pyarrow datasets) count every row once, even after a compaction killed at any step;
 the next run removes what a killed one left beside the lake. On a filesystem without an atomic exchange, merged
 files are renamed in before the small files are deleted, as before: `live_files` hides the small files, naive globs
-may not, until the deletes end.
+may not, until the deletes end. On object storage (`ingest.objstore`) likewise: each merged file is PUT under its
+final name, then its small files are deleted (`publish_then_delete`).
 
 One compactor per lake at a time; sinks may keep writing meanwhile (they only add files past the merged offsets, and
 hold the directory's lock while they do).
@@ -28,12 +29,12 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ingest.config import SinkConfig
 from ingest.dirswap import dir_lock, exchange_dirs, exchange_supported
 from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, LakeFile, file_name, fsync_dir, live_files,
                          overlapping_files, superseded_files, write_parquet_atomic)
+from ingest.objstore import delete, is_remote, parquet_file, read_metadata, read_schema
 from ingest.tables import TABLES
 from ingest.lake_index import (SeqRanges, encode_drive_final, encode_drive_seq, merge_drive_final, read_drive_final,
                                read_drive_seq)
@@ -75,7 +76,7 @@ class _FileInfo:
 
 
 def _info(f: LakeFile) -> _FileInfo:
-    md = pq.read_metadata(f.path)
+    md = read_metadata(f.path)
     return _FileInfo(f, md.num_rows, sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)))
 
 
@@ -115,7 +116,7 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
     finals: dict[str, int] = {}
     have_seqs = True
     for f in run:
-        t = pq.ParquetFile(f.path).read()
+        t = parquet_file(f.path).read()
         merge_drive_final(finals, read_drive_final(f.path, t.schema.metadata or {}))
         got = read_drive_seq(f.path, t.schema.metadata or {})
         if got is None:
@@ -189,6 +190,26 @@ def swap_in(lake: Path, table: str, directory: Path, runs: list[list[LakeFile]],
     return kept
 
 
+def publish_then_delete(directory: Path, runs: list[list[LakeFile]], table: str, row_group_rows: int
+                        ) -> list[MergedRun]:
+    """Object storage (no rename, no directory to exchange): each run's merged file is PUT under its final name in
+    the live directory, then its small files are deleted. `live_files` (the replay, the sink's resume, the SQL
+    views) hides the small files from the moment the merged one exists, so those readers never count a row twice;
+    a plain glob may until the deletes end. Killed in between, the next run deletes the superseded files."""
+    done = []
+    for run in runs:
+        if not _still_exact(directory, run):
+            log.warning("not merging %s..%s: a file was written into its offset range meanwhile", run[0].path.name,
+                        run[-1].path.name)
+            continue
+        m = merge_run(run, table, row_group_rows)
+        for f in m.inputs:
+            delete(f)
+        log.info("merged %d files (%d rows) into %s", len(m.inputs), m.rows, m.output.name)
+        done.append(m)
+    return done
+
+
 def _still_exact(directory: Path, run: list[LakeFile]) -> bool:
     """Whether the data files of `directory` holding offsets of the run's range are exactly the run's files."""
     first, last = min(f.first for f in run), max(f.last for f in run)
@@ -222,14 +243,15 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
     if target_rows < 1 or max_run_bytes < 1:
         raise ValueError("target_rows and max_run_bytes must be positive")
     lake = Path(lake)
+    remote = is_remote(lake)
     report = CompactionReport(table=table, dry_run=dry_run)
     staging = staging_root(lake, table)
-    if not dry_run and staging.exists():  # versions a killed run left: the old one or an unused new one
+    if not dry_run and not remote and staging.exists():  # versions a killed run left: the old one or an unused one
         remove_tree(staging)
     for f in superseded_files(lake, table):
         report.superseded_removed += 1
         if not dry_run:
-            f.path.unlink(missing_ok=True)
+            delete(f.path) if remote else f.path.unlink(missing_ok=True)
     live = live_files(lake, table)
     report.files_before = len(live)
     groups: dict[tuple, list[LakeFile]] = {}
@@ -240,7 +262,7 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
     for files in groups.values():
         infos: list[_FileInfo] = []
         for f in sorted(files):
-            schema = pq.read_schema(f.path).remove_metadata()
+            schema = read_schema(f.path).remove_metadata()
             if not schema.equals(expected_schema):
                 # another schema version: never merged with these; it ends a run like a big file does
                 log.warning("%s does not have the %s schema; not compacted", f.path, table)
@@ -253,6 +275,14 @@ def compact(lake: Path, table: str = "frames", target_rows: int = DEFAULT_TARGET
                 first, last = run[0].file, run[-1].file
                 out = first.path.parent / file_name(first.topic, first.partition, first.first, last.last)
                 report.runs.append(MergedRun(out, tuple(i.file.path for i in run), sum(i.rows for i in run)))
+    if remote:
+        for directory, runs in ({} if dry_run else planned).items():
+            for m in publish_then_delete(directory, runs, table, target_rows):
+                report.runs.append(m)
+                report.small_files_removed += len(m.inputs)
+        report.rows_merged = sum(r.rows for r in report.runs)
+        report.files_after = report.files_before - sum(len(r.inputs) - 1 for r in report.runs)
+        return report
     atomic = bool(planned) and not dry_run and exchange_supported(staging)
     if planned and not dry_run and not atomic:
         log.warning("this filesystem cannot exchange directories atomically: merged files are published before "

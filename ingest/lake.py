@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ingest.contract import FRAME_SCHEMA, ChunkRejected, Frames, arrow_to_frames, frames_to_arrow
 from ingest.dirswap import dir_lock
+from ingest.objstore import is_remote, list_files, parquet_bytes, put_bytes
 from ingest.tables import FRAMES_LAKE_SCHEMA, TABLES
 from ingest.versions import check_version
 
@@ -127,13 +128,14 @@ def overlapping_files(directory: Path, topic: str, partition: int, first: int, l
     `except_name` excluded). A record's ingest date is fixed, so two files sharing an offset share a directory."""
     out = []
     try:
-        entries = list(os.scandir(directory))
+        entries = ([(e.path.name, e.path) for e in list_files(directory, recursive=False)] if is_remote(directory)
+                   else [(e.name, Path(e.path)) for e in os.scandir(directory)])
     except FileNotFoundError:
         return out
-    for entry in entries:
-        if entry.name.startswith(".") or entry.name == except_name:
+    for name, entry_path in entries:
+        if name.startswith(".") or name == except_name:
             continue
-        f = parse_file(Path(entry.path))
+        f = parse_file(entry_path)
         if f is not None and f.topic == topic and f.partition == partition and f.first <= last and f.last >= first:
             out.append(f)
     return sorted(out)
@@ -142,6 +144,9 @@ def overlapping_files(directory: Path, topic: str, partition: int, first: int, l
 def all_files(lake: Path, table: str) -> list[LakeFile]:
     """Every data file of the table, live or superseded (hidden temporary files excluded)."""
     root = table_dir(lake, table)
+    if is_remote(root):
+        found = (parse_file(e.path) for e in list_files(root) if not e.path.name.startswith("."))
+        return sorted(f for f in found if f is not None)
     if not root.exists():
         return []
     found = (parse_file(p) for p in root.rglob("*.parquet") if not p.name.startswith("."))
@@ -212,16 +217,26 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
                          metadata: dict[str, str] | None = None,
                          before_rename: Callable[[], None] | None = None,
                          compression: str = PARQUET_COMPRESSION) -> Path:
-    """Write `table` to `path` so that no reader ever sees a partial file: hidden temp name, fsync, rename, fsync dir.
+    """Write `table` to `path` so that no reader ever sees a partial file: hidden temp name, fsync, rename, fsync dir;
+    on object storage (`ingest.objstore`) one PUT under the final name, `before_rename` just before it.
 
     `metadata` is merged into the schema's key-value metadata (footer). An existing file at `path` is replaced.
     `before_rename` runs once the temporary file is durable, just before it becomes visible; if it raises, the
     temporary file is removed and nothing is published. `compression`: a Parquet codec (zstd, lz4, snappy, none).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
+    if is_remote(path):
+        # object storage has no rename: the file is PUT once under its final name (ingest.objstore)
+        data = parquet_bytes(table, row_group_size=row_group_size, compression=compression,
+                             use_dictionary=dictionary_columns(table.schema),
+                             write_statistics=statistics_columns(table.schema))
+        if before_rename is not None:
+            before_rename()
+        return put_bytes(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     def write() -> Path:
         return _write_atomic(path, lambda fh: pq.write_table(table, fh, row_group_size=row_group_size,
                                                              compression=compression,
@@ -258,6 +273,8 @@ def _write_atomic(path: Path, write: Callable, before_rename: Callable[[], None]
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write `data` to `path` so that no reader ever sees a partial file: temp name, fsync, rename, fsync dir."""
     path = Path(path)
+    if is_remote(path):
+        return put_bytes(path, data)  # one PUT: whole or absent
     path.parent.mkdir(parents=True, exist_ok=True)
     return _write_atomic(path, lambda fh: fh.write(data))
 
@@ -293,6 +310,8 @@ def remove_stale_temporaries(lake: Path, table: str, min_age_s: float = 600.0) -
     (a writer on another host sharing the lake); a live writer's file is never touched.
     """
     root = table_dir(lake, table)
+    if is_remote(root):
+        return 0  # nothing temporary is ever written to object storage
     now = time.time()
     removed = 0
     for p in root.rglob(".*.tmp") if root.exists() else ():

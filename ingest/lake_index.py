@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ingest.lake import DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, live_files
+from ingest.objstore import read_schema, read_table
 from ingest.tables import read_footer
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def read_drive_seq(path: Path, metadata: dict[bytes, bytes] | None = None) -> di
     """drive_id -> stored seq ranges of a frames file, from its footer only; None when the footer lacks the key.
     `metadata`: the file's key-value metadata when the caller has read it already."""
     if metadata is None:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = read_schema(path).metadata or {}
     raw = metadata.get(DRIVE_SEQ_KEY.encode())
     if raw is None:
         return None
@@ -95,7 +95,7 @@ def read_drive_final(path: Path, metadata: dict[bytes, bytes] | None = None) -> 
     """drive_id -> last seq of each drive whose final chunk a frames file holds (footer `DRIVE_FINAL_KEY`); {} if
     none. `metadata`: the file's key-value metadata when the caller has read it already."""
     if metadata is None:
-        metadata = pq.read_schema(path).metadata or {}
+        metadata = read_schema(path).metadata or {}
     raw = metadata.get(DRIVE_FINAL_KEY.encode())
     if raw is None:
         return {}
@@ -110,7 +110,7 @@ def merge_drive_final(into: dict[str, int], more: dict[str, int]) -> None:
 
 def scan_drive_seq(path: Path) -> dict[str, SeqRanges]:
     """The same from the file's drive_id and seq columns (for files written without the footer)."""
-    t = pq.read_table(path, columns=["drive_id", "seq"])
+    t = read_table(path, columns=["drive_id", "seq"])
     out: dict[str, SeqRanges] = {}
     for drive in t["drive_id"].unique().to_pylist():
         seq = np.sort(t.filter(pc.equal(t["drive_id"], drive))["seq"].to_numpy())

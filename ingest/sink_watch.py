@@ -25,6 +25,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge
 
 from ingest.lake import HOST, write_json_atomic
+from ingest.objstore import delete, get_bytes, is_remote, list_files
 from ingest.lake_index import lake_positions
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,15 @@ def state_dir(lake: Path) -> Path:
 def read_states(lake: Path) -> list[dict]:
     """The states the sinks of a lake wrote, with `age_s` (seconds since the last write) added."""
     out = []
+    if is_remote(lake):  # object storage: one object per sink, its modification time is the last write
+        for e in list_files(state_dir(lake), recursive=False):
+            try:
+                doc = json.loads(get_bytes(e.path)) if e.path.name.endswith(".json") else None
+            except (OSError, ValueError):
+                continue
+            if doc is not None:
+                out.append({**doc, "age_s": round(time.time() - e.mtime_ns / 1e9, 1)})
+        return out
     for path in sorted(state_dir(lake).glob("*.json")) if state_dir(lake).is_dir() else ():
         try:
             doc = json.loads(path.read_text())
@@ -133,7 +143,8 @@ class SinkWatch:
             return
         self._written = now
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not is_remote(self.path):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, {"group": self.group, "topic": self.topic, "host": HOST, "pid": os.getpid(),
                                           "state": self.state, "stalled": self.state == "stalled",
                                           "direct_assignment": self.direct}, indent=None)
@@ -141,4 +152,7 @@ class SinkWatch:
             log.debug("cannot write the sink's state: %s", exc)
 
     def close(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if is_remote(self.path):
+            delete(self.path)
+        else:
+            self.path.unlink(missing_ok=True)

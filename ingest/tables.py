@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+from ingest.objstore import read_schema
 
 from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION
 from ingest.versions import check_version
@@ -148,6 +148,6 @@ def check_table_version(path, table: str, metadata: dict[bytes, bytes] | None) -
 
 def read_footer(path, table: str) -> dict[bytes, bytes]:
     """The key-value footer of a lake file of `table`, its schema version checked (`check_table_version`)."""
-    metadata = pq.read_schema(path).metadata or {}
+    metadata = read_schema(path).metadata or {}
     check_table_version(path, table, metadata)
     return metadata

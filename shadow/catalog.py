@@ -46,6 +46,8 @@ import pyarrow.parquet as pq
 
 from ingest.tables import TABLES, read_footer
 from ingest.lake import LakeFile, live_files
+from ingest.objstore import is_remote, lake_path, stat
+from shadow import lake_arrow
 from shadow.catalog_config import CatalogConfig  # noqa: F401  (re-exported: part of the catalog's API)
 
 log = logging.getLogger(__name__)
@@ -291,7 +293,9 @@ class Catalog:
     """Read-only SQL over one lake. Calls are serialised: one query at a time per catalog."""
 
     def __init__(self, lake: Path, config: CatalogConfig | None = None, queries_dir: Path = QUERIES_DIR) -> None:
-        self.lake = Path(lake).resolve()  # allowed_directories is checked on the real path: symlinks are followed
+        self.remote = is_remote(lake)  # object storage: views over pyarrow datasets (shadow.lake_arrow)
+        # allowed_directories is checked on the real path: symlinks are followed
+        self.lake = lake_path(lake) if self.remote else Path(lake).resolve()
         self.config = config or CatalogConfig()
         self.queries_dir = Path(queries_dir)
         self.files: dict[str, list[LakeFile]] = {}
@@ -308,7 +312,7 @@ class Catalog:
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
         for setting in ("SET TimeZone = 'UTC'", "SET parquet_metadata_cache = true",
                         f"SET temp_directory = {_literal(self.spill_dir)}",
-                        f"SET allowed_directories = [{_literal(str(self.lake) + '/')}]",
+                        f"SET allowed_directories = [{'' if self.remote else _literal(str(self.lake) + '/')}]",
                         "SET enable_external_access = false",
                         "SET lock_configuration = true"):  # last: from here on nothing above can be changed
             self._con.execute(setting)
@@ -332,9 +336,9 @@ class Catalog:
 
     def _live(self, table: str) -> list[LakeFile]:
         files = live_files(self.lake, table)
-        out = [f for f in files if f.path.resolve().is_relative_to(self.lake)]
+        out = files if self.remote else [f for f in files if f.path.resolve().is_relative_to(self.lake)]
         for f in out:  # a file of a schema version this code does not know is refused, not misread
-            stamp = f.path.stat().st_mtime_ns
+            stamp = 0 if self.remote else f.path.stat().st_mtime_ns  # remote: same name, same records
             if self._versions_checked.get(f.path) != stamp:
                 read_footer(f.path, table)
                 self._versions_checked[f.path] = stamp
@@ -348,7 +352,12 @@ class Catalog:
             self._rollback()
             self.files = {t: self._live(t) for t in TABLES}
             for table, files in self.files.items():
-                self._con.execute(view_sql(table, [f.path for f in files]))
+                if self.remote and files:
+                    source = lake_arrow.register(self._con, table, self.lake, [f.path for f in files])
+                    cols = ", ".join(_ident(n) for n, _ in duckdb_columns(table))
+                    self._con.execute(f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {cols} FROM {source}")
+                else:
+                    self._con.execute(view_sql(table, [f.path for f in files]))
             if self._summarised is not None:
                 self._update_summary()
             self._begin_read_only()
@@ -359,16 +368,20 @@ class Catalog:
         live = {}
         for f in self.files["divergences"]:
             try:
-                st = f.path.stat()
+                st = stat(f.path)
             except FileNotFoundError:  # removed by a compaction since the views were made; the next refresh sees it
                 continue
-            live[str(f.path)] = (st.st_size, st.st_mtime_ns)  # a file rewritten under its name is new again
+            live[str(f.path)] = st  # (size, mtime): a file rewritten under its name is new again
         done = self._summarised or {}
         gone = [p for p, stamp in done.items() if live.get(p) != stamp]
         new = [p for p, stamp in live.items() if done.get(p) != stamp]
         if gone:
             self._con.execute(f"DELETE FROM {SUMMARY_TABLE} WHERE file IN ({', '.join(_literal(p) for p in gone)})")
-        if new:
+        if new and self.remote:
+            for p in new:
+                lake_arrow.file_rollup_sql(self._con, self.lake, Path(p), SUMMARY_TABLE, _SUMMARY_KEYS,
+                                           _SUMMARY_COLUMNS)
+        elif new:
             started = time.perf_counter()
             self._con.execute(f"INSERT INTO {SUMMARY_TABLE} SELECT filename AS file, {_SUMMARY_KEYS}, "
                               f"{_SUMMARY_COLUMNS} FROM {_read_parquet(new, ('pair', 'date'), ', filename = true')} "

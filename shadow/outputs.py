@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ingest.lake import DRIVE_SEQ_KEY, file_name, live_files, partition_dir, write_parquet_atomic
 from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq
+from ingest.objstore import read_table
 from ingest.tables import TABLES, check_table_version, read_footer
 from shadow import featurize as fz
 from shadow.compute import Known, offsets_in
@@ -59,7 +59,7 @@ def stored_decisions(lake: Path, model: str, topic: str, partition: int, table: 
     if not files:
         return None
     cols = ["drive_id", "seq", "traj_x", "traj_y", "traj_yaw", "maneuver_probs"]
-    parts = [pq.read_table(f.path, columns=cols) for f in files]
+    parts = [read_table(f.path, columns=cols) for f in files]
     for f, t in zip(files, parts):
         check_table_version(f.path, "decisions", t.schema.metadata)
     dec = pa.concat_tables(parts)

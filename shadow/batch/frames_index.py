@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ingest.lake import LakeFile
+from ingest.objstore import read_metadata, read_table
 from ingest.tables import check_table_version
 from ingest.lake_index import SeqRanges, merge_drive_final, read_drive_final, read_drive_seq, scan_drive_seq
 
@@ -34,7 +34,7 @@ class FileInfo:
 
 
 def file_info(f: LakeFile) -> FileInfo:
-    md = pq.read_metadata(f.path)
+    md = read_metadata(f.path)
     check_table_version(f.path, "frames", md.metadata)
     finals = read_drive_final(f.path, md.metadata or {})
     seqs = read_drive_seq(f.path, md.metadata or {})
@@ -48,7 +48,7 @@ def file_info(f: LakeFile) -> FileInfo:
         if all(s is not None and s.has_min_max for s in stats):
             ingest = max(s.max for s in stats).timestamp()  # from the footer: no column read
     if ingest is None:
-        t = pq.read_table(f.path, columns=["ingest_time"])["ingest_time"]
+        t = read_table(f.path, columns=["ingest_time"])["ingest_time"]
         ingest = pc.max(t).as_py().timestamp() if len(t) else 0.0
     date = f.path.parent.name.split("=", 1)[-1]
     return FileInfo(f, date, seqs, md.num_rows, ingest, finals)
@@ -96,7 +96,7 @@ def read_cached(index: PartitionIndex, i: int, cache: OrderedDict, keep: int = 6
     if i in cache:
         cache.move_to_end(i)
         return cache[i]
-    t = pq.read_table(index.files[i].lake_file.path)
+    t = read_table(index.files[i].lake_file.path)
     cache[i] = t
     while len(cache) > keep:
         cache.popitem(last=False)
