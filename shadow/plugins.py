@@ -177,3 +177,13 @@ def featurize_files(paths, featurizers: list[str] | tuple[str, ...] = (), with_t
         f.drive_index = np.full(len(f), i, np.int32)
         parts.append(f)
     return fz.Features.concat(parts)
+
+
+def featurizer_for_inputs(names) -> Featurizer:
+    """The registered featurizer whose input names are exactly `names` (an ONNX graph's inputs)."""
+    names = set(names)
+    for f in featurizers().values():
+        if set(f.input_names) == names:
+            return f
+    raise PluginError(f"no registered featurizer gives the inputs {sorted(names)}; registered: "
+                      f"{ {k: list(f.input_names) for k, f in featurizers().items()} }")

@@ -7,8 +7,8 @@ Per step (10 Hz, one env step per logged frame as in the fleet): the ego's state
 (`sim.env.lane_context`, what the fleet logs) and the true vehicles around it are logged in highway-env
 axes; the last `shadow.featurize.HISTORY` frames are turned into a scene, moved into the contract's world frame by
 `sim.env.to_world`, seen through the fleet's perception model (`sim.perception.perceive`, the
-configured condition, nominal by default) and featurized (`shadow.featurize.featurize`) exactly as the fleet's
-frames are (`sim.frames.frames_from_scene` builds both). The planner's trajectory (8 waypoints, 0.5 s apart, ego frame) becomes the ego's command:
+configured condition, nominal by default) and featurized by the planner's own featurizer (`shadow.plugins`, found
+from its graph's inputs) exactly as the fleet's frames are (`sim.frames.frames_from_scene` builds both). The planner's trajectory (8 waypoints, 0.5 s apart, ego frame) becomes the ego's command:
 
 - steering: pure pursuit on the planned path, aiming at the point `lookahead_s * speed` metres along it (at least
   `min_lookahead_m`), turned into highway-env's bicycle-model steering angle;
@@ -41,8 +41,9 @@ from sim.env import ROAD_TYPES, SceneLog, lane_context, make_env, route_ended, s
 from sim.config import CONDITIONS, FleetConfig
 from sim.perception import perceive
 from sim.frames import EPOCH_NS, frames_from_scene
-from shadow.featurize import HISTORY, HORIZON_DT_S, featurize
+from shadow.featurize import HISTORY, HORIZON_DT_S
 from shadow.models import session
+from shadow.plugins import featurizer_for_inputs
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,8 @@ def run_episode(policy: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig,
         env.vehicle = ego
     if policy.model is not None and sess is None:
         sess = session(policy.model, cfg.threads, verify=False)
+    # the planner's own featurizer (shadow.plugins), found from its graph's inputs
+    feat = featurizer_for_inputs([i.name for i in sess.get_inputs()]) if sess is not None else None
     rng = np.random.default_rng([seed, 7])
     cond = CONDITIONS.index(cfg.condition)
     track = EpisodeLog(cfg.fleet.truth_range_m)
@@ -302,8 +305,8 @@ def run_episode(policy: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig,
         if step >= settle:
             min_ttc = min(min_ttc, _ttc(env, cfg.ttc_cap_s))
         if policy.model is not None:
-            feats = featurize(window_frames(*track.window(), scenario, cond, cfg.fleet, rng), with_targets=False)
-            traj = sess.run(["trajectory"], {k: v[-1:] for k, v in feats.inputs().items()})[0][0]
+            inputs = feat(window_frames(*track.window(), scenario, cond, cfg.fleet, rng))
+            traj = sess.run(["trajectory"], {k: v[-1:] for k, v in inputs.items()})[0][0]
             env.vehicle.command = dict(zip(("acceleration", "steering"), control_from_trajectory(
                 traj, env.vehicle.speed, env.vehicle.LENGTH, cfg.controller)))
         elif policy.accel is not None:

@@ -11,6 +11,7 @@ import torch
 
 from ingest.lake import write_drive
 from ingest.synth import synthetic_drive, synthetic_frames
+from retrain.cycle.closed_loop import ClosedLoopConfig, Policy, evaluate
 from retrain.models import plugins as rp
 from retrain.models.architectures import Planner, PlannerConfig, export_onnx
 from retrain.models.evaluate import predict
@@ -111,6 +112,10 @@ def test_mixer_distilled_exported_and_run_by_the_replay_loader(tmp_path):
     np.testing.assert_allclose(onnx_out[0], torch_out[0], atol=1e-4)
     np.testing.assert_allclose(predict(model.session, feats)[1], torch_out[1], atol=1e-4)  # inputs by graph names
     assert read_spec(tmp_path / "mixer").sha256 == spec.sha256
+    # closed loop in the simulator: the planner is fed by its own featurizer, found from its graph's inputs
+    rec = evaluate([Policy("mixer", model=tmp_path / "mixer")],
+                   ClosedLoopConfig(scenarios=["highway"], episodes=1, max_steps=15))[0]
+    assert rec["policy"] == "mixer" and rec["episodes"] == 1
 
 
 def test_mixer_pruning_hooks_keep_what_matters():
