@@ -18,8 +18,9 @@ resamples them onto a grid of `ImportOptions.rate_hz` starting at the first ego 
   tagged `source:<format>` so every frame records where it came from.
 
 Every drive then goes through `ingest.contract.validate`, the ingest server's checks; a drive that fails raises
-`ImportFailed` naming the file and the record. Drives are written with `ingest.lake.write_drive` (temporary name,
-fsync, rename) only after the whole source file converted, so a bad record leaves nothing of its file behind.
+`ImportFailed` naming the file and the record. `ingest.importers.run` writes the drives with
+`ingest.lake.write_drive` (temporary name, fsync, rename) only after the whole source file converted, so a bad
+record leaves nothing of its file behind.
 """
 
 from __future__ import annotations
@@ -30,12 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from ingest.contract import (COLUMN_BY_NAME, COLUMNS, MAX_AGENTS_PER_FRAME, ChunkRejected, Frames, check_id,
-                             frames_to_arrow, validate)
-from ingest.lake import write_drive
+from ingest.contract import COLUMN_BY_NAME, COLUMNS, MAX_AGENTS_PER_FRAME, ChunkRejected, Frames, check_id, validate
 
 SOURCE_TAG_PREFIX = "source:"
 Progress = Callable[[int], None]
@@ -242,48 +240,58 @@ def _agents_on_grid(ag: AgentObs, grid: np.ndarray, opts: ImportOptions, dropped
     dropped["agent_invalid_state"] += int((~ok).sum())
     order = np.lexsort((ag.t_ns, ag.id))
     order = order[ok[order]]
-    ids, t = ag.id[order], ag.t_ns[order]
+    if order.size:  # one observation per (agent, time): a repeated stamp is the same state logged twice
+        keep = np.ones(order.shape[0], bool)
+        keep[1:] = (ag.id[order][1:] != ag.id[order][:-1]) | (ag.t_ns[order][1:] != ag.t_ns[order][:-1])
+        order = order[keep]
+    names = ("x", "y", "vx", "vy", "length", "width", "conf", "heading", "id", "cls")
+    if not order.size or not grid.size:
+        return {"frame": np.zeros(0, np.int64), **{k: np.zeros(0) for k in names}}
+    # every (agent, grid time) query at once: observations and queries keyed by agent * span + time, one search
+    _, agent = np.unique(ag.id[order], return_inverse=True)
+    n_agents = int(agent.max()) + 1
+    t0 = min(int(ag.t_ns[order].min()), int(grid[0]))
+    t = ag.t_ns[order] - t0
+    g = grid - t0
+    span = int(max(t.max(), g.max())) + 1
+    if n_agents * span >= 2**62:
+        raise ValueError(f"{n_agents} agents over {span / 1e9:.0f} s: too long a log for one drive")
+    keys = agent * span + t
+    first = np.searchsorted(agent, np.arange(n_agents), side="left")
+    last = np.searchsorted(agent, np.arange(n_agents), side="right") - 1
     half = 0.5e9 / opts.rate_hz
     gap = opts.max_agent_gap_s * 1e9
-    parts: list[dict[str, np.ndarray]] = []
-    bounds = np.flatnonzero(np.diff(ids)) + 1 if ids.size else np.zeros(0, np.int64)
-    for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [ids.size]])):
-        if s == e:
-            continue
-        ti = t[s:e]
-        dup = np.ones(ti.shape[0], bool)
-        dup[1:] = ti[1:] != ti[:-1]
-        idx = order[s:e][dup]
-        ti = ti[dup]
-        span = (grid >= ti[0] - half) & (grid <= ti[-1] + half)
-        g = np.flatnonzero(span)
-        if not g.size:
-            continue
-        at = grid[g]
-        hi = np.minimum(np.searchsorted(ti, at, side="left"), ti.shape[0] - 1)
-        lo = np.where(ti[hi] <= at, hi, np.maximum(hi - 1, 0))
-        near = np.minimum(np.abs(ti[lo] - at), np.abs(ti[hi] - at)) <= half
-        bracket = (ti[lo] <= at) & (ti[hi] >= at) & (ti[hi] - ti[lo] <= gap)
-        have = near | bracket
-        dropped["agent_missing"] += int((~have).sum())
-        g, at, lo, hi = g[have], at[have], lo[have], hi[have]
-        # a nearest observation stands in where no bracket exists (the first or last stamp off the grid)
-        lo = np.where(bracket[have], lo, np.where(np.abs(ti[lo] - at) <= np.abs(ti[hi] - at), lo, hi))
-        hi = np.where(bracket[have], hi, lo)
-        row = {"frame": g}
-        for name, a in (("x", ag.x), ("y", ag.y), ("vx", ag.vx), ("vy", ag.vy), ("length", ag.length),
-                        ("width", ag.width), ("conf", ag.conf)):
-            row[name] = _lerp(ti, lo, hi, at, a[idx])
-        row["heading"] = _wrap(_lerp(ti, lo, hi, at, np.unwrap(ag.heading[idx])))
-        row["id"] = np.full(g.shape[0], ag.id[idx[0]], np.int64)
-        row["cls"] = np.full(g.shape[0], ag.cls[idx[0]], np.int32)
-        parts.append(row)
-    if not parts:
-        return {k: np.zeros(0) for k in ("frame", "x", "y", "vx", "vy", "length", "width", "conf", "heading", "id",
-                                          "cls")}
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(out["frame"], kind="stable")
-    return {k: v[order] for k, v in out.items()}
+    g_lo = np.searchsorted(g, t[first] - half, side="left")
+    g_hi = np.searchsorted(g, t[last] + half, side="right")
+    counts = np.maximum(g_hi - g_lo, 0)
+    qa = np.repeat(np.arange(n_agents), counts)
+    qg = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(g_lo, counts)
+    at = g[qg]
+    hi = np.minimum(np.searchsorted(keys, qa * span + at, side="left"), last[qa])
+    lo = np.where(t[hi] <= at, hi, np.maximum(hi - 1, first[qa]))
+    near = np.minimum(np.abs(t[lo] - at), np.abs(t[hi] - at)) <= half
+    bracket = (t[lo] <= at) & (t[hi] >= at) & (t[hi] - t[lo] <= gap)
+    have = near | bracket
+    dropped["agent_missing"] += int((~have).sum())
+    qa, qg, at, lo, hi, bracket = qa[have], qg[have], at[have], lo[have], hi[have], bracket[have]
+    # a nearest observation stands in where no bracket exists (the first or last stamp off the grid)
+    lo = np.where(bracket, lo, np.where(np.abs(t[lo] - at) <= np.abs(t[hi] - at), lo, hi))
+    hi = np.where(bracket, hi, lo)
+    # headings unwrapped along each agent's track (never across agents) before interpolating
+    h = ag.heading[order]
+    d = _wrap(np.diff(h, prepend=h[0]))
+    d[first] = 0.0
+    cs = np.cumsum(d)
+    unwrapped = h[first][agent] + cs - cs[first][agent]
+    rows = {"frame": qg}
+    for name, a in (("x", ag.x), ("y", ag.y), ("vx", ag.vx), ("vy", ag.vy), ("length", ag.length),
+                    ("width", ag.width), ("conf", ag.conf)):
+        rows[name] = _lerp(t, lo, hi, at, a[order])
+    rows["heading"] = _wrap(_lerp(t, lo, hi, at, unwrapped))
+    rows["id"] = ag.id[order][lo]
+    rows["cls"] = ag.cls[order][first][qa]
+    by_frame = np.argsort(qg, kind="stable")
+    return {k: v[by_frame] for k, v in rows.items()}
 
 
 def _limit_agents(rows: dict[str, np.ndarray], ex: np.ndarray, ey: np.ndarray, dropped: Counter) -> dict:
@@ -425,14 +433,3 @@ def convert_file(path: Path, fmt: str, drives: Iterator[SourceDrive], opts: Impo
             raise ImportFailed(path, src.record, f"drive id {src.drive_id} also comes from {seen[src.drive_id]}")
         seen[src.drive_id] = src.record
     return out
-
-
-def write_drives(converted: list[tuple[SourceDrive, Frames]], out_dir: Path, report: ImportReport) -> list[Path]:
-    """Write converted drives atomically (`ingest.lake.write_drive`) and record them in the report."""
-    paths = []
-    for src, frames in converted:
-        table = pa.Table.from_batches([frames_to_arrow(frames, src.drive_id, src.vehicle_id, 0)])
-        p = write_drive(out_dir, table)
-        report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, frames.num_frames, str(p)))
-        paths.append(p)
-    return paths

@@ -22,14 +22,12 @@ CATEGORY_TO_CLASS = {"vehicle": 1, "bicycle": 4, "pedestrian": 5, "traffic_cone"
                      "czone_sign": 0, "generic_object": 0}
 EGO_SQL = ("SELECT timestamp, x, y, qw, qx, qy, qz, vx, vy, acceleration_x, angular_rate_z FROM ego_pose "
            "ORDER BY timestamp")
-BOX_SQL = ("SELECT lp.timestamp, lb.track_token, c.name, lb.x, lb.y, lb.vx, lb.vy, lb.yaw, lb.length, lb.width, "
+# every column numeric (the track's rowid stands for its token, the class is mapped in SQL), so the rows become one
+# float64 array at once; a NULL becomes NaN: an invalid state, dropped and counted by the resampling
+_CLASS_SQL = "CASE c.name " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in CATEGORY_TO_CLASS.items()) + " ELSE 0 END"
+BOX_SQL = (f"SELECT lp.timestamp, t.rowid, {_CLASS_SQL}, lb.x, lb.y, lb.vx, lb.vy, lb.yaw, lb.length, lb.width, "
            "lb.confidence FROM lidar_box lb JOIN lidar_pc lp ON lb.lidar_pc_token = lp.token "
            "JOIN track t ON lb.track_token = t.token JOIN category c ON t.category_token = c.token")
-
-
-def _floats(rows: list[tuple], i: int) -> np.ndarray:
-    # a NULL becomes NaN: an invalid state, dropped and counted by the resampling
-    return np.array([np.nan if r[i] is None else r[i] for r in rows], np.float64)
 
 
 def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
@@ -55,17 +53,16 @@ def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> I
     if not ego_rows:
         raise ImportFailed(path, "table ego_pose", "no ego pose")
     logfile, vehicle = (log_row or (path.stem, None))
-    qw, qx, qy, qz = (_floats(ego_rows, i) for i in (3, 4, 5, 6))
+    e = np.array(ego_rows, np.float64).reshape(-1, 11)
+    qw, qx, qy, qz = e[:, 3], e[:, 4], e[:, 5], e[:, 6]
     heading = np.arctan2(2.0 * (qw * qz + qx * qy), 1.0 - 2.0 * (qy * qy + qz * qz))
-    ego = EgoTrack(np.array([r[0] for r in ego_rows], np.int64) * 1000, _floats(ego_rows, 1), _floats(ego_rows, 2),
-                   heading, np.hypot(_floats(ego_rows, 7), _floats(ego_rows, 8)), _floats(ego_rows, 9),
-                   _floats(ego_rows, 10))
-    tokens: dict[bytes, int] = {}
-    ids = np.array([tokens.setdefault(bytes(r[1]) if r[1] is not None else b"", len(tokens)) for r in box_rows],
-                   np.int64)
-    agents = AgentObs(np.array([r[0] for r in box_rows], np.int64) * 1000, ids,
-                      np.array([CATEGORY_TO_CLASS.get(r[2], 0) for r in box_rows], np.int32),
-                      *(_floats(box_rows, i) for i in (3, 4, 5, 6, 7, 8, 9, 10))) if box_rows else AgentObs.empty()
+    ego = EgoTrack(e[:, 0].astype(np.int64) * 1000, e[:, 1], e[:, 2], heading, np.hypot(e[:, 7], e[:, 8]),
+                   e[:, 9], e[:, 10])
+    agents = AgentObs.empty()
+    if box_rows:
+        b = np.array(box_rows, np.float64).reshape(-1, 11)
+        agents = AgentObs(b[:, 0].astype(np.int64) * 1000, b[:, 1].astype(np.int64), b[:, 2].astype(np.int32),
+                          *(b[:, i] for i in range(3, 11)))
     if progress is not None:
         progress(path.stat().st_size)
     yield SourceDrive(record=f"log {logfile}", drive_id=safe_id(f"nuplan-{logfile or path.stem}"),

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from ingest.importers.common import ImportOptions, ImportReport, convert_file, write_drives
+import pyarrow as pa
+
+from ingest.contract import frames_to_arrow
+from ingest.importers.common import DriveReport, ImportOptions, ImportReport, SourceDrive, convert_file
+from ingest.lake import write_drive
 
 FORMATS = {
     "ros2": "ingest.importers.ros2",
@@ -40,10 +45,10 @@ def source_files(fmt: str, sources: list[Path]) -> list[Path]:
 
 
 def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOptions | None = None,
-                   progress: Callable[[Path, int], None] | None = None) -> ImportReport:
+                   progress: Callable[[Path, int], None] | None = None, writers: int = 4) -> ImportReport:
     """Import every source of format `fmt` into drive directory `out`; returns what was written and dropped.
 
-    `progress(file, bytes_read)` is called as files are read. Raises ImportFailed for a bad record (see above),
+    `progress(file, bytes_read)` is called as files are read; `writers` threads write the drive files. Raises ImportFailed for a bad record (see above),
     ValueError for an unknown format, FileNotFoundError for a missing source.
     """
     if fmt not in FORMATS:
@@ -51,11 +56,22 @@ def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOpti
     opts = options or ImportOptions()
     module = importlib.import_module(FORMATS[fmt])
     report = ImportReport(fmt)
-    for path in source_files(fmt, sources):
-        tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
-        converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
-        write_drives(converted, Path(out), report)
-        report.files += 1
-        if progress is not None:
-            progress(path, path.stat().st_size)
+    # drive files are written (and fsynced) by a small pool while the next source file converts: a drive's fsyncs
+    # wait on the disk, not the CPU, and cost as much as converting a 10 s scenario
+    pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="import-write")
+    pending: list[tuple[Future, SourceDrive, int]] = []
+    try:
+        for path in source_files(fmt, sources):
+            tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
+            converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
+            for src, frames in converted:
+                table = pa.Table.from_batches([frames_to_arrow(frames, src.drive_id, src.vehicle_id, 0)])
+                pending.append((pool.submit(write_drive, Path(out), table), src, frames.num_frames))
+            report.files += 1
+            if progress is not None:
+                progress(path, path.stat().st_size)
+    finally:
+        pool.shutdown(wait=True)  # every drive converted before a failure is written whole, then the error rises
+    for fut, src, n in pending:
+        report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n, str(fut.result())))
     return report
