@@ -4,6 +4,7 @@ and against a per-frame eager torch loop of the same models.
     python -m bench.shadow                       # the shipped reference teacher and INT8 student v0, cached lake
     python -m bench.shadow --teacher T --student S --frames 50000
     python -m bench.shadow --quick               # small lake, fewer repetitions (smoke run)
+    python -m bench.shadow --provider cuda,cpu   # on a GPU (onnxruntime-gpu): CUDA first, the CPU for the rest
 
 In one run it measures:
 - GEMM rate of this machine per precision: onnxruntime MatMul FP32 and MatMulInteger INT8 (u8 x s8), torch FP32 and
@@ -16,6 +17,8 @@ In one run it measures:
 - the achieved rate = teacher FLOPs/frame x replay frames/s, as a fraction of the FP32 GEMM rate (target >= 60%);
 - a second student (the same model under another version) replaying the history after the first: the teacher's
   stored decisions are reused (`ReplayConfig.reuse_teacher`), so the teacher does not run; reported on its own;
+- the backfill (`flywheel shadow backfill`: the same replay as Ray tasks) over the same lake on a local Ray of 1
+  and of all physical cores, frames/s and its ratio to the batch replay's (`--no-backfill` skips it);
 - an eager torch loop of the same models (batch 1, torch.no_grad, features precomputed) and the ratio (target >= 20x):
   torch modules of the architectures in the models' specs (weights random: the arithmetic is the same).
 Models: --teacher/--student, else the shipped reference ones (retrain/reference), else reference-size ones built here
@@ -50,7 +53,8 @@ from shadow.flops import graph_flops
 from shadow.compute import Shadow
 from shadow.config import ReplayConfig
 from shadow.batch.replay import replay
-from shadow.config import RuntimeConfig, physical_cores
+from shadow.config import ExecutionConfig, RuntimeConfig, configure_execution, physical_cores
+from bench.scaling import backfill_fps
 from retrain.models.reference import reference_dir
 from shadow.models import runtime_label, session
 from shadow.spec import ModelSpec, read_spec, write_spec
@@ -350,8 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eager-frames", type=int, default=300, help="frames of the eager torch loop")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline configuration")
     ap.add_argument("--quick", action="store_true", help="4,800 frames, one replay, short GEMMs")
+    ap.add_argument("--provider", "--device", dest="provider", default="cpu", help="onnxruntime execution "
+                    "providers in priority order, comma-separated (cpu, cuda, tensorrt, or onnxruntime's names); "
+                    "a missing one fails (shadow.config.ExecutionConfig)")
+    ap.add_argument("--no-backfill", action="store_true", help="skip the Ray backfill (needs the ray extra)")
+    ap.add_argument("--backfill-files-per-task", type=int, default=8, help="frames files per Ray task")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    configure_execution(ExecutionConfig(providers=args.provider.split(",")))
     if args.quick:
         args.frames, args.repeats, args.eager_frames = 4800, 1, 100
     threads = args.threads or physical_cores()
@@ -379,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     best = time_replays(lake, runs, args.repeats, timer)
     second = second_student(student, args.data / "models")
     reuse_fps, reuse_report = reused_fps(lake, teacher, student, second, tuned, max(1, args.repeats - 1))
+    bf = {} if args.no_backfill else backfill_fps(lake, teacher, student, tuned, sorted({1, threads}),
+                                                  max(1, args.repeats - 1), args.backfill_files_per_task)
     after = gemm_rates(threads, repeats=reps)  # the machine is shared: keep the best rate seen around the replays
     rates = {k: max(v, after.get(k, 0.0)) for k, v in rates.items()}
     report, breakdown = best["tuned"]
@@ -409,6 +421,16 @@ def main(argv: list[str] | None = None) -> dict:
         "teacher_only_fps": alone["tuned"],
         "teacher_only_fraction_of_fp32_rate": t_flops["total"] * alone["tuned"] / 1e9 / fp32,
     }
+    result["providers"] = runs["tuned"][0].teacher.execution["providers"]
+    if bf:
+        most = max(bf)
+        result.update(backfill_fps_by_ray_cpus={n: r["frames_per_s"] for n, r in bf.items()},
+                      backfill_fps_after_startup_by_ray_cpus={n: r["frames_per_s_after_startup"] for n, r in bf.items()},
+                      backfill_startup_s_by_ray_cpus={n: r["startup_seconds"] for n, r in bf.items()},
+                      backfill_fps=bf[most]["frames_per_s"], backfill_vs_batch=bf[most]["frames_per_s"] / fps,
+                      backfill_tasks=bf[most]["tasks"], backfill_files_per_task=args.backfill_files_per_task)
+        if 1 in bf and most > 1:
+            result["backfill_scaling"] = bf[most]["frames_per_s"] / bf[1]["frames_per_s"]
     if "baseline" in best:
         b = best["baseline"][0]
         result.update(baseline_fps=b["frames_per_s"], baseline_runtime=runtime_label(BASELINE.runtime),
@@ -436,6 +458,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'a second student over the same history':<44} {reuse_fps:,.0f} frames/s "
           f"({reuse_report['teacher_reused']:,} of {reuse_report['frames_computed']:,} frames took the teacher's stored "
           f"decisions) = {reuse_fps / fps:.1f}x the cold replay (not the target's measure: the teacher does not run)")
+    if bf:
+        print(f"{'backfill on a local Ray (same lake, tasks)':<44} "
+              + ", ".join(f"{n} CPU(s) {r['frames_per_s']:,.0f} frames/s ({r['actors']} actor(s), {r['tasks']} shares; "
+                          f"after {r['startup_seconds']:.1f} s of model loading {r['frames_per_s_after_startup']:,.0f})"
+                          for n, r in bf.items())
+              + f"; {result['backfill_vs_batch']:.2f}x the batch replay"
+              + (f"; {result['backfill_scaling']:.2f}x from 1 to {max(bf)} CPUs" if "backfill_scaling" in result
+                 else ""))
     print(f"{'ceiling: teacher FLOPs at 100% of FP32':<44} {result['ceiling_fps_at_fp32_rate']:,.0f} frames/s = "
           f"{result['ceiling_speedup_vs_eager']:,.1f}x the eager loop (a replay cannot beat this with an FP32 teacher)")
     print(f"{'time inside (s, stages overlap)':<44} " + ", ".join(f"{k} {v}" for k, v in result["breakdown_s"].items()))

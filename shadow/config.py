@@ -219,11 +219,12 @@ class BackfillConfig(BaseModel):
                                 "after the backfill. Workers of a cluster need this package installed and the "
                                 "lake at the same path or URI")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (None: all); not for a cluster")
-    task_cpus: float = Field(1.0, gt=0, description="CPUs each task reserves; its onnxruntime runs one batch at a "
+    task_cpus: float = Field(1.0, gt=0, description="CPUs each actor reserves; its onnxruntime runs one batch at a "
                              "time on this many intra-op threads (rounded up)")
-    files_per_task: int = Field(8, ge=1, description="frames files a task replays (consecutive files of one Kafka "
-                                "partition): each task loads both models once, so fewer, larger tasks cost less; "
-                                "more tasks spread further")
+    files_per_task: int = Field(8, ge=1, description="frames files of one share of the work (consecutive files of "
+                                "one Kafka partition), the unit an actor replays at a time")
+    actors: int | None = Field(None, ge=1, description="Ray actors replaying shares, each loading the models once "
+                               "(None: as many as the cluster's CPUs / task_cpus, at most one per share)")
 
 
 class ShadowConfig(BaseModel):

@@ -118,7 +118,8 @@ def backfill_cmd(lake: LakeOpt = None, teacher: TeacherOpt = None, student: Stud
                                                                 "default: shadow.backfill.address, else a local "
                                                                 "Ray")] = None,
                  cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray")] = None,
-                 files_per_task: Annotated[Optional[int], typer.Option(help="frames files per Ray task")] = None,
+                 files_per_task: Annotated[Optional[int], typer.Option(help="frames files per share of the work")]
+                 = None,
                  as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False) -> None:
     """Replay the lake for a pair as Ray tasks (same files as `shadow run`; a killed backfill resumes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -133,7 +134,7 @@ def backfill_cmd(lake: LakeOpt = None, teacher: TeacherOpt = None, student: Stud
     bcfg = cfg.backfill.model_copy(update={k: v for k, v in {"address": address, "num_cpus": cpus,
                                                              "files_per_task": files_per_task}.items()
                                            if v is not None})
-    with Progress(TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TextColumn("tasks"),
+    with Progress(TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TextColumn("shares"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("backfill", total=None)
         try:
@@ -146,7 +147,8 @@ def backfill_cmd(lake: LakeOpt = None, teacher: TeacherOpt = None, student: Stud
         typer.echo(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
         typer.echo(f"backfill {report.pair} on {report.ray_address} Ray ({report.ray_cpus:g} CPUs): "
-                   f"{report.frames_replayed} frames in {report.tasks} tasks, {report.files_written} files, "
+                   f"{report.frames_replayed} frames in {report.tasks} shares on {report.actors} actors, "
+                   f"{report.files_written} files, "
                    f"{report.files_covered} frames files already covered, {report.units_deferred} units deferred, "
                    f"{report.seconds:.1f} s, {report.frames_per_s:.0f} frames/s")
 
