@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
 from flywheel.settings import Settings
 from ingest.tables import TABLES
 from ingest.lake import live_files, table_dir
+from ingest.objstore import read_metadata, stat
 from ingest.sink_watch import read_states
 
 GROUPS_OF_INTEREST = ("sink", "shadow")
@@ -118,11 +118,12 @@ def table_status(lake: Path) -> list[TableStatus]:
     out = []
     for name in TABLES:
         files = live_files(lake, name)
-        rows = sum(pq.read_metadata(f.path).num_rows for f in files)
-        size = sum(f.path.stat().st_size for f in files)
+        rows = sum(read_metadata(f.path).num_rows for f in files)
+        stats = [stat(f.path) for f in files]  # (bytes, mtime ns), local or on object storage
+        size = sum(st[0] for st in stats)
         parts = sorted({str(f.path.parent.relative_to(table_dir(lake, name)).parts[0]) for f in files
                         if len(f.path.parent.relative_to(table_dir(lake, name)).parts) > 1})
-        newest = max((f.path.stat().st_mtime for f in files), default=None)
+        newest = max((st[1] / 1e9 for st in stats), default=None)
         out.append(TableStatus(name, len(files), rows, size, parts,
                                datetime.fromtimestamp(newest, timezone.utc).isoformat(timespec="seconds")
                                if newest else None))

@@ -135,6 +135,10 @@ def test_sink_end_to_end_then_compaction_replay_and_sql(kafka_config, group_id, 
     assert cat.arrow("SELECT sum(frames) AS n FROM divergence_summary").to_pylist()[0]["n"] == len(expected)
     with pytest.raises(Exception, match="(?i)refused|permission|disabled"):
         cat.arrow("SELECT * FROM read_text('/etc/passwd')")
+    from flywheel.status import table_status
+
+    tables = {t.table: t for t in table_status(s3_lake)}
+    assert tables["frames"].rows == tables["divergences"].rows == len(expected) and tables["frames"].bytes > 0
 
 
 def _sink_process(kafka, lake: Path, group: str, log_file: Path, env: dict) -> subprocess.Popen:
