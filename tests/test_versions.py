@@ -147,9 +147,9 @@ def test_finetune_state_and_result_of_another_version_are_refused(tmp_path):
         read_result(out / "result.json")
     save_state(out / "state.pt", {"key": "k"})
     blob = torch.load(out / "state.pt", weights_only=False)
-    assert blob["format_version"] == 1
+    assert blob["format_version"] == 2
     torch.save({**blob, "format_version": 8}, out / "state.pt")
-    with pytest.raises(FinetuneError, match="state.pt: fine-tune state format version 8 is not 1"):
+    with pytest.raises(FinetuneError, match="state.pt: fine-tune state format version 8 is not 2"):
         check_state(out / "state.pt", torch.load(out / "state.pt", weights_only=False))
 
 

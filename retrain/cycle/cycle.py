@@ -4,7 +4,7 @@
 
 Models come from the registry: the teacher and the current student (its promoted version unless named), the
 student's torch checkpoint from `student_checkpoint`, else its spec (`extra.checkpoint`, or the student recipe's
-out_dir), else rebuilt from the registered FP32 ONNX (`retrain.cycle.finetune.planner_from_onnx`, checked numerically).
+out_dir), else rebuilt from the registered FP32 ONNX (`retrain.models.onnx_import.planner_from_onnx`, checked).
 
 Steps, each writing its record `<work_dir>/<step>.json` atomically when done (resume=True skips a step whose record
 exists, so a killed cycle continues where it stopped; the fine-tune also resumes inside its step from its state):
@@ -40,7 +40,8 @@ from ingest.lake import model_id, pair_id, write_json_atomic
 from ingest.versions import UnknownVersion, check_version
 from retrain.compress.workflow import CompressConfig, TargetResult, compress_for_target
 from retrain.cycle.dataset import DatasetConfig, compress_frames, create_snapshot, load_snapshot
-from retrain.cycle.finetune import FinetuneConfig, FinetuneResult, finetune, planner_from_onnx
+from retrain.cycle.finetune import FinetuneConfig, FinetuneResult, finetune
+from retrain.models.onnx_import import planner_from_onnx
 from retrain.cycle.gates import GateConfig, GateDecision, evaluate_gates, target_summary
 from retrain.cycle.verify import VerificationConfig, verify
 from retrain.cycle.mining import MiningConfig, MiningResult, mine

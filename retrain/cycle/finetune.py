@@ -1,64 +1,75 @@
-"""Targeted fine-tuning: distil the teacher into the current student on mined windows, without forgetting the rest.
+"""Targeted fine-tuning: distil the teacher into the current student on mined windows, without forgetting the rest,
+and without giving the compression back.
 
     result = finetune(start_checkpoint, teacher_dir, snapshot, FinetuneConfig(), out_dir, progress=print)
 
 Data (a `retrain.cycle.dataset` snapshot, featurized once): every batch mixes mined frames of the train drives with
 ordinary ones (the replay sample) at `replay_ratio` ordinary frames per mined frame, so what the student does well
 elsewhere is rehearsed while it learns the long tail. Targets are the teacher's outputs (onnxruntime, computed once
-and cached): its trajectory and, at a temperature, its maneuver distribution (`retrain.models.training.distill_loss`). No
-behaviour-cloning term by default (`distill.hard_weight` 0): the gates judge divergence from the teacher, and the
-logged future would pull the student elsewhere. A pruned student is first grown back to its unpruned size
-(`regrow`, `retrain.models.architectures.grow`: new heads and channels start silent), because the pruned one is near its
-capacity; the compression prunes the candidate to each chip's budget again. The learning rate is a fine-tune's: a
-converged student restarted at a high rate first gets worse (on the reference bench 1e-3 did not beat the start in
-400 steps); 5e-4 over 2500 steps beat 1e-4 over 1500 (val and test drives), early stopping keeps the best state.
+and cached): its trajectory and, at a temperature, its maneuver distribution (`retrain.models.training.distill_loss`);
+optionally also its intermediate features and attention maps (`features`, `retrain.models.feature_distill`). No
+behaviour-cloning term by default (`distill.hard_weight` 0): the gates judge divergence from the teacher.
+
+The candidate keeps the student's architecture by default: it must be at least as compressed as the current student
+on every chip. `regrow` grows a pruned student back to its unpruned size first (new units start silent); then
+`prune_back` prunes it to the start's heads and FFN widths again, by importance on the distillation loss, with
+`prune_back_steps` of recovery distillation.
+
+Quantization-aware phase (`qat`, `retrain.models.qat`): training runs in float until `qat.start_fraction` of the
+planned steps, or until early stopping would end the float phase; then the best float state is restored and training
+goes on with fake INT8 weight products following the chips' rules, so the quantized student recovers instead of
+falling back to FP16. From then on evaluations are made with fake quantization and only quantized states compete
+for the kept state.
 
 The teacher labels any input, so the mined frames need not be the only hard examples: `augment` replaces a share
-of each batch's mined frames by copies carrying the fleet's own perception noise (`retrain.models.augment`), labelled by
-the teacher: drawn from a bank of `augment.bank_copies` copies of every train mined frame made before training in
-large teacher batches (a teacher call per step for a few frames tripled a step's cost). The student fits the train drives' mined windows far better than held-out ones; the
-perturbed copies are new neighbours of those situations and narrow that gap. `ema_decay` evaluates and keeps a
-moving average of the weights, which smooths the noisy val curve of a 5e-4 fine-tune.
+of each batch's mined frames by copies carrying the fleet's own perception noise (`retrain.models.augment`),
+labelled by the teacher, drawn from a bank made before training in large teacher batches. `ema_decay` evaluates
+and keeps a moving average of the weights.
 
 Early stopping on the val drives (never trained on): every `eval_every` steps the student is scored against the
-teacher with shadow's divergence score (`shadow.metrics.pair_metrics`, without the TTC term, which needs logged
-agents) on val mined frames and val ordinary frames; the objective is mined + `regression_weight` x ordinary. The
-best state wins; `patience` evaluations without improvement stop the run.
+teacher with shadow's divergence score (`shadow.metrics.pair_metrics`, without the TTC term) on val mined frames
+and val ordinary frames; the objective is mined + `regression_weight` x ordinary. The best state wins; `patience`
+evaluations without improvement end a phase.
 
-Resumable: every `checkpoint_every` steps the whole state (weights, optimiser, data order and random state, best
-state, history) is saved atomically to `<out>/state.pt`; a rerun continues from it and ends with exactly the weights
-an uninterrupted run ends with. A state made with another config, snapshot, teacher or start model is refused.
+Numerics: FP32 by default on every host (`autocast` "off"), so a fine-tune's result does not depend on the CPU's
+instruction set. "bf16" autocasts the forward pass to BF16 and is refused where the CPU has no native BF16
+(`shadow.numerics.native_bf16`: emulated BF16 is tens of times slower); "auto" uses it only where native. What ran
+is recorded in the result.
+
+Resumable: every `checkpoint_every` steps the whole state (weights, optimiser, data order and random state, QAT
+ranges, best state, history) is saved atomically to `<out>/state.pt`; a rerun continues from it and ends with the
+weights an uninterrupted run ends with. A state made with another config, snapshot, teacher or start model is
+refused. The prune-back recovery is short and is redone whole after an interruption.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.lake import write_bytes_atomic, write_text_atomic
 from ingest.versions import UnknownVersion, check_version
-from retrain.models.architectures import Planner, PlannerConfig, grow
-from retrain.models.augment import AugmentConfig, bank, perturb
 from retrain.cycle.dataset import Snapshot
-from retrain.models.evaluate import predict
+from retrain.cycle.finetune_data import Pool, augment_bank, finetune_key, teacher_targets, val_score
+from retrain.models.architectures import Importance, Planner, grow, prune_to, tensors
+from retrain.models.augment import AugmentConfig, perturb
+from retrain.models.feature_distill import FeatureDistillConfig, FeatureDistiller
+from retrain.models.onnx_import import planner_from_onnx
+from retrain.models.qat import FakeQuant, QatConfig
+from retrain.models.training import DistillConfig, OptimConfig, distill_loss, load_checkpoint, lr_at, save_checkpoint
+from shadow.featurize import INPUT_NAMES
 from shadow.models import session
-from retrain.models.training import DistillConfig, distill_loss
-from retrain.models.training import OptimConfig, load_checkpoint, lr_at, save_checkpoint, torch_predict
-from shadow.featurize import INPUT_NAMES, Features
-from shadow.metrics import MetricsConfig, pair_metrics
-from shadow.spec import model_file, read_spec, sha256_file
+from shadow.numerics import host_features, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +77,8 @@ Progress = Callable[[int, int, dict], None]
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-STATE_FORMAT_VERSION = 1  # of state.pt
+STATE_FORMAT_VERSION = 2  # of state.pt (2: QAT phase and ranges, feature maps)
 RESULT_FORMAT_VERSION = 1  # of result.json
-BANK_STREAM = 0xA06  # the bank's random stream: np.random.default_rng([seed, BANK_STREAM])
 
 
 class FinetuneError(RuntimeError):
@@ -80,33 +90,29 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(10000, ge=0, description="optimiser steps at most (0: the start model unchanged); 10000: "
-                       "with augmented mined frames the val objective still falls late (best at 9700 of 10000; "
-                       "6000: best at 5800, objective 0.495 vs 0.446). On the reference bench's held-out test "
-                       "drives divergence where mined -51% (6000 steps: -45%), elsewhere -49% (6000: -44%), "
-                       "FP32 -53% / -54%; with the augmentation bank the 10000-step fine-tune takes 195 s (6000 "
-                       "steps with on-the-fly labels: 378 s)")
+    steps: int = Field(10000, ge=0, description="optimiser steps at most (0: the start model unchanged)")
     batch_size: int = Field(128, ge=2, description="frames per step, mined and ordinary together")
     replay_ratio: float = Field(1.0, ge=0, description="ordinary (replay) frames per mined frame in every batch")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; warm-up, then cosine to 5%); 5e-4 over "
-                      "2500 steps: on the reference bench's test drives the FP32 candidate cut divergence where "
-                      "mined by 30% (1e-4 over 1500: 20%); 1e-3 got worse at first and early stopping kept step 0")
-    regrow: bool = Field(True, description="grow a pruned student back to its architecture's unpruned heads and "
-                         "FFN width before fine-tuning (new units start silent: the start model is unchanged), so "
-                         "the long tail has capacity to go to; the compression prunes to each chip's budget again. "
-                         "On the reference bench: divergence where mined -33% instead of -30%, elsewhere -22% "
-                         "instead of -11% (FP32, test drives)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW; warm-up, then cosine to 5%)")
+    regrow: bool = Field(False, description="grow a pruned student back to its architecture's unpruned heads and "
+                         "FFN width before fine-tuning (new units start silent); with `prune_back` it is pruned to "
+                         "the start's size again before it is kept. Off by default: on the reference bench regrowing "
+                         "gained nothing measurable (where mined -39.2% vs -38.8%, FP32) and the candidate must stay "
+                         "as compressed as the current student")
+    prune_back: bool = Field(True, description="after a regrow, prune the candidate back to the start's heads and "
+                             "FFN widths (importance on the distillation loss), then recover by distillation")
+    prune_back_steps: int = Field(300, ge=0, description="recovery distillation steps after pruning back")
+    qat: QatConfig = Field(default_factory=QatConfig, description="quantization-aware phase (fake INT8)")
+    features: FeatureDistillConfig = Field(default_factory=FeatureDistillConfig, description="intermediate "
+                                           "feature and attention-map distillation (off by default: on the "
+                                           "reference fleet weights 1.0 and 0.1 did not lower the held-out "
+                                           "divergence, -30.3% vs -32.8% where mined at 0.1)")
     augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(share=0.5), description="perturbed "
                                    "copies of mined frames (perception noise), labelled by the teacher, from a bank "
-                                   "made before training (`retrain.models.augment`); half the mined frames: on the reference bench's test "
-                                   "drives (FP32, 2500 steps) divergence where mined -38% instead of -33%, "
-                                   "elsewhere -29% instead of -22%; all of them or twice the noise did the same")
+                                   "made before training (`retrain.models.augment`)")
     ema_decay: float | None = Field(0.99, gt=0, lt=1, description="keep an exponential moving average of the "
                                     "weights (this decay per step); evaluations and the kept state are the "
-                                    "average's. None: the raw weights. 0.99: a smooth val curve, so early "
-                                    "stopping is not fooled by one noisy evaluation; on the reference bench "
-                                    "(FP32, test drives, no augmentation) where mined -35% instead of -33%, "
-                                    "elsewhere -26% instead of -22%")
+                                    "average's. None: the raw weights")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay of the matrices")
     warmup_steps: int = Field(30, ge=0, description="linear warm-up steps")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
@@ -114,10 +120,7 @@ class FinetuneConfig(BaseModel):
                                    description="loss: teacher trajectory and T^2 KL on maneuver logits (soft "
                                    "targets, temperature); hard_weight > 0 adds behaviour cloning")
     eval_every: int = Field(100, ge=1, description="steps between early-stopping evaluations on the val drives")
-    patience: int = Field(20, ge=1, description="evaluations without improvement before stopping; 20 (2000 "
-                          "steps at eval_every 100): a long schedule's val objective plateaus while the rate is "
-                          "still high, and on the reference bench 12000 steps with patience 4 stopped at 3300 "
-                          "(best 2900; FP32 test drives where mined -40%)")
+    patience: int = Field(20, ge=1, description="evaluations without improvement before a phase ends")
     min_improvement: float = Field(0.0, ge=0, lt=1, description="relative objective decrease that counts as one")
     regression_weight: float = Field(1.0, ge=0, description="weight of the val ordinary score in the objective")
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable state saves")
@@ -125,6 +128,9 @@ class FinetuneConfig(BaseModel):
     seed: int = Field(0, description="seeds the data order")
     threads: int = Field(2, ge=1, description="torch and onnxruntime intra-op threads (fixed: reproducible)")
     teacher_batch: int = Field(1024, ge=1, description="frames per teacher inference batch")
+    autocast: Literal["off", "bf16", "auto"] = Field("off", description="BF16 autocast of the forward pass: off "
+                                                     "(FP32, the same result on every host), bf16 (refused "
+                                                     "without native BF16), auto (only where native)")
 
 
 class FinetuneResult(BaseModel):
@@ -142,144 +148,16 @@ class FinetuneResult(BaseModel):
     resumed_from_step: int = Field(description="0 for a fresh run")
     initial: dict = Field(description="val scores of the start model")
     best: dict = Field(description="val scores of the kept state")
-    history: list[dict] = Field(description="every evaluation: step, scores, lr, train loss")
+    history: list[dict] = Field(description="every evaluation: step, scores, lr, train loss, phase")
     frames: dict[str, int] = Field(description="train mined / train ordinary / val mined / val ordinary frames")
     teacher_label_seconds: float = Field(description="teacher inference on the snapshot's frames and on the "
                                          "augmentation bank (its perturbation included)")
     seconds: float
-
-
-def planner_from_onnx(path: Path) -> Planner:
-    """Rebuild a torch Planner from an FP32 ONNX file exported by `retrain.models.architectures.export_onnx`: the spec's
-    architecture plus the weights read from the graph (Gemm/MatMul/Add/LayerNormalization initializers, found by
-    the exporter's node names). Checked: both must give the same outputs; FinetuneError otherwise."""
-    onnx_path = model_file(Path(path))
-    spec = read_spec(onnx_path)
-    if not spec.architecture:
-        raise FinetuneError(f"{onnx_path}: its spec has no architecture; a torch checkpoint is needed")
-    if spec.precision != "fp32":
-        raise FinetuneError(f"{onnx_path}: weights are {spec.precision}; only an FP32 export can be read back")
-    model = Planner(PlannerConfig.model_validate(spec.architecture))
-    graph = onnx.load(str(onnx_path)).graph
-    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    found: dict[str, np.ndarray] = {}
-    for node in graph.node:
-        parts = node.name.strip("/").split("/")[:-1]
-        module = ""
-        # "/ego_embed/ego_embed.0/Gemm" -> ego_embed.0; "/layers.0/attn/qkv/MatMul" -> layers.0.attn.qkv
-        for p in parts:
-            module = p if (module and p.startswith(module + ".")) or not module else f"{module}.{p}"
-        weights = [i for i in node.input if i in init]
-        if node.op_type == "Gemm" and len(weights) == 2:
-            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
-            found[f"{module}.weight"] = init[weights[0]] if trans_b else init[weights[0]].T
-            found[f"{module}.bias"] = init[weights[1]]
-        elif node.op_type == "MatMul" and len(weights) == 1:
-            found[f"{module}.weight"] = init[weights[0]].T
-        elif node.op_type == "Add" and len(weights) == 1 and f"{module}.weight" in found:
-            found[f"{module}.bias"] = init[weights[0]]
-        elif node.op_type == "LayerNormalization" and len(weights) == 2:
-            found[f"{module}.weight"], found[f"{module}.bias"] = init[weights[0]], init[weights[1]]
-    state = model.state_dict()
-    missing = sorted(set(state) - set(found))
-    if missing:
-        raise FinetuneError(f"{onnx_path}: could not find {len(missing)} weights in the graph (e.g. {missing[:3]}); "
-                            "a torch checkpoint is needed")
-    model.load_state_dict({k: torch.from_numpy(np.array(found[k], np.float32)).reshape(v.shape)
-                           for k, v in state.items()})
-    rng = np.random.default_rng(0)
-    probe = Features(**{k: rng.standard_normal((4, *v.shape[1:])).astype(np.float32)
-                        for k, v in _zero_inputs().items()}, lighting=np.zeros(4, np.int32),
-                     weather=np.zeros(4, np.int32), road_type=np.zeros(4, np.int32))
-    probe.agent_mask = np.ones_like(probe.agent_mask)
-    a, b = predict(session(onnx_path, 1), probe), torch_predict(model, probe)
-    err = max(float(np.abs(a[0] - b[0]).max()), float(np.abs(a[1] - b[1]).max()))
-    if not np.isfinite(err) or err > 1e-3:
-        raise FinetuneError(f"{onnx_path}: weights read back from the graph do not reproduce it (max diff {err:.2e})")
-    log.info("rebuilt %s:%s from its FP32 ONNX (max diff %.1e)", spec.name, spec.version, err)
-    return model.eval()
-
-
-def _zero_inputs() -> dict[str, np.ndarray]:
-    from shadow.featurize import INPUT_SHAPES
-
-    return {k: np.zeros((1, *s), np.float32) for k, s in INPUT_SHAPES.items()}
-
-
-# ------------------------------------------------------------------------------------------------------- helpers
-
-
-def _key(config: FinetuneConfig, snapshot: Snapshot, teacher: Path, start: Path) -> str:
-    blob = json.dumps({"config": config.model_dump(mode="json"), "snapshot": snapshot.content_sha256,
-                       "teacher": sha256_file(model_file(teacher)), "start": sha256_file(start)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _teacher_targets(teacher: Path, feats: Features, rows: np.ndarray, config: FinetuneConfig, cache: Path,
-                     key: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Teacher trajectory (n, T, 3) and logits (n, 6) for `rows`, cached under `cache` for this run's key."""
-    if cache.is_file():
-        with np.load(cache) as z:
-            if str(z["key"]) == key:
-                return z["traj"], z["logits"], float(z["seconds"])
-    t0 = time.perf_counter()
-    traj, logits = predict(session(teacher, config.threads), feats.take(rows), config.teacher_batch)
-    seconds = time.perf_counter() - t0
-    buf = io.BytesIO()
-    np.savez(buf, key=np.array(key), traj=traj, logits=logits, seconds=np.array(seconds))
-    write_bytes_atomic(cache, buf.getvalue())
-    return traj, logits, seconds
-
-
-def _augment_bank(teacher: Path, mined: dict[str, np.ndarray], config: FinetuneConfig) -> tuple[dict, float]:
-    """The bank of perturbed copies of the train mined frames (`retrain.models.augment.bank`) with the teacher's outputs
-    on them ("t_traj", "t_logits"), labelled in `teacher_batch` batches. Its random stream is its own, derived from
-    the seed alone, so a resumed run rebuilds the same bank and the training stream is untouched. Not stored: at
-    ~1.6 kB a frame it is tens of MB, and rebuilding it takes seconds."""
-    t0 = time.perf_counter()
-    pert = bank(mined, config.augment, np.random.default_rng([config.seed, BANK_STREAM]))
-    sess = session(teacher, config.threads)
-    trajs, logits = [], []
-    for a in range(0, next(iter(pert.values())).shape[0], config.teacher_batch):
-        t, m = sess.run(["trajectory", "maneuver_logits"], {k: v[a:a + config.teacher_batch] for k, v in pert.items()})
-        trajs.append(t)
-        logits.append(m)
-    seconds = time.perf_counter() - t0
-    log.info("augmentation bank: %d perturbed frames labelled in %.1f s", sum(t.shape[0] for t in trajs), seconds)
-    return {**pert, "t_traj": np.concatenate(trajs), "t_logits": np.concatenate(logits)}, seconds
-
-
-def _scores(model: Planner, feats: Features, t_traj: np.ndarray, t_logits: np.ndarray) -> float:
-    """Mean shadow divergence score (no TTC term) of the model against the teacher's outputs on these frames."""
-    if len(feats) == 0:
-        return float("nan")
-    s = torch_predict(model, feats, 2048)
-    return float(pair_metrics((t_traj, t_logits), s, MetricsConfig())["score"].mean())
-
-
-class _Pool:
-    """Epoch-wise shuffled draws from a set of row positions; its state lives in the checkpoint."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.perm, self.pos = n, np.zeros(0, np.int64), 0
-
-    def draw(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        out = []
-        while k > 0 and self.n:
-            if self.pos >= self.perm.shape[0]:
-                self.perm, self.pos = rng.permutation(self.n), 0
-            take = self.perm[self.pos:self.pos + k]
-            self.pos += take.shape[0]
-            k -= take.shape[0]
-            out.append(take)
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-    def state(self) -> dict:
-        return {"perm": self.perm.copy(), "pos": self.pos}
-
-    def load(self, s: dict) -> None:
-        self.perm, self.pos = np.asarray(s["perm"], np.int64), int(s["pos"])
-
+    qat_started_at: int | None = Field(None, description="step the quantization-aware phase began (None: never)")
+    qat_skipped: list[str] = Field(default_factory=list, description="products kept in float (raw-input layers)")
+    prune_back: dict | None = Field(None, description="heads and FFN widths after pruning back, recovery scores")
+    numerics: dict = Field(default_factory=dict, description="autocast dtype used and the host's CPU features")
+    train_steps_per_s: float | None = Field(None, description="optimiser steps per second of this run (measured)")
 
 def read_result(path: Path) -> FinetuneResult:
     """A fine-tune's result.json, its format version checked (one without the key predates versions: 1)."""
@@ -308,6 +186,149 @@ def save_state(path: Path, blob: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ fine-tune
 
 
+def autocast_dtype(setting: str) -> torch.dtype | None:
+    """The autocast dtype a setting means on this host (None: FP32); "bf16" without native BF16 is refused."""
+    if setting == "off" or (setting == "auto" and not native_bf16()):
+        return None
+    if not native_bf16():
+        raise FinetuneError("autocast 'bf16' asked for, but this CPU has no native BF16 (avx512_bf16 / amx_bf16): "
+                            "torch would emulate it, tens of times slower; use 'off' or 'auto'")
+    return torch.bfloat16
+
+
+class _Run:
+    """The training state of one fine-tune and its step; `finetune` drives it."""
+
+    def __init__(self, config: FinetuneConfig, model: Planner, data: dict, n_mined: int, pert_bank: dict | None,
+                 teacher_sess, distiller: FeatureDistiller | None, qat: FakeQuant | None) -> None:
+        self.config, self.model, self.data, self.n_mined = config, model, data, n_mined
+        self.pert_bank, self.teacher_sess, self.distiller, self.qat = pert_bank, teacher_sess, distiller, qat
+        self.kept = copy.deepcopy(model) if config.ema_decay else model
+        decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norms do not
+        rest = [p for p in model.parameters() if p.ndim < 2] + (distiller.learnable() if distiller else [])
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=config.lr)
+        self.sched = OptimConfig(steps=max(1, config.steps), batch_size=config.batch_size, lr=config.lr,
+                                 weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
+                                 grad_clip=config.grad_clip)
+        self.rng = np.random.default_rng(config.seed)
+        n = next(iter(data.values())).shape[0]
+        self.pools = {"mined": Pool(n_mined), "ordinary": Pool(n - n_mined)}
+        self.k_mined = config.batch_size if n == n_mined else max(
+            1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
+        self.n_aug = int(round(config.augment.share * self.k_mined))
+        self.dtype = autocast_dtype(config.autocast)
+        self.quantized = False  # in the QAT phase
+
+    def batch(self) -> dict[str, np.ndarray]:
+        cfg, rng = self.config, self.rng
+        idx = np.sort(np.concatenate([self.pools["mined"].draw(self.k_mined, rng),
+                                      self.n_mined + self.pools["ordinary"].draw(cfg.batch_size - self.k_mined, rng)]))
+        batch = {k: v[idx] for k, v in self.data.items()}
+        n_aug = self.n_aug
+        if n_aug and self.pert_bank is not None:
+            # idx is sorted, so the mined rows come first; the first n_aug of them become one of their banked copies
+            at_bank = rng.integers(0, cfg.augment.bank_copies, n_aug) * self.n_mined + idx[:n_aug]
+            for k, v in self.pert_bank.items():
+                batch[k][:n_aug] = v[at_bank]
+        elif n_aug:
+            pert = perturb({k: batch[k][:n_aug] for k in INPUT_NAMES}, cfg.augment, rng)
+            t_out = self.teacher_sess.run(["trajectory", "maneuver_logits"], pert)
+            for k in INPUT_NAMES:
+                batch[k][:n_aug] = pert[k]
+            batch["t_traj"][:n_aug], batch["t_logits"][:n_aug] = t_out
+        return batch
+
+    def quantizing(self, model: Planner):
+        return self.qat.active(model) if self.quantized and self.qat is not None else contextlib.nullcontext()
+
+    def loss(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+        cast = (torch.autocast("cpu", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext())
+        capture = self.distiller.capture(self.model) if self.distiller else contextlib.nullcontext()
+        with cast, self.quantizing(self.model), capture:
+            loss = distill_loss(self.model, batch, self.config.distill)
+            if self.distiller:
+                loss = loss + self.distiller.loss(batch)
+        return loss.float()
+
+    def step(self, step: int, lr: float) -> float:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        loss = self.loss(self.batch())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.opt.step()
+        if self.config.ema_decay:
+            with torch.no_grad():
+                for e, p in zip(self.kept.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1.0 - self.config.ema_decay)
+        return float(loss.item())
+
+    def start_qat(self) -> None:
+        """Enter the QAT phase: observe the activation ranges on a few training batches first (no update)."""
+        self.quantized = True
+        with torch.no_grad(), self.quantizing(self.model):
+            self.model.train()
+            for _ in range(4):
+                distill_loss(self.model, self.batch(), self.config.distill)
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
+                "pools": {k: p.state() for k, p in self.pools.items()}, "torch_rng": torch.get_rng_state(),
+                "ema": self.kept.state_dict() if self.config.ema_decay else None, "quantized": self.quantized,
+                "qat": self.qat.state() if self.qat else None,
+                "features": self.distiller.state() if self.distiller else None}
+
+    def load(self, blob: dict) -> None:
+        self.model.load_state_dict(blob["model"])
+        if self.config.ema_decay:
+            self.kept.load_state_dict(blob["ema"])
+        self.opt.load_state_dict(blob["opt"])
+        self.rng.bit_generator.state = blob["rng"]
+        for name, s in blob["pools"].items():
+            self.pools[name].load(s)
+        torch.set_rng_state(blob["torch_rng"])
+        self.quantized = blob["quantized"]
+        if self.qat and blob["qat"]:
+            self.qat.load(blob["qat"])
+        if self.distiller and blob["features"]:
+            self.distiller.load(blob["features"])
+
+
+def _prune_back(run: _Run, start: Planner, val: dict, score: Callable) -> tuple[Planner, dict]:
+    """Prune the regrown candidate to the start's heads and FFN widths, then recover by distillation."""
+    cfg, model = run.config, run.model
+    imp = Importance(model)
+    model.set_record(True)
+    for _ in range(8):
+        model.zero_grad()
+        with run.quantizing(model):
+            distill_loss(model, run.batch(), cfg.distill).backward()
+        imp.accumulate(model)
+    model.set_record(False)
+    heads = [start.config.heads_of(i) for i in range(start.config.depth)]
+    ffns = [start.config.ffn_of(i) for i in range(start.config.depth)]
+    small = prune_to(model, imp, heads, ffns)
+    before = score(small)
+    run.model = small
+    run.kept = small  # no moving average during the short recovery: it would lag behind the pruned weights
+    opt = torch.optim.AdamW(small.parameters(), lr=cfg.lr * 0.3, weight_decay=cfg.weight_decay)
+    for _ in range(cfg.prune_back_steps):
+        small.train()
+        loss = run.loss(run.batch())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(small.parameters(), cfg.grad_clip)
+        opt.step()
+    after = score(small)
+    log.info("pruned back to heads %s, ffn %s: val objective %.4f -> %.4f after %d recovery steps", heads, ffns,
+             before["objective"], after["objective"], cfg.prune_back_steps)
+    return small.eval(), {"heads": heads, "ffn": ffns, "parameters": small.num_parameters(), "pruned": before,
+                          "recovered": after, "steps": cfg.prune_back_steps}
+
+
 def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneConfig, out_dir: Path,
              progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune the checkpoint `start` on `snapshot` by distillation from `teacher` (ONNX); see the module doc.
@@ -319,7 +340,8 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
-    key = _key(config, snapshot, teacher, Path(start))
+    autocast_dtype(config.autocast)  # refuse an impossible setting before any work
+    key = finetune_key(config, snapshot, teacher, Path(start))
     done = out / RESULT_FILE
     if done.is_file():
         prev = read_result(done)
@@ -334,7 +356,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     if rows["train_mined"].size == 0:
         raise FinetuneError(f"snapshot {snapshot.id} has no mined frames on train drives")
     used = np.concatenate(list(rows.values()))
-    t_traj, t_logits, label_s = _teacher_targets(teacher, feats, used, config, out / "teacher_targets.npz", key)
+    t_traj, t_logits, label_s = teacher_targets(teacher, feats, used, config, out / "teacher_targets.npz", key)
     at = {name: slice(a, a + r.size) for name, r, a in
           zip(rows, rows.values(), np.cumsum([0] + [r.size for r in rows.values()])[:-1].tolist())}
     train_idx = np.concatenate([rows["train_mined"], rows["train_ordinary"]])
@@ -345,132 +367,133 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     n_mined = rows["train_mined"].size
     val = {k: (feats.take(rows[k]), t_traj[at[k]], t_logits[at[k]]) for k in ("val_mined", "val_ordinary")}
 
+    start_model = load_checkpoint(Path(start))
+    model = grow(start_model, start_model.config.heads, start_model.config.ffn, config.seed) if config.regrow \
+        else load_checkpoint(Path(start))
     k_mined = config.batch_size if train_idx.size == n_mined else max(
         1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
     aug = config.augment
-    n_aug = int(round(aug.share * k_mined))  # perturbed frames per batch (0 with one mined frame a batch, share 0.5)
+    n_aug = int(round(aug.share * k_mined))
     teacher_sess = session(teacher, config.threads) if n_aug and not aug.bank_copies else None
     pert_bank = None
     if n_aug and aug.bank_copies:
-        pert_bank, bank_s = _augment_bank(teacher, {k: v[:n_mined] for k, v in data.items() if k in INPUT_NAMES},
-                                          config)
+        pert_bank, bank_s = augment_bank(teacher, {k: v[:n_mined] for k, v in data.items() if k in INPUT_NAMES},
+                                         config)
         label_s += bank_s
-    model = load_checkpoint(Path(start))
-    if config.regrow:
-        model = grow(model, model.config.heads, model.config.ffn, config.seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norms do not
-    rest = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=config.lr)
-    sched = OptimConfig(steps=max(1, config.steps), batch_size=config.batch_size, lr=config.lr,
-                        weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
-                        grad_clip=config.grad_clip)
-    rng = np.random.default_rng(config.seed)
-    pools = {"mined": _Pool(n_mined), "ordinary": _Pool(train_idx.size - n_mined)}
+    distiller = None
+    if config.features.enabled:
+        try:
+            distiller = FeatureDistiller(model, planner_from_onnx(teacher), config.features)
+        except RuntimeError as exc:
+            raise FinetuneError(f"feature distillation needs the teacher as a torch Planner: {exc}") from None
+    example = tuple(tensors({k: v[:2] for k, v in data.items()}))
+    qat = FakeQuant(model, config.qat, example) if config.qat.enabled else None
+    run = _Run(config, model, data, n_mined, pert_bank, teacher_sess, distiller, qat)
 
     early = any(len(v[0]) for v in val.values())
     if not early:
         log.warning("snapshot %s has no val frames: no early stopping, the last state is kept", snapshot.id)
 
-    # the model evaluated and kept: the moving average of the weights when configured, else the weights
-    kept = copy.deepcopy(model) if config.ema_decay else model
-
-    def evaluate(step: int) -> dict:
-        kept.eval()
-        m = _scores(kept, *val["val_mined"])
-        o = _scores(kept, *val["val_ordinary"])
+    def evaluate(step: int, which: Planner | None = None) -> dict:
+        m_ = which if which is not None else run.kept
+        m_.eval()
+        with run.quantizing(m_):
+            m = val_score(m_, *val["val_mined"])
+            o = val_score(m_, *val["val_ordinary"])
         obj = (m if np.isfinite(m) else 0.0) + config.regression_weight * (o if np.isfinite(o) else 0.0)
         # without val frames every evaluation counts as an improvement: the last state wins
-        return {"step": step, "val_mined_score": m, "val_ordinary_score": o, "objective": obj if early else -step}
+        return {"step": step, "val_mined_score": m, "val_ordinary_score": o, "objective": obj if early else -step,
+                "phase": "qat" if run.quantized else "float"}
 
+    def snapshot_of(ev: dict) -> dict:
+        return {**ev, "state": {k: v.clone() for k, v in run.kept.state_dict().items()}}
+
+    qat_at = int(round(config.qat.start_fraction * config.steps)) if qat is not None else None
     state_path = out / STATE_FILE
-    step, resumed, recent = 0, 0, []
+    step, resumed, recent, qat_started = 0, 0, [], None
     if state_path.is_file():
         blob = torch.load(state_path, map_location="cpu", weights_only=False)
         check_state(state_path, blob)
         if blob.get("key") != key:
             raise FinetuneError(f"{state_path} belongs to another fine-tune (config, snapshot, teacher or start "
                                 "model differ); remove it or use another directory")
-        model.load_state_dict(blob["model"])
-        if config.ema_decay:
-            kept.load_state_dict(blob["ema"])
-        opt.load_state_dict(blob["opt"])
-        rng.bit_generator.state = blob["rng"]
-        for name, s in blob["pools"].items():
-            pools[name].load(s)
-        torch.set_rng_state(blob["torch_rng"])
+        run.load(blob)
         step = resumed = blob["step"]
-        best, history, bad, recent = blob["best"], blob["history"], blob["bad"], blob["recent"]
+        best, history, bad, recent, qat_started = (blob["best"], blob["history"], blob["bad"], blob["recent"],
+                                                   blob["qat_started"])
         log.info("fine-tune resumes at step %d of %d", step, config.steps)
     else:
         initial = evaluate(0)
-        best = {**initial, "state": {k: v.clone() for k, v in kept.state_dict().items()}}
-        history, bad = [initial], 0
+        best, history, bad = snapshot_of(initial), [initial], 0
+    first = {k: v.clone() for k, v in (model.state_dict() if not state_path.is_file() or not resumed
+                                       else blob["first"]).items()}
 
     def save(step: int) -> None:
-        save_state(state_path, {"key": key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
-                                 "rng": rng.bit_generator.state, "pools": {k: p.state() for k, p in pools.items()},
-                                 "torch_rng": torch.get_rng_state(), "best": best, "history": history, "bad": bad,
-                                 "recent": recent, "ema": kept.state_dict() if config.ema_decay else None})
+        save_state(state_path, {"key": key, "step": step, **run.state(), "best": best, "history": history,
+                                "bad": bad, "recent": recent, "qat_started": qat_started,
+                                "first": first})
 
     stopped = False
+    t_loop, steps_here = time.perf_counter(), 0
     while step < config.steps and not stopped:
-        model.train()
-        idx = np.sort(np.concatenate([pools["mined"].draw(k_mined, rng),
-                                      n_mined + pools["ordinary"].draw(config.batch_size - k_mined, rng)]))
-        lr = lr_at(step, sched)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        batch = {k: v[idx] for k, v in data.items()}
-        if n_aug and pert_bank is not None:
-            # idx is sorted, so the mined rows come first; the first n_aug of them become one of their banked copies
-            at_bank = rng.integers(0, aug.bank_copies, n_aug) * n_mined + idx[:n_aug]
-            for k, v in pert_bank.items():
-                batch[k][:n_aug] = v[at_bank]
-        elif n_aug:
-            pert = perturb({k: batch[k][:n_aug] for k in INPUT_NAMES}, aug, rng)
-            t_out = teacher_sess.run(["trajectory", "maneuver_logits"], pert)
-            for k in INPUT_NAMES:
-                batch[k][:n_aug] = pert[k]
-            batch["t_traj"][:n_aug], batch["t_logits"][:n_aug] = t_out
-        loss = distill_loss(model, batch, config.distill)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        if config.ema_decay:
-            with torch.no_grad():
-                for e, p in zip(kept.parameters(), model.parameters()):
-                    e.lerp_(p, 1.0 - config.ema_decay)
+        if qat is not None and not run.quantized and step >= qat_at:
+            # the QAT phase starts from the best float state; only quantized states compete from here on
+            run.kept.load_state_dict(first)  # the start model, quantized, competes too: the kept state is
+            run.start_qat()                     # never worse than it
+            ev0 = {**evaluate(0), "note": "start model with fake quantization"}
+            history.append(ev0)
+            start_q = snapshot_of(ev0)
+            run.model.load_state_dict(best["state"])
+            run.kept.load_state_dict(best["state"])
+            ev = evaluate(best["step"])
+            history.append({**ev, "note": "best float state with fake quantization"})
+            best = min(start_q, snapshot_of(ev), key=lambda b: b["objective"])
+            qat_started, bad = step, 0
+        lr = lr_at(step, run.sched)
+        loss = run.step(step, lr)
         step += 1
-        recent = (recent + [float(loss.item())])[-20:]
+        steps_here += 1
+        recent = (recent + [loss])[-20:]
         info = {"loss": float(np.mean(recent)), "lr": lr}
         if step % config.eval_every == 0 or step == config.steps:
             ev = {**evaluate(step), **info}
             history.append(ev)
             if ev["objective"] < best["objective"] * (1.0 - config.min_improvement):
-                best, bad = {**ev, "state": {k: v.clone() for k, v in kept.state_dict().items()}}, 0
+                best, bad = snapshot_of(ev), 0
             else:
                 bad += 1
-                stopped = bad >= config.patience
+                if bad >= config.patience:
+                    if qat is not None and not run.quantized:
+                        qat_at = step  # the float phase has plateaued: quantization-aware training starts now
+                    else:
+                        stopped = True
             info = ev
         if step % config.checkpoint_every == 0 or stopped or step == config.steps:
             save(step)
         if progress and (step % config.progress_every == 0 or "objective" in info or stopped):
             progress(step, config.steps, info)
+    rate = steps_here / (time.perf_counter() - t_loop) if steps_here else None
 
-    model.load_state_dict(best["state"])
+    run.model.load_state_dict(best["state"])
+    model = run.model
+    pruned = None
+    if config.regrow and config.prune_back and best["step"] > 0:
+        model, pruned = _prune_back(run, start_model, val, lambda m: evaluate(best["step"], m))
     if best["step"] == 0:  # the start model computes the same without the silent units a regrow added
         model = load_checkpoint(Path(start))
     ckpt = save_checkpoint(model.eval(), out / CHECKPOINT_FILE,
-                           {"finetune_key": key, "snapshot": snapshot.id, "best_step": best["step"]})
+                           {"finetune_key": key, "snapshot": snapshot.id, "best_step": best["step"],
+                            "qat": config.qat.model_dump() if qat_started is not None else None})
     result = FinetuneResult(
         checkpoint=str(ckpt), key=key, planned_steps=config.steps, steps_run=step, best_step=best["step"],
         stopped_early=stopped, resumed_from_step=resumed, initial=history[0],
         best={k: v for k, v in best.items() if k != "state"}, history=history,
         frames={k: int(v.size) for k, v in rows.items()}, teacher_label_seconds=label_s,
-        seconds=time.perf_counter() - t_start)
+        seconds=time.perf_counter() - t_start, qat_started_at=qat_started,
+        qat_skipped=qat.skipped if qat else [], prune_back=pruned,
+        numerics={"autocast": str(run.dtype).replace("torch.", "") if run.dtype else "fp32",
+                  "host": list(host_features())}, train_steps_per_s=rate)
     write_text_atomic(done, result.model_dump_json(indent=1))
-    log.info("fine-tune: %d steps (best %d, early stop %s), val objective %.4f -> %.4f", step, best["step"], stopped,
-             history[0]["objective"], best["objective"])
+    log.info("fine-tune: %d steps (best %d, QAT from %s, early stop %s), val objective %.4f -> %.4f", step,
+             best["step"], qat_started, stopped, history[0]["objective"], best["objective"])
     return result

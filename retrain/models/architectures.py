@@ -81,11 +81,15 @@ class Attention(nn.Module):
         self.out = nn.Linear(inner, width)
         self.record = False  # keep the per-head context and its gradient for importance scores
         self.context: torch.Tensor | None = None
+        self.keep_map = False
+        self.map: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x).reshape(-1, self.tokens, 3 * self.heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.heads, dim=1)  # (B, h, S, hd) each; split, not unbind: no squeeze nodes
         att = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + bias, dim=-1)
+        if self.keep_map:  # the heads' mean attention map (B, S, S), for attention-map distillation
+            self.map = att.mean(dim=1)
         ctx = (att @ v).transpose(1, 2).reshape(-1, self.tokens, self.heads * self.head_dim)
         if self.record and ctx.requires_grad:
             ctx.retain_grad()
@@ -227,6 +231,17 @@ def prune(model: Planner, importance: Importance, keep_heads: float, keep_ffn: f
         f = cfg.ffn_of(i)
         heads.append(max(1, min(h, round(h * keep_heads))))
         ffns.append(max(1, min(f, -(-round(f * keep_ffn) // ffn_multiple) * ffn_multiple)))
+    return prune_to(model, importance, heads, ffns)
+
+
+def prune_to(model: Planner, importance: Importance, heads: list[int], ffns: list[int]) -> Planner:
+    """A new Planner with `heads[i]` heads and `ffns[i]` FFN channels in layer i (at most what it has), keeping the
+    most important ones; weights of what is kept are copied unchanged."""
+    cfg = model.config
+    if len(heads) != cfg.depth or len(ffns) != cfg.depth:
+        raise ValueError(f"prune_to needs one head count and one FFN width per layer ({cfg.depth})")
+    heads = [max(1, min(cfg.heads_of(i), h)) for i, h in enumerate(heads)]
+    ffns = [max(1, min(cfg.ffn_of(i), f)) for i, f in enumerate(ffns)]
     new = Planner(cfg.model_copy(update={"layer_heads": heads, "layer_ffn": ffns}))
     state = {k: v for k, v in model.state_dict().items()}
     hd = cfg.head_dim

@@ -9,7 +9,8 @@ import torch
 
 from retrain.models.augment import AugmentConfig, bank, perturb
 from retrain.cycle.dataset import DatasetConfig, create_snapshot
-from retrain.cycle.finetune import FinetuneConfig, FinetuneError, finetune, planner_from_onnx
+from retrain.cycle.finetune import FinetuneConfig, FinetuneError, finetune
+from retrain.models.onnx_import import planner_from_onnx
 from retrain.cycle.mining import MiningConfig, mine
 from retrain.cycle.registry import Registry
 from retrain.models.training import load_checkpoint, torch_predict
@@ -48,7 +49,9 @@ def test_finetune_learns_and_records(setup, tmp_path):
     assert res.steps_run <= 10 and res.resumed_from_step == 0 and res.frames["train_mined"] > 0
     assert res.frames["train_ordinary"] > 0 and res.frames["val_mined"] > 0
     assert [h["step"] for h in res.history][:2] == [0, 3]
-    assert res.best["objective"] <= res.initial["objective"]  # the kept state is never worse on val than the start
+    # the kept state is never worse on val than the start, judged alike: in the QAT phase both fake-quantized
+    assert res.qat_started_at == 5 and res.best["phase"] == "qat"
+    assert res.best["objective"] <= _start_objective(res)
     assert [s for s, *_ in seen][:3] == [1, 2, 3] and all(n == 10 for _, n, _ in seen)
     assert "objective" in seen[2][2] and seen[0][2]["loss"] > 0
     # a second call finds the finished run
@@ -114,19 +117,34 @@ def test_regrow_restores_the_unpruned_size_and_computes_the_same(setup):
     assert abs(a[0] - b[0]).max() < 1e-4 and abs(a[1] - b[1]).max() < 1e-4
 
 
-def test_finetuned_candidate_of_a_regrown_student_is_the_unpruned_size(setup, tmp_path):
-    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path)
-    start, cand = load_checkpoint(setup["start"]).config, load_checkpoint(res.checkpoint).config
-    if res.best_step > 0:
-        assert cand.layer_heads == [start.heads] * start.depth and cand.layer_ffn == [start.ffn] * start.depth
-    no_regrow = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG.model_copy(update={"regrow": False}),
-                         tmp_path / "plain")
-    assert load_checkpoint(no_regrow.checkpoint).config == start
+def _start_objective(res) -> float:
+    """The start model's val objective judged as the kept state is: fake-quantized once the QAT phase began."""
+    return next((h for h in res.history if h.get("note", "").startswith("start model")), res.initial)["objective"]
+
+
+def test_candidate_keeps_the_start_architecture_and_a_regrown_one_is_pruned_back(setup, tmp_path):
+    start = load_checkpoint(setup["start"]).config
+    plain = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG, tmp_path / "plain")
+    assert load_checkpoint(plain.checkpoint).config == start and plain.prune_back is None
+    regrow = CFG.model_copy(update={"regrow": True, "prune_back_steps": 4})
+    back = finetune(setup["start"], setup["teacher"], setup["snapshot"], regrow, tmp_path / "back")
+    cand = load_checkpoint(back.checkpoint).config
+    heads = [start.heads_of(i) for i in range(start.depth)]
+    ffn = [start.ffn_of(i) for i in range(start.depth)]
+    assert cand.layer_heads == heads and cand.layer_ffn == ffn
+    if back.best_step > 0:
+        assert back.prune_back["heads"] == heads and back.prune_back["steps"] == 4
+        assert back.prune_back["recovered"]["objective"] > 0
+    grown = finetune(setup["start"], setup["teacher"], setup["snapshot"],
+                     regrow.model_copy(update={"prune_back": False}), tmp_path / "grown")
+    if grown.best_step > 0:
+        g = load_checkpoint(grown.checkpoint).config
+        assert g.layer_heads == [start.heads] * start.depth and g.layer_ffn == [start.ffn] * start.depth
 
 
 def test_augmented_finetune_never_ends_worse_than_its_start(setup, tmp_path):
     res = finetune(setup["start"], setup["teacher"], setup["snapshot"], CFG_AUG, tmp_path)
-    assert res.best["objective"] <= res.initial["objective"] and res.steps_run > 0
+    assert res.best["objective"] <= _start_objective(res) and res.steps_run > 0
 
 
 def test_augmentation_bank_is_copy_major_and_deterministic():

@@ -91,7 +91,8 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
         fp32 = G.load(reference)
         kinds = G.kinds_of(fp32)
         plan = dict(config.quantize.plan or model.plan or
-                    G.default_plan(fp32, self.target, tuple(config.quantize.keep_float)))
+                    G.default_plan(fp32, self.target, tuple(config.quantize.keep_float),
+                                   config.quantize.keep_input_products))
         ref_traj, _ = predict(session(reference, config.threads), self.frames)
         fp32_vs_teacher = None if self.teacher is None else _metric(ref_traj, self.teacher[0], config.metric)
         tolerance = config.tolerance

@@ -84,19 +84,45 @@ def compute_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     return out
 
 
-def default_plan(model: onnx.ModelProto, target: TargetProfile, keep_float: tuple[str, ...] = ()) -> dict[str, str]:
+SHAPE_ONLY_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Unsqueeze", "Squeeze", "Identity"})
+
+
+def input_products(model: onnx.ModelProto) -> set[str]:
+    """Weight products whose activation operand is a graph input, directly or through shape-only operators (the
+    embeddings' first layers, which read raw features: metres, m/s, flags, one per-tensor INT8 scale for all)."""
+    inits, prods = initializers(model), producers(model)
+    inputs = {i.name for i in model.graph.input} - set(inits)
+    out = set()
+    for node, kind in compute_nodes(model):
+        if kind != "matmul" or not is_weight_product(node, inits):
+            continue
+        t = node.input[0]
+        while t in prods and prods[t].op_type in SHAPE_ONLY_OPS:
+            t = prods[t].input[0]
+        if t in inputs:
+            out.add(node.name)
+    return out
+
+
+def default_plan(model: onnx.ModelProto, target: TargetProfile, keep_float: tuple[str, ...] = (),
+                 keep_inputs: bool = False) -> dict[str, str]:
     """Every compute node at the chip's default precision for its kind.
 
     Weight products get the first precision of the matmul ladder (INT8 on every chip here). Activation x activation
     products (attention) get it only when the chip's rules quantize them; otherwise the first non-INT8 precision of
     the ladder. Nodes whose name starts with a `keep_float` prefix start at the highest precision the chip allows.
+    With `keep_inputs`, the products fed by raw inputs (`input_products`) start one step up the ladder (FP16 on
+    Orin and Ascend, INT16 on Journey 6, FP32 on the CPU).
     """
     inits = initializers(model)
+    raw = input_products(model) if keep_inputs else set()
     plan: dict[str, str] = {}
     for node, kind in compute_nodes(model):
         ladder = target.ladder(kind)
         if keep_float and node.name.startswith(keep_float):
             plan[node.name] = ladder[-1]
+        elif node.name in raw:
+            plan[node.name] = target.fallback(kind, ladder[0]) or ladder[0]
         elif kind == "matmul" and not is_weight_product(node, inits) and not target.numerics.quantize_activation_products:
             plan[node.name] = next((p for p in ladder if p != "int8"), ladder[-1])
         else:

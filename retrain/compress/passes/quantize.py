@@ -78,6 +78,10 @@ class QuantizeConfig(BaseModel):
     method: Literal["MinMax", "Entropy", "Percentile"] = Field("MinMax", description="range calibration method")
     keep_float: list[str] = Field(default_factory=list, description="node-name prefixes kept out of INT8 from the "
                                   "start (at the highest precision the chip allows)")
+    keep_input_products: bool = Field(True, description="the products fed by raw model inputs (the embeddings' "
+                                      "first layers, `graph.input_products`) start one step up the chip's ladder: "
+                                      "one per-tensor INT8 scale over features of mixed units loses the small ones. "
+                                      "They are a few percent of the FLOPs; the student v0 recipe keeps them FP32")
     plan: dict[str, str] | None = Field(None, description="node -> precision to quantize by; default: the "
                                         "artifact's plan, else the chip's default plan")
 
@@ -159,7 +163,8 @@ class QuantizeInt8(Pass[QuantizeConfig]):
         self.check_input(model, config)
         reference = Path(model.reference or model.path)
         fp32 = G.load(reference)
-        plan = dict(config.plan or model.plan or G.default_plan(fp32, self.target, tuple(config.keep_float)))
+        plan = dict(config.plan or model.plan or
+                    G.default_plan(fp32, self.target, tuple(config.keep_float), config.keep_input_products))
         int8 = [n for n, p in plan.items() if p == "int8"]
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,101 @@
+"""Quantization-aware fine-tuning (retrain.models.qat) on a tiny planner: fake quantization follows the chips' rules,
+and a student fine-tuned with it loses less to real INT8 post-training quantization (onnxruntime QDQ, the chip's
+default plan, no fallback) than the same student fine-tuned as long in float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrain.compress.passes import Artifact, ExportConfig, ExportOnnx, QuantizeConfig, QuantizeInt8
+from retrain.compress.targets import load_targets
+from retrain.models.architectures import Planner, PlannerConfig, tensors
+from retrain.models.evaluate import displacement, predict
+from retrain.models.qat import FakeQuant, QatConfig, activation_fake_quant, input_fed_linears, weight_fake_quant
+from retrain.models.training import DistillConfig, distill_loss, save_checkpoint, torch_predict
+from shadow.featurize import INPUT_NAMES, Features
+from shadow.models import session
+
+
+def test_weight_fake_quant_is_symmetric_per_channel_int8():
+    w = torch.tensor([[0.5, -1.0, 0.25], [100.0, 3.0, -50.0]])
+    q = weight_fake_quant(w)
+    for row, qrow in zip(w, q):
+        step = row.abs().max() / 127
+        grid = qrow / step
+        assert torch.allclose(grid, grid.round(), atol=1e-4) and grid.abs().max() <= 127
+    assert torch.equal(q[0].abs().argmax(), w[0].abs().argmax())
+
+
+def test_activation_fake_quant_keeps_zero_exact_and_clips():
+    x = torch.tensor([-3.0, 0.0, 0.01, 1.0, 7.0])
+    sym = activation_fake_quant(x, -2.0, 4.0, symmetric=True)
+    assert sym[1] == 0 and sym[0] == pytest.approx(-3.0, abs=4 / 127) and sym[-1] <= 4.0 + 1e-6
+    asym = activation_fake_quant(x, 0.5, 4.0, symmetric=False)  # the range is widened to hold zero
+    assert asym[1] == 0 and asym[0] == 0 and asym[-1] == pytest.approx(4.0, abs=4 / 255)
+
+
+def _frames(n_drives: int, seed: int) -> Features:
+    from ingest.contract import frames_to_arrow
+    from ingest.synth import EPOCH_NS, synthetic_frames
+    from shadow.featurize import featurize
+
+    parts = []
+    for i in range(n_drives):
+        f = synthetic_frames(120, agents=12, waypoints=8, seed=seed * 100 + i, start_ns=EPOCH_NS + i * 10**12)
+        parts.append(featurize(frames_to_arrow(f, f"q{seed}-{i}", "veh", 0)))
+    return Features.concat(parts)
+
+
+TINY = PlannerConfig(width=32, depth=1, heads=2, head_dim=16, ffn=64)
+
+
+def _train(model: Planner, data: dict, steps: int, seed: int, qat: FakeQuant | None = None, lr: float = 2e-3) -> None:
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    n = next(iter(data.values())).shape[0]
+    for _ in range(steps):
+        idx = np.sort(rng.choice(n, 64, replace=False))
+        model.train()
+        with qat.active(model) if qat else torch.enable_grad():
+            loss = distill_loss(model, {k: v[idx] for k, v in data.items()}, DistillConfig(hard_weight=0.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def test_qat_student_beats_post_training_quantization(tmp_path):
+    """A tiny student distilled in float, then 600 more steps either in float (then post-training quantization) or
+    with fake quantization: the QAT one's INT8 artifact is closer to the teacher, with the same INT8 nodes."""
+    torch.manual_seed(0)
+    train, held = _frames(6, 1), _frames(2, 20)
+    teacher = Planner(PlannerConfig(width=64, depth=2, heads=2, head_dim=16, ffn=128)).eval()  # a fixed function
+    t_traj, t_logits = torch_predict(teacher, train)
+    h_traj, _ = torch_predict(teacher, held)
+    data = {**train.inputs(), "traj": train.traj, "traj_mask": train.traj_mask, "maneuver": train.maneuver,
+            "t_traj": t_traj, "t_logits": t_logits}
+    student = Planner(TINY)
+    _train(student, data, 800, 0)
+    ptq, qat_model = student, Planner(TINY)
+    qat_model.load_state_dict(student.state_dict())
+    example = tuple(tensors({k: v[:2] for k, v in data.items()}))
+    fq = FakeQuant(qat_model, QatConfig(), example)
+    assert sorted(fq.skipped) == ["agent_embed.0", "ego_embed.0", "lane_embed.0"]  # raw inputs stay float
+    assert input_fed_linears(qat_model, example) == set(fq.skipped)
+    _train(ptq, data, 600, 1, lr=1e-3)  # the same extra steps, in float
+    _train(qat_model, data, 600, 1, fq, lr=1e-3)
+    target = load_targets(chips=["orin"])["orin"]
+    errors, mixes = {}, {}
+    for name, model in (("ptq", ptq), ("qat", qat_model)):
+        art = Artifact.from_file(save_checkpoint(model, tmp_path / f"{name}.pt"), "orin")
+        fp32 = ExportOnnx(target).run(art, ExportConfig(name=name, version="t"), tmp_path / name / "fp32")
+        q = QuantizeInt8(target, train).run(fp32, QuantizeConfig(), tmp_path / name / "int8")
+        traj, _ = predict(session(q.path, 1), held)
+        errors[name] = float(displacement(traj, h_traj)[0].mean())
+        mixes[name] = q.plan
+    assert mixes["qat"] == mixes["ptq"]  # the same INT8 nodes: QAT buys accuracy, not precision
+    # measured here: 0.456 m against 0.517 m (another seed: 0.366 against 0.385)
+    assert errors["qat"] < errors["ptq"], errors
+    assert q.spec.precision == "int8" and q.path.stat().st_size < target.budget.size_bytes
