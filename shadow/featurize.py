@@ -32,7 +32,7 @@ Conditions for reporting (not model inputs): `lighting`, `weather`, `road_type` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -105,7 +105,7 @@ class Features:
         """The inputs of whichever featurizer gives exactly these input names (a graph's inputs)."""
         names = set(names)
         if names == set(INPUT_NAMES):
-            return self.inputs()
+            return self.inputs(BUILTIN_NAME)
         for group in (self.extra or {}).values():
             if set(group) == names:
                 return group
@@ -114,9 +114,9 @@ class Features:
     def take(self, index: np.ndarray | slice) -> "Features":
         """Frames selected by an index array or slice, every field alike."""
         out = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[index])
-               for f in fields(self) if f.name != "extra"}
+               for f in fields(Features) if f.name != "extra"}
         extra = None if self.extra is None else {k: {n: a[index] for n, a in g.items()} for k, g in self.extra.items()}
-        return Features(**out, extra=extra)
+        return replace(self, **out, extra=extra)  # a subclass (shadow.plugins.PluginFeatures) stays one
 
     @staticmethod
     def concat(parts: list["Features"]) -> "Features":
@@ -132,7 +132,7 @@ class Features:
         if all(p.extra for p in parts) and len({tuple(sorted(p.extra)) for p in parts}) == 1:
             extra = {k: {n: np.concatenate([p.extra[k][n] for p in parts]) for n in parts[0].extra[k]}
                      for k in parts[0].extra}
-        return Features(**out, extra=extra)
+        return replace(parts[0], **out, extra=extra)
 
 
 def _wrap(a: np.ndarray) -> np.ndarray:

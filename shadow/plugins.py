@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -187,3 +187,23 @@ def featurizer_for_inputs(names) -> Featurizer:
             return f
     raise PluginError(f"no registered featurizer gives the inputs {sorted(names)}; registered: "
                       f"{ {k: list(f.input_names) for k, f in featurizers().items()} }")
+
+
+@dataclass
+class PluginFeatures(fz.Features):
+    """Features whose `inputs()` are those of the featurizer `default` (kept in `extra`): code written for
+    `Features.inputs()` (calibration readers, verification) feeds a plug-in planner its own inputs unchanged."""
+
+    default: str = BUILTIN_FEATURIZER
+
+    def inputs(self, featurizer: str | None = None) -> dict[str, np.ndarray]:
+        return super().inputs(featurizer or self.default)
+
+
+def as_inputs_of(feats: fz.Features, name: str) -> fz.Features:
+    """`feats` (holding featurizer `name`'s inputs when it is a plug-in) seen as that featurizer's features."""
+    if name == BUILTIN_FEATURIZER:
+        return feats
+    if not feats.extra or name not in feats.extra:
+        raise PluginError(f"these features hold no inputs of featurizer {name!r}; add them with add_inputs")
+    return PluginFeatures(**{f.name: getattr(feats, f.name) for f in fields(fz.Features)}, default=name)

@@ -41,14 +41,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION
+from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, arrow_to_frames
 from ingest.lake import (DRIVE_SEQ_KEY, file_name, fsync_dir, live_files, partition_dir, write_json_atomic,
                          write_parquet_atomic)
 from ingest.tables import FRAMES_LAKE_SCHEMA, read_footer
 from ingest.versions import UnknownVersion, check_version
 from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq, scan_drive_seq
 from retrain.cycle.mining import MinedItem, MiningResult, condition_of
-from shadow.featurize import Features, featurize
+from shadow.featurize import Features, featurize, segments_of
+from shadow.plugins import add_inputs
 from shadow.spec import sha256_file
 
 log = logging.getLogger(__name__)
@@ -251,11 +252,15 @@ class Snapshot:
     def drives(self, split: str) -> list[str]:
         return list(self.manifest["split"]["drives"][split])
 
-    def features(self) -> tuple[Features, dict[str, np.ndarray]]:
+    def features(self, featurizers: tuple[str, ...] | list[str] = ()) -> tuple[Features, dict[str, np.ndarray]]:
         """Every row featurized once (history and targets never cross drives or seq gaps) and per-row meta:
-        split, role (object arrays), item (int32), drive_id (object), seq (int64)."""
+        split, role (object arrays), item (int32), drive_id (object), seq (int64). `featurizers`: plug-in
+        featurizers (`shadow.plugins`) whose inputs are added to the features' `extra` as well."""
         t = self.table()
         feats = featurize(t.select(FRAME_SCHEMA.names), with_targets=True)
+        if featurizers:
+            frames = arrow_to_frames(t.select(FRAME_SCHEMA.names))
+            feats = add_inputs(feats, frames, tuple(featurizers), segments_of(t))
         meta = {"split": t["split"].to_numpy(zero_copy_only=False), "role": t["role"].to_numpy(zero_copy_only=False),
                 "item": t["item"].to_numpy(), "drive_id": t["drive_id"].to_numpy(zero_copy_only=False),
                 "seq": t["seq"].to_numpy()}
@@ -393,11 +398,13 @@ def load_snapshot(path: Path, verify: bool = True) -> Snapshot:
     return snap
 
 
-def compress_frames(snapshot: Snapshot, seed: int = 0) -> tuple[Features, Features, Features]:
+def compress_frames(snapshot: Snapshot, seed: int = 0, featurizers: tuple[str, ...] | list[str] = ()
+                    ) -> tuple[Features, Features, Features]:
     """Frames for `retrain.compress.workflow` from a snapshot: (calibration = train ordinary frames, validation = val mined
     and ordinary frames in a seeded order, mined = train mined frames). Train frames stand in for a split that is
-    empty; test frames are never used (they judge the result)."""
-    feats, meta = snapshot.features()
+    empty; test frames are never used (they judge the result). `featurizers`: plug-in featurizers whose inputs the
+    frames carry too (a plug-in student's, `retrain.cycle.compress_plugin`)."""
+    feats, meta = snapshot.features(featurizers)
     split, role = meta["split"], meta["role"]
     train_mined = np.flatnonzero((split == "train") & (role == "mined"))
     train_ord = np.flatnonzero((split == "train") & (role == "ordinary"))
