@@ -74,13 +74,14 @@ def stored_teacher(lake: Path, model: str, drive_id: np.ndarray, seq: np.ndarray
 
 def finetune_plugin(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneConfig, out_dir: Path,
                     progress: Progress | None = None, stored: Path | None = None) -> FinetuneResult:
-    """Fine-tune the plug-in model directory `start` (see the module docstring); returns the result record."""
+    """Fine-tune the plug-in model directory `start`, or its state file (beside its model.onnx and spec.json, as
+    `export` writes them; see the module docstring); returns the result record."""
     t_start = time.perf_counter()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
     plugin, module = load_module(start)
-    spec = read_spec(start, verify=False)
+    spec = read_spec(Path(start).parent if Path(start).is_file() else start, verify=False)
     feats, meta = snapshot.features([plugin.featurizer])
     inputs = feats.inputs(plugin.featurizer)
     t0 = time.perf_counter()

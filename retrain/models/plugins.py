@@ -142,11 +142,12 @@ def export(plugin: PlannerPlugin, module: nn.Module, model_dir: Path, name: str,
     save_state(plugin, module, model_dir / STATE_FILE)
     inputs = [TensorSpec(name=n, shape=["batch", *shape], role=n, units=f"see featurizer {feat.name} {feat.version}")
               for n, shape in feat.inputs]
+    extra = {"checkpoint": str((model_dir / STATE_FILE).resolve()), **(extra or {})}  # what a cycle fine-tunes
     spec = ModelSpec(name=name, version=version, precision="fp32", featurizer=feat.name,
                      featurizer_version=feat.version, planner=plugin.name, inputs=inputs, outputs=default_outputs(),
                      parameters=sum(p.numel() for p in module.parameters()),
                      flops_per_frame=plugin.flops_per_frame(module) if plugin.flops_per_frame else 0,
-                     architecture=plugin.config_of(module), extra=extra or {})
+                     architecture=plugin.config_of(module), extra=extra)
     write_spec(spec, path)
     return read_spec(path)
 
@@ -171,9 +172,21 @@ def load_state(path: Path) -> tuple[PlannerPlugin, nn.Module]:
     return plugin, module.eval()
 
 
+def is_plugin_state(path: Path) -> bool:
+    """Whether `path` is a plug-in planner's state file (`save_state`), not a transformer checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return isinstance(blob, dict) and "planner" in blob and blob.get("planner") != TRANSFORMER.name
+
+
 def load_module(model_dir: Path) -> tuple[PlannerPlugin, nn.Module]:
-    """The torch module of a plug-in model directory (state_dict.pt beside model.onnx), checked against its spec."""
+    """The torch module of a plug-in model directory (state_dict.pt beside model.onnx), checked against its spec;
+    or of a state file given directly."""
     model_dir = Path(model_dir)
+    if model_dir.is_file() and model_dir.suffix == ".pt":
+        return load_state(model_dir)
     model_dir = model_dir if model_dir.is_dir() else model_dir.parent
     spec = read_spec(model_dir, verify=False)
     if not (model_dir / STATE_FILE).is_file():
