@@ -11,10 +11,16 @@ exists, so a killed cycle continues where it stopped; the fine-tune also resumes
 
 1. mine      windows by SQL or by score above the noise floor (`retrain.cycle.mining`) of the pair (teacher, student);
 2. snapshot  an immutable dataset snapshot split by drive (`retrain.cycle.dataset`);
-3. finetune  distillation on the mined train windows plus a replay sample (`retrain.cycle.finetune`);
-4. compress  the fine-tuned model for every target chip (`retrain.compress.workflow`), one result per chip;
-5. verify    `retrain.cycle.gates.verify`: shadow replay (`shadow.batch.replay`) of the current student and the candidate (the
-             `verification.chip` artifact) on the snapshot's test drives, written as a lake of its own under
+   baseline  the current student's artifact for every chip (`retrain.cycle.baseline`: from the registry, else
+             compressed from its checkpoint and registered): what the candidate is compared with, on the chip's
+             numerics, in verification and in the compression gates;
+3. finetune  distillation on the mined train windows plus a replay sample (`retrain.cycle.finetune`; a plug-in
+             planner's, `retrain.models.plugins`, by `retrain.cycle.finetune_plugin`);
+4. compress  the fine-tuned model for every target chip (`retrain.compress.workflow`; a plug-in planner's by
+             `retrain.cycle.compress_plugin`), one result per chip; the accuracy-aware fallback may not go below the
+             current student's INT8 share on that chip;
+5. verify    `retrain.cycle.verify`: shadow replay (`shadow.batch.replay`) of the current student and the candidate (both
+             as `verification.chip` artifacts) on the snapshot's test drives, written as a lake of its own under
              work_dir/verify; the divergence where mined (test mined windows) and elsewhere (test ordinary
              windows), per condition; closed-loop episodes in highway-env (`retrain.cycle.closed_loop`) for both, and
              the expert as reference;
@@ -39,8 +45,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ingest.lake import model_id, pair_id, write_json_atomic
 from ingest.versions import UnknownVersion, check_version
 from retrain.compress.workflow import CompressConfig, TargetResult, compress_for_target
+from retrain.cycle.baseline import ChipBaseline, chip_baselines
 from retrain.cycle.dataset import DatasetConfig, compress_frames, create_snapshot, load_snapshot
+from retrain.cycle.compress_plugin import compress_plugin_for_target
 from retrain.cycle.finetune import FinetuneConfig, FinetuneResult, finetune
+from retrain.cycle.finetune_plugin import finetune_plugin
 from retrain.models.onnx_import import planner_from_onnx
 from retrain.cycle.gates import GateConfig, GateDecision, evaluate_gates, target_summary
 from retrain.cycle.verify import VerificationConfig, verify
@@ -48,6 +57,7 @@ from retrain.cycle.mining import MiningConfig, MiningResult, mine
 from retrain.cycle.registry import ModelEntry, Registry
 from retrain.cycle.results import CycleResult
 from retrain.compress.targets import load_targets
+from retrain.models.plugins import export, load_state, state_plugin
 from retrain.models.training import export_with_spec, load_checkpoint, save_checkpoint
 from shadow.spec import MODEL_FILE, read_spec, write_spec
 
@@ -55,7 +65,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, dict], None]
 """progress(step, done, total, info): step is one of STEPS; done/total count the step's own units."""
-STEPS = ("mine", "snapshot", "finetune", "compress", "verify", "gate", "register")
+STEPS = ("mine", "snapshot", "baseline", "finetune", "compress", "verify", "gate", "register")
 RECORD_FORMAT_VERSION = 1
 """Version of the records in a cycle's work_dir: cycle.json, <step>.json, result.json."""
 
@@ -230,32 +240,55 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
     snap_rec = step("snapshot", do_snapshot)
     snap = load_snapshot(Path(snap_rec["path"]))
 
+    plugin = state_plugin(ckpt)  # a plug-in planner (retrain.models.plugins): its own fine-tune and compression
+    frames = None
+
+    def compress_inputs():
+        nonlocal frames
+        frames = frames or compress_frames(snap, config.dataset.seed, [plugin.featurizer] if plugin else [])
+        return frames
+
+    def do_baseline() -> dict:
+        calib, val, mined_f = compress_inputs()
+        base = chip_baselines(reg, parent, ckpt, targets, calib, val, mined_f, config.compress, teacher_dir,
+                              work / "baseline", config.update_registry,
+                              compress_one=compress_plugin_for_target if plugin else compress_for_target,
+                              progress=(lambda d, n, info: step.tell("baseline", d, n, info)) if progress else None)
+        return {chip: b.model_dump(mode="json") for chip, b in base.items()}
+
+    baselines = {c: ChipBaseline.model_validate(b) for c, b in step("baseline", do_baseline).items()}
+
     def do_finetune() -> dict:
-        res = finetune(ckpt, teacher_dir, snap, config.finetune, work / "finetune",
-                       progress=(lambda s, n, info: step.tell("finetune", s, n, info)) if progress else None)
+        tune = (lambda *a, **k: finetune_plugin(*a, **k, stored=config.lake)) if plugin else finetune
+        res = tune(ckpt, teacher_dir, snap, config.finetune, work / "finetune",
+                   progress=(lambda s, n, info: step.tell("finetune", s, n, info)) if progress else None)
         return res.model_dump(mode="json")
 
     ft = FinetuneResult.model_validate(step("finetune", do_finetune))
 
     def do_compress() -> dict:
-        calib, val, mined_f = compress_frames(snap, config.dataset.seed)
+        calib, val, mined_f = compress_inputs()
+        compress_one = compress_plugin_for_target if plugin else compress_for_target
         cfg = config.compress.model_copy(update={"export": config.compress.export.model_copy(
             update={"name": parent.name, "version": version})})
         out = []
         for i, (chip, target) in enumerate(targets.items()):
             done = work / "compress" / chip / "result.json"
+            b = baselines[chip]
             if done.is_file():  # compress_for_target writes this last: the chip is finished
-                out.append(TargetResult.model_validate_json(done.read_text()).model_dump(mode="json"))
-            else:
-                out.append(compress_for_target(Path(ft.checkpoint), target, calib, val, work / "compress", cfg,
-                                               teacher_dir, mined_f).model_dump(mode="json"))
+                r = TargetResult.model_validate_json(done.read_text())
+            else:  # the fallback may not give back what the current student has on this chip
+                r = compress_one(Path(ft.checkpoint), target, calib, val, work / "compress", cfg, teacher_dir,
+                                 mined_f, floor={"int8": b.int8_matmul_share, "integer": b.integer_matmul_share})
+            out.append(r.model_copy(update={"baseline": b.figures()}).model_dump(mode="json"))
             step.tell("compress", i + 1, len(targets), {"chip": chip})
         return {"targets": out}
 
     compressed = step("compress", do_compress)["targets"]
     chip_art = {t["chip"]: Path(t["artifact"]).parent for t in compressed}
     verified = step("verify", lambda: verify(
-        config.verification, snap, teacher_dir, parent_dir, chip_art[config.verification.chip], work / "verify",
+        config.verification, snap, teacher_dir, Path(baselines[config.verification.chip].path),
+        chip_art[config.verification.chip], work / "verify",
         progress=(lambda s, d, n, info: step.tell("verify", d, n, {"stage": s, **info})) if progress else None,
         fp32=_fp32_models(reg, parent, compressed, config, work)))
     gate = GateDecision.model_validate(step("gate", lambda: evaluate_gates(config.gates, {
@@ -312,7 +345,9 @@ def _register(reg: Registry, gate: GateDecision, parent: ModelEntry, teacher: Mo
     extra = {"checkpoint": ft.checkpoint, "cycle_id": cycle_id, "snapshot": snap.id, "recipe": "retrain.cycle.cycle"}
     cand = work / "candidate"
     fp32_dir = cand / "fp32"
-    if not (fp32_dir / MODEL_FILE).is_file():
+    if not (fp32_dir / MODEL_FILE).is_file() and state_plugin(Path(ft.checkpoint)):
+        export(*load_state(Path(ft.checkpoint)), fp32_dir, f"{parent.name}-fp32", version, extra)
+    elif not (fp32_dir / MODEL_FILE).is_file():
         export_with_spec(load_checkpoint(Path(ft.checkpoint)), fp32_dir, f"{parent.name}-fp32", version, extra)
     div = verified["divergence"]
     metrics = {"mined_before": div["mined"]["before"].get("mean_score"),
@@ -333,7 +368,8 @@ def _register(reg: Registry, gate: GateDecision, parent: ModelEntry, teacher: Mo
             tmp.mkdir(parents=True)
             shutil.copyfile(t["artifact"], tmp / MODEL_FILE)
             spec = read_spec(Path(t["artifact"]))
-            spec.extra = {**spec.extra, **extra, "chip": t["chip"]}
+            spec.extra = {**spec.extra, **extra, "chip": t["chip"], "compression": {
+                k: t[k] for k in ("bytes", "latency_ms_estimate", "int8_matmul_share", "integer_matmul_share")}}
             write_spec(spec, tmp / MODEL_FILE)
             os.replace(tmp, dest)
         main = t["chip"] == config.verification.chip

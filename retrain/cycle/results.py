@@ -52,6 +52,8 @@ class MiningSummary(Record):
     frames: int
     by_condition: dict[str, int]
     by_road_type: dict[str, int]
+    by_source: dict[str, int] = Field(default_factory=dict, description="mined windows per source (imports' "
+                                      "format, else fleet); absent from records made before sources")
     drives: int
 
 
@@ -80,6 +82,12 @@ class FinetuneSummary(Record):
     teacher_label_seconds: float
     seconds: float
     evaluations: int
+    # the fine-tune's later fields (retrain.cycle.finetune.FinetuneResult), absent from older records
+    qat_started_at: int | None = None
+    qat_skipped: list[str] = Field(default_factory=list)
+    prune_back: dict[str, Any] | None = None
+    numerics: dict[str, Any] = Field(default_factory=dict)
+    train_steps_per_s: float | None = None
 
 
 class Summary(Record):

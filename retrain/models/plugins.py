@@ -172,13 +172,16 @@ def load_state(path: Path) -> tuple[PlannerPlugin, nn.Module]:
     return plugin, module.eval()
 
 
-def is_plugin_state(path: Path) -> bool:
-    """Whether `path` is a plug-in planner's state file (`save_state`), not a transformer checkpoint."""
+def state_plugin(path: Path) -> PlannerPlugin | None:
+    """The plug-in of a plug-in planner's state file (`save_state`); None for anything else (a transformer
+    checkpoint of `retrain.models.training`)."""
     path = Path(path)
     if not path.is_file():
-        return False
+        return None
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    return isinstance(blob, dict) and "planner" in blob and blob.get("planner") != TRANSFORMER.name
+    if not isinstance(blob, dict) or "planner" not in blob or blob.get("planner") == TRANSFORMER.name:
+        return None
+    return planner(blob["planner"])
 
 
 def load_module(model_dir: Path) -> tuple[PlannerPlugin, nn.Module]:

@@ -25,6 +25,7 @@ from retrain.models.mixer import MixerConfig
 from shadow.batch.replay import replay
 from shadow.config import ReplayConfig
 from shadow.models import load_model
+from shadow.spec import read_spec
 from tests.shadow.test_replay import TEACHER_CFG, make_model, small_lake
 
 TINY = MixerConfig(width=16, depth=1, token_hidden=8, channel_hidden=32)
@@ -84,3 +85,39 @@ def test_a_plugin_without_pruning_hooks_is_compressed_unpruned(world, tmp_path, 
     assert r.prune_keep == 1.0 and r.verified and np.isfinite(r.max_abs_error)
     prune = json.loads((tmp_path / "cpu" / "prune.json").read_text())
     assert prune["skipped"] == "structured pruning skipped: planner mixer offers no pruning hooks"
+
+
+def test_one_cycle_of_the_mixer_through_verification_gate_and_registry(tmp_path_factory):
+    """The real cycle (`run_cycle`) with the MLP-Mixer as the current student, on the tiny world of the cycle tests:
+    mined, fine-tuned through its plug-in, compressed for every chip, verified by replay and closed loop, gated,
+    registered."""
+    from retrain.cycle.cycle import run_cycle
+    from retrain.cycle.registry import Registry
+    from retrain.recipes.mixer import MixerRecipeConfig, run
+    from tests.retrain.test_cycle import config, tiny_world
+
+    world = tiny_world(tmp_path_factory.getbasetemp() / "flywheel-world")
+    root = tmp_path_factory.mktemp("mixer-cycle")
+    reg = Registry(world["registry"])
+    teacher = reg.version_dir("teacher", "v1")
+    run(MixerRecipeConfig(drives_dir=world["drives"], teacher=teacher, out_dir=root / "mixer-v0", mixer=TINY,
+                          optim={"steps": 20, "batch_size": 32, "warmup_steps": 2}))
+    if "student-mixer:v0" not in {e.ref for e in reg.list("student-mixer")}:
+        reg.register("student-mixer", "v0", root / "mixer-v0", parents=["teacher:v1"], recipe="retrain.recipes.mixer")
+        reg.promote("student-mixer", "v0", "mixer v0")
+    lake = root / "lake"
+    import shutil
+
+    shutil.copytree(world["lake"] / "frames", lake / "frames")
+    replay(lake, teacher, reg.version_dir("student-mixer", "v0"), ReplayConfig(drive_end_idle_s=0.0, noise_every=5))
+    cfg = config(world, lake=lake, student="student-mixer:v0", snapshots_dir=root / "snapshots",
+                 targets=list(CHIPS), candidate_version="v1")
+    result = run_cycle(cfg, root / "work")
+    assert result.finetune["numerics"]["planner"] == "mixer"
+    assert {t["chip"] for t in result.targets} == set(CHIPS)
+    assert result.divergence["mined"]["after"]["frames"] > 0 and result.closed_loop["after"]
+    assert result.status in ("promoted", "rejected") and result.gate["reasons"] is not None
+    cand = reg.get("student-mixer", "v1")
+    spec = read_spec(reg.version_dir(cand.name, cand.version))
+    assert (spec.featurizer, spec.planner) == ("mixer", "mixer")
+    assert Path(spec.extra["checkpoint"]).is_file()  # the next cycle fine-tunes from it
