@@ -2,6 +2,7 @@
 
     python -m bench.flywheel            # reference size (fleets, teacher and student cached under data/bench/flywheel)
     python -m bench.flywheel --quick    # tiny fleets and models (a smoke run of every part)
+    python -m bench.flywheel --planner mixer   # the cycle for a plug-in student (retrain.models.plugins)
 
 Set-up (cached; only what is missing is made): two highway-env fleets of the reference simulator (`sim`),
 one whose drives made the teacher and student v0 (their recipes, registered in a registry), and a later one, the
@@ -19,6 +20,11 @@ Control (`--control`, on at the reference size): the same cycle on the same snap
 registered. Its figures on the same held-out frames tell how much of the cut where mined comes from targeting and
 how much from more distillation alone, and how much from selecting windows where the current student happened to
 be worst (regression to the mean shows up in the control too).
+
+Plug-in planners (`--planner NAME`, a registered `flywheel.planners` entry point; default the project's
+transformer): the student v0 is that plug-in, distilled from the same teacher on the same training fleet
+(`retrain.recipes.mixer.run`, the plug-in's own featurizer), registered as `student-<name>:v0` and replayed into the
+same lake; the cycle then fine-tunes, compresses (its pruning hooks), verifies and gates it like the transformer.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class Size:
     teacher: dict
     student: dict
     cycle: dict
+    plugin_student: dict | None = None  # retrain.recipes.mixer.MixerRecipeConfig fields of a plug-in student v0
 
 
 _FLEET = {"drive_duration_s": 40.0, "workers": 2}
@@ -77,7 +84,9 @@ SIZES = {
                             "latency_warmup": 2},
                "verification": {"closed_loop": {"scenarios": ["highway", "merge"], "episodes": 1, "max_steps": 60},
                                 "conditions": ["nominal", "glare"]},
-               "gates": {"min_mined_frames": 10, "min_elsewhere_frames": 10}}),
+               "gates": {"min_mined_frames": 10, "min_elsewhere_frames": 10}},
+        plugin_student={"mixer": {"width": 16, "depth": 1, "token_hidden": 8, "channel_hidden": 32},
+                        "optim": {"steps": 60, "batch_size": 64, "warmup_steps": 5}}),
     "default": Size(
         train_fleet={**_FLEET, "seed": 200, "vehicles": 16, "drives_per_vehicle": 3},
         service_fleet={**_FLEET, "seed": 201, "vehicles": 24, "drives_per_vehicle": 3},
@@ -86,7 +95,9 @@ SIZES = {
         # the student v0 recipe's own schedule (1500 distillation steps, 400 after pruning), on a narrower planner
         student={"model": {"width": 64, "depth": 2, "heads": 4, "head_dim": 16, "ffn": 256}},
         cycle={"verification": {"closed_loop": {"episodes": 2, "max_steps": 150},
-                                "conditions": ["nominal", "glare"]}}),
+                                "conditions": ["nominal", "glare"]}},
+        plugin_student={"mixer": {"width": 64, "depth": 3, "token_hidden": 32, "channel_hidden": 128},
+                        "optim": {"steps": 1500, "batch_size": 256, "lr": 1e-3, "warmup_steps": 50}}),
 }
 
 
@@ -120,7 +131,7 @@ def size_key(size: Size, seed: int = 0) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def prepare(base: Path, name: str, size: Size, seed: int = 0) -> World:
+def prepare(base: Path, name: str, size: Size, seed: int = 0, planner: str = "transformer") -> World:
     """Fleets (under `base`/fleets), teacher and student v0 (registered), the service lake and its shadow replay
     (under `base`/<name>-<size key>); everything cached."""
     from retrain.cycle.registry import Registry
@@ -162,9 +173,33 @@ def prepare(base: Path, name: str, size: Size, seed: int = 0) -> World:
     took["lake_and_replay"] = time.perf_counter() - t
     log.info("shadow replay: %d frames replayed (%d already), noise floor %s", rep.frames_replayed,
              rep.files_covered, rep.noise_floor)
+    student = "student:v0"
+    if planner != "transformer":
+        student = _plugin_student(root, reg, train_drives, lake, planner, size, seed, took)
     # the cycle starts from student v0, the student replayed into the lake, even after a run promoted a candidate
     # in this cached registry (the control cycle after it, and the next run, would mine a pair never replayed)
-    return World(root, lake, reg_dir, "teacher:v1", "student:v0", took)
+    return World(root, lake, reg_dir, "teacher:v1", student, took)
+
+
+def _plugin_student(root: Path, reg, train_drives: Path, lake: Path, planner: str, size: Size, seed: int,
+                    took: dict) -> str:
+    """Student v0 of a plug-in planner (distilled, registered as student-<planner>:v0, replayed); its ref."""
+    from retrain.recipes.mixer import MixerRecipeConfig
+    from retrain.recipes.mixer import run as run_plugin_student
+    from shadow.batch.replay import replay
+    from shadow.config import ReplayConfig
+
+    name = f"student-{planner}"
+    t = time.perf_counter()
+    if f"{name}:v0" not in {e.ref for e in reg.list(name)}:
+        spec = run_plugin_student(MixerRecipeConfig(drives_dir=train_drives, teacher=reg.version_dir("teacher", "v1"),
+                                                    out_dir=root / name, planner=planner, name=name, seed=seed,
+                                                    **(size.plugin_student if planner == "mixer" else {})))
+        reg.register(name, "v0", root / name, parents=["teacher:v1"], recipe="retrain.recipes.mixer")
+        reg.promote(name, "v0", f"{name} v0 recipe: {spec.extra.get('held_out_vs_teacher')}")
+    took["plugin_student"] = time.perf_counter() - t
+    replay(lake, reg.version_dir("teacher", "v1"), reg.version_dir(name, "v0"), ReplayConfig(drive_end_idle_s=0.0))
+    return f"{name}:v0"
 
 
 def cycle_config(world: World, size: Size, **override) -> CycleConfig:
@@ -230,17 +265,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--root", type=Path, default=Path("data/bench/flywheel"), help="cache directory")
     ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the untargeted control (default: on at the reference size, off with --quick)")
+    ap.add_argument("--planner", default="transformer", help="the student's planner plug-in (a registered "
+                    "flywheel.planners name, e.g. mixer); default the project's transformer")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     name = "quick" if args.quick else "default"
     size = SIZES[name]
-    world = prepare(args.root, name, size)
+    world = prepare(args.root, name, size, planner=args.planner)
     work = world.root / "cycles" / time.strftime("%Y%m%d-%H%M%S")
     result = run_cycle(cycle_config(world, size), work, resume=False)
     print(format_result(result))
     out = summary(result, name, world.setup_seconds)
+    out["planner"] = args.planner
     if args.control if args.control is not None else not args.quick:
         ft = {**size.cycle.get("finetune", {}), "replay_ratio": 127.0}
         # The same effective training as the candidate: an untargeted fine-tune first gets worse on the val mined

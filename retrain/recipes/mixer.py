@@ -1,5 +1,5 @@
 """Recipe: the second reference student, an MLP-Mixer planner plug-in (`mixer`), distilled from a teacher ONNX model
-on a drives directory. It shares nothing with the transformer student but the heads: its own featurizer
+on a drives directory (any registered planner plug-in with `planner` and `architecture`). It shares nothing with the transformer student but the heads: its own featurizer
 (`shadow.featurize_mixer`), its own architecture (`retrain.models.mixer`), its own pruning hooks.
 
     from retrain.recipes.mixer import MixerRecipeConfig, run
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.lake import list_drive_files
 from retrain.models.evaluate import compare, predict, split_drives
 from retrain.models.mixer import MixerConfig
-from retrain.models.plugins import MIXER, distill, export
+from retrain.models.plugins import MIXER, distill, export, planner
 from retrain.models.training import DistillConfig, OptimConfig
 from shadow.models import session
 from shadow.plugins import featurize_files
@@ -39,6 +39,8 @@ class MixerRecipeConfig(BaseModel):
     drives_dir: Path = Field(description="drive directory (ingest.lake layout)")
     teacher: Path = Field(description="teacher model directory (model.onnx + spec.json)")
     out_dir: Path = Field(description="where the mixer model directory is written")
+    planner: str = Field("mixer", description="registered planner plug-in to distil (retrain.models.plugins)")
+    architecture: dict | None = Field(None, description="the plug-in's config; None: `mixer` for the mixer")
     name: str = Field("student-mixer", description="model name in the spec")
     version: str = Field("v0", description="model version in the spec")
     mixer: MixerConfig = Field(default_factory=MixerConfig, description="architecture")
@@ -59,18 +61,21 @@ def run(cfg: MixerRecipeConfig) -> ModelSpec:
     if not paths:
         raise FileNotFoundError(f"no drive files under {cfg.drives_dir}")
     train, held = split_drives(paths, cfg.holdout_fraction, cfg.seed) if len(paths) > 1 else (paths, [])
-    train_f = featurize_files(train, [MIXER.featurizer], stride=cfg.stride)
+    plugin = planner(cfg.planner)
+    train_f = featurize_files(train, [plugin.featurizer], stride=cfg.stride)
     teacher = session(cfg.teacher, cfg.threads)
     t_traj, t_logits = predict(teacher, train_f)
-    data = {**train_f.inputs(MIXER.featurizer), "t_traj": t_traj, "t_logits": t_logits, "traj": train_f.traj,
+    data = {**train_f.inputs(plugin.featurizer), "t_traj": t_traj, "t_logits": t_logits, "traj": train_f.traj,
             "traj_mask": train_f.traj_mask, "maneuver": train_f.maneuver}
-    module = MIXER.build(cfg.mixer.model_dump())
-    final = distill(MIXER, module, data, cfg.optim, cfg.loss, cfg.seed)
+    arch = cfg.architecture if cfg.architecture is not None else (
+        cfg.mixer.model_dump() if plugin.name == MIXER.name else {})
+    module = plugin.build(arch)
+    final = distill(plugin, module, data, cfg.optim, cfg.loss, cfg.seed)
     extra: dict = {"recipe": "retrain.recipes.mixer", "train_frames": len(train_f), "final_loss": final,
                    "teacher": str(cfg.teacher)}
-    spec = export(MIXER, module, cfg.out_dir, cfg.name, cfg.version, extra)
+    spec = export(plugin, module, cfg.out_dir, cfg.name, cfg.version, extra)
     if held:
-        held_f = featurize_files(held, [MIXER.featurizer])
+        held_f = featurize_files(held, [plugin.featurizer])
         mixer_out = predict(session(cfg.out_dir, cfg.threads), held_f)
         overall = next(r for r in compare(mixer_out, predict(teacher, held_f), held_f) if r["group"] == "all")
         log.info("mixer vs teacher on %d held-out frames: %s", len(held_f), overall)
