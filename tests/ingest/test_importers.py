@@ -102,6 +102,10 @@ def test_ros2_predicted_objects_and_configured_topics(tmp_path):
     src = write_ros2(tmp_path / "p.mcap", SC, objects="predicted", trajectory=False, topics=topics)
     with pytest.raises(ImportFailed, match="no nav_msgs/msg/Odometry"):
         import_sources("ros2", [src], tmp_path / "drives")
+    wrong = ImportOptions(odometry_topic="/objs", objects_topic="/odom", trajectory_topic="/plan")
+    with pytest.raises(ImportFailed, match=r"p.mcap: message 0 on /odom at log time \d+: schema "
+                                           r"'nav_msgs/msg/Odometry', expected one of"):
+        import_sources("ros2", [src], tmp_path / "drives", wrong)
     opts = ImportOptions(odometry_topic="/odom", objects_topic="/objs", trajectory_topic="/plan", vehicle_id="car-7")
     _, c = _first(import_sources("ros2", [src], tmp_path / "drives", opts))
     assert c["agent_count"].sum() > 0 and (c["plan_count"] == 0).all()

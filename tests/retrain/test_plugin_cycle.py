@@ -121,3 +121,7 @@ def test_one_cycle_of_the_mixer_through_verification_gate_and_registry(tmp_path_
     spec = read_spec(reg.version_dir(cand.name, cand.version))
     assert (spec.featurizer, spec.planner) == ("mixer", "mixer")
     assert Path(spec.extra["checkpoint"]).is_file()  # the next cycle fine-tunes from it
+    from retrain.cycle.report import render_report
+
+    html = render_report(result.model_dump(mode="json"), root / "report.html", lake=lake).read_text()
+    assert "student-mixer" in html and "<table" in html
