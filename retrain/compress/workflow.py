@@ -99,6 +99,11 @@ class TargetResult(BaseModel):
     rules_ok: bool
     violations: list[str]
     verified: bool = Field(description="rules obeyed and numerics within the verification tolerances")
+    int8_matmul_share: float = Field(0.0, description="share of the product FLOPs (batch 1) run at INT8")
+    integer_matmul_share: float = Field(0.0, description="share of the product FLOPs run at INT8 or INT16")
+    baseline: dict | None = Field(None, description="the current student's figures on this chip (bytes, "
+                                  "latency_ms_estimate, int8_matmul_share, integer_matmul_share, ref), when a "
+                                  "cycle compared with it")
     lineage: list[str]
     seconds: float
 
@@ -129,9 +134,10 @@ def _source(student: Planner | Path, out: Path, chip: str) -> Artifact:
 
 def compress_for_target(student: Planner | Path, target: TargetProfile, calibration: Features, validation: Features,
                         out_dir: Path, config: CompressConfig | None = None, teacher: Path | None = None,
-                        mined: Features | None = None) -> TargetResult:
+                        mined: Features | None = None, floor: dict[str, float] | None = None) -> TargetResult:
     """Run the passes for one chip; see the module docstring. `teacher` (ONNX), when given, guides pruning and
-    sets the fallback's relative tolerance (a share of the FP32 student's divergence from it)."""
+    sets the fallback's relative tolerance (a share of the FP32 student's divergence from it). `floor`: shares of
+    product FLOPs the fallback may not go below ({"int8": .., "integer": ..}, the current student's)."""
     config = config or CompressConfig()
     t0 = time.perf_counter()
     if len(validation) < 2:
@@ -147,8 +153,8 @@ def compress_for_target(student: Planner | Path, target: TargetProfile, calibrat
     fp32 = ExportOnnx(target).run(art, config.export, out / "fp32")
     # the teacher's outputs on the fallback frames let its tolerance scale with the student's own divergence
     t_out = predict(session(teacher, config.fallback.threads), fb_frames) if teacher is not None else None
-    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration", teacher=t_out).run(
-        fp32, config.fallback, out / "fallback")
+    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration", teacher=t_out,
+                                     floor=floor).run(fp32, config.fallback, out / "fallback")
     chip_art = RooflinePass(target).run(chip_art, RooflineConfig(), out / "roofline")
     chip_art = VerifyArtifact(target, held).run(chip_art, config.verify, out / "verify")
 
@@ -160,6 +166,7 @@ def compress_for_target(student: Planner | Path, target: TargetProfile, calibrat
     basis = "measured" if target.chip in MEASURED_LATENCY_CHIPS else "estimate"
     size = chip_art.path.stat().st_size
     prune = chip_art.metrics.get("prune", {})
+    shares = chip_art.metrics["fallback"]["matmul_shares"]
     result = TargetResult(
         chip=target.chip, name=target.name, toolchain=target.toolchain, artifact=str(chip_art.path),
         fp32_artifact=str(fp32.path), bytes=size, fp32_bytes=fp32.path.stat().st_size,
@@ -172,7 +179,8 @@ def compress_for_target(student: Planner | Path, target: TargetProfile, calibrat
         max_abs_error=ver["vs_fp32"]["traj_max_abs"], mean_abs_error=ver["vs_fp32"]["traj_mean_abs"],
         error_vs_fp32=ver["vs_fp32"], fallback=chip_art.metrics["fallback"],
         tolerance_met=chip_art.metrics["fallback"]["met"], rules_ok=ver["rules_ok"], violations=ver["violations"],
-        verified=ver["passed"], lineage=chip_art.lineage(), seconds=time.perf_counter() - t0)
+        verified=ver["passed"], lineage=chip_art.lineage(), seconds=time.perf_counter() - t0,
+        int8_matmul_share=shares.get("int8", 0.0), integer_matmul_share=shares.get("integer", 0.0))
     (out / "result.json").write_text(result.model_dump_json(indent=2))
     log.info("%s: %d bytes, %s, CPU %.3f ms (measured), chip %.4f ms (estimate), max err %.4f, verified %s",
              target.chip, size, result.precision_mix, lat, est["estimate_ms"], result.max_abs_error, result.verified)

@@ -92,8 +92,8 @@ def prune_plugin(plugin: PlannerPlugin, module: torch.nn.Module, target: TargetP
 
 def compress_plugin_for_target(student: Path, target: TargetProfile, calibration: Features, validation: Features,
                                out_dir: Path, config: CompressConfig | None = None, teacher: Path | None = None,
-                               mined: Features | None = None) -> TargetResult:
-    """`retrain.compress.workflow.compress_for_target` for a plug-in model directory `student`; the frames must
+                               mined: Features | None = None, floor: dict[str, float] | None = None) -> TargetResult:
+    """`retrain.compress.workflow.compress_for_target` for a plug-in model directory `student` (`floor`: as there); the frames must
     hold its featurizer's inputs (`shadow.plugins.add_inputs`; the snapshot's `features([name])`)."""
     config = config or CompressConfig()
     t0 = time.perf_counter()
@@ -133,8 +133,8 @@ def compress_plugin_for_target(student: Path, target: TargetProfile, calibration
                     metrics=dict(source.metrics), notes=[f"FP32 ONNX of plug-in {plugin.name}, opset "
                                                          f"{target.onnx_opset}"])
     t_out = predict(session(teacher, config.fallback.threads), fb_frames) if teacher is not None else None
-    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration", teacher=t_out).run(
-        fp32, config.fallback, out / "fallback")
+    chip_art = AccuracyAwareFallback(target, calib, fb_frames, cache_dir=out / "calibration", teacher=t_out,
+                                     floor=floor).run(fp32, config.fallback, out / "fallback")
     chip_art = RooflinePass(target).run(chip_art, RooflineConfig(), out / "roofline")
     chip_art = VerifyArtifact(target, held).run(chip_art, config.verify, out / "verify")
 
@@ -157,7 +157,9 @@ def compress_plugin_for_target(student: Path, target: TargetProfile, calibration
         max_abs_error=ver["vs_fp32"]["traj_max_abs"], mean_abs_error=ver["vs_fp32"]["traj_mean_abs"],
         error_vs_fp32=ver["vs_fp32"], fallback=chip_art.metrics["fallback"],
         tolerance_met=chip_art.metrics["fallback"]["met"], rules_ok=ver["rules_ok"], violations=ver["violations"],
-        verified=ver["passed"], lineage=chip_art.lineage(), seconds=time.perf_counter() - t0)
+        verified=ver["passed"], lineage=chip_art.lineage(), seconds=time.perf_counter() - t0,
+        int8_matmul_share=chip_art.metrics["fallback"]["matmul_shares"].get("int8", 0.0),
+        integer_matmul_share=chip_art.metrics["fallback"]["matmul_shares"].get("integer", 0.0))
     (out / "result.json").write_text(result.model_dump_json(indent=2))
     log.info("%s (%s plug-in): %d bytes, %s, verified %s", target.chip, plugin.name, size, result.precision_mix,
              result.verified)

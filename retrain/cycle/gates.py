@@ -14,6 +14,8 @@ Checks (each can be switched off or re-tuned):
   `comfort_margin` is set) its share of comfortable episodes at most that much below;
 - per target chip: size budget met, latency budget met (estimate on chips, measured on the CPU target), and the
   numeric verification (chip rules obeyed, error against the FP32 reference within tolerance) passed;
+- per target chip, compression: at least as compressed as the current student on that chip (`compression_checks`):
+  INT8 share of product FLOPs not lower, size and latency estimate at most 10% above;
 - enough evidence: at least `min_mined_frames` held-out mined frames and `min_elsewhere_frames` ordinary ones.
 
 A missing figure fails its check (nothing is passed by default).
@@ -55,6 +57,12 @@ class GateConfig(BaseModel):
                                          "most this much; None: reported, not checked")
     budgets: bool = Field(True, description="every target's size and latency budgets must be met")
     verification: bool = Field(True, description="every target's numeric verification must have passed")
+    compression: bool = Field(True, description="on every chip the candidate is at least as compressed as the "
+                              "current student there: its INT8 (and integer) share of product FLOPs not lower, "
+                              "size and latency estimate at most the ratios below")
+    max_size_ratio: float = Field(1.1, ge=1, description="candidate bytes / current student's bytes, per chip")
+    max_latency_ratio: float = Field(1.1, ge=1, description="candidate / current student's on-chip latency "
+                                     "ESTIMATE (roofline), per chip")
 
 
 class Check(Record):
@@ -78,6 +86,10 @@ class GateDecision(Record):
 
 def _num(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
+
+
+def _g(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def _fmt(x: float | None) -> str:
@@ -164,14 +176,43 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
             checks.append(Check(name=f"{chip}_verified", passed=bool(t.get("verified")), value=t.get("max_abs_error"),
                                 detail=f"{chip}: rules ok {t.get('rules_ok')}, tolerance met "
                                        f"{t.get('tolerance_met')}, violations {t.get('violations') or 'none'}"))
+        if config.compression:
+            checks += compression_checks(config, t)
     reasons = [c.detail for c in checks if not c.passed]
     passed = not reasons
     return GateDecision(passed=passed, status="promoted" if passed else "rejected", reasons=reasons, checks=checks)
+
+
+def compression_checks(config: GateConfig, t: dict) -> list[Check]:
+    """Per chip, the candidate's artifact against the current student's (`t["baseline"]`): INT8 share of product
+    FLOPs (and integer share, which counts INT16 where the chip's ladder puts products there) not lower; bytes and
+    latency ESTIMATE at most `max_size_ratio` / `max_latency_ratio` times."""
+    chip, b = t.get("chip", "?"), t.get("baseline")
+    if not b:
+        return [Check(name=f"{chip}_compression", passed=False,
+                      detail=f"{chip}: no current student on this chip to compare the compression with")]
+    out = []
+    for key, label in (("int8_matmul_share", "INT8"), ("integer_matmul_share", "integer")):
+        c, r = _num(t.get(key)), _num(b.get(key))
+        ok = c is not None and r is not None and c >= r - 1e-9
+        out.append(Check(name=f"{chip}_compression_{label.lower()}_share", passed=ok, value=c, limit=r,
+                         detail=f"{chip}: {label} share of product FLOPs {_g(r)} -> {_g(c)} "
+                                f"(current student {b.get('ref')}); may not fall"))
+    for key, ratio, label in (("bytes", config.max_size_ratio, "size"),
+                              ("latency_ms_estimate", config.max_latency_ratio, "latency ESTIMATE")):
+        c, r = _num(t.get(key)), _num(b.get(key))
+        rel = None if c is None or not r else c / r
+        out.append(Check(name=f"{chip}_compression_{label.split()[0]}", passed=rel is not None and rel <= ratio,
+                         value=rel, limit=ratio,
+                         detail=f"{chip}: {label} {_g(r)} -> {_g(c)} ({_g(rel)}x the current student's); "
+                                f"allowed <= {ratio}x"))
+    return out
 
 
 def target_summary(t: dict) -> dict:
     """The figures of a TargetResult a cycle reports (latency on the chip is an ESTIMATE, on this CPU measured)."""
     keys = ("chip", "name", "bytes", "size_budget_bytes", "size_budget_met", "cpu_latency_ms_measured",
             "cpu_latency_fp32_ms_measured", "latency_ms_estimate", "latency_budget_ms", "latency_budget_basis",
-            "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact")
+            "latency_budget_met", "verified", "max_abs_error", "precision_mix", "parameters", "artifact",
+            "int8_matmul_share", "integer_matmul_share", "baseline")
     return {**{k: t.get(k) for k in keys}, "latency_estimate_label": "estimate (roofline, datasheet figures)"}

@@ -184,6 +184,10 @@ class TargetSummary(Record):
     precision_mix: dict[str, int] | None = None
     parameters: int | None = None
     artifact: str | None = None
+    int8_matmul_share: float | None = None
+    integer_matmul_share: float | None = None
+    baseline: dict[str, Any] | None = Field(None, description="the current student's artifact on this chip: ref, "
+                                            "bytes, latency_ms_estimate, int8 and integer shares")
     latency_estimate_label: str
 
 

@@ -222,6 +222,29 @@ def test_fallback_reverts_only_when_tolerance_is_tight(built, frames, tmp_path):
     assert [s["error"] for s in fb["steps"]][-1] == fb["final_error"]
 
 
+def test_fallback_is_bounded_by_the_current_students_compression(built, frames, tmp_path):
+    cal, val = frames
+    _, _, arts = built
+    target, fp32, plain = arts["orin"]
+    shares = plain.metrics["fallback"]["matmul_shares"]
+    assert 0 < shares["int8"] == shares["integer"] < 1 and shares["int8"] + shares.get("fp16", 0) == pytest.approx(1)
+    tol = plain.metrics["fallback"]["initial_error"] / 4  # tight: unbounded, the fallback reverts nodes
+    free = AccuracyAwareFallback(target, cal, val).run(fp32, FallbackConfig(tolerance=tol), tmp_path / "free")
+    assert free.metrics["fallback"]["reverted"]
+    assert free.metrics["fallback"]["matmul_shares"]["int8"] < shares["int8"]
+    # held at the default plan's shares (a current student that kept all of them at INT8): nothing is reverted
+    held = AccuracyAwareFallback(target, cal, val, floor={"int8": shares["int8"], "integer": shares["integer"]}).run(
+        fp32, FallbackConfig(tolerance=tol), tmp_path / "held")
+    fb = held.metrics["fallback"]
+    assert fb["reverted"] == {} and not fb["met"] and fb["matmul_shares"]["int8"] == pytest.approx(shares["int8"])
+    assert set(fb["held_by_floor"]) == {n for n, p in plain.plan.items() if p == "int8"}
+    # a floor halfway allows some reverts, never going below it
+    half = shares["int8"] - (shares["int8"] - free.metrics["fallback"]["matmul_shares"]["int8"]) / 2
+    mid = AccuracyAwareFallback(target, cal, val, floor={"int8": half}).run(fp32, FallbackConfig(tolerance=tol),
+                                                                          tmp_path / "mid")
+    assert mid.metrics["fallback"]["matmul_shares"]["int8"] >= half - 1e-9
+
+
 def test_fallback_tolerance_relative_to_the_students_own_divergence(built, frames, tmp_path):
     cal, val = frames
     _, _, arts = built
@@ -320,7 +343,8 @@ def test_compress_all_records(built, frames, tmp_path):
     _, ck, arts = built
     mined = featurize(synthetic_frames(64, agents=12, seed=9), with_targets=False)
     cfg = CompressConfig(calibration_frames=200, fallback_frames=128, latency_runs=20, latency_warmup=2,
-                         prune={"importance_batches": 1}, fallback={"tolerance": 1e3})
+                         prune={"importance_batches": 1}, fallback={"tolerance": 1e3},
+                         verify={"tolerance_ade_m": 1.0})  # an untrained planner: records, not accuracy, are tested
     results = compress_all([arts["cpu"][0], arts["orin"][0]], ck, cal, val, tmp_path, cfg, mined=mined)
     cpu, orin = results
     for r in results:

@@ -139,7 +139,7 @@ def test_cycle_result_has_every_section(cycle_run, world):
         assert "estimate" in t["latency_estimate_label"]
     assert result.gate["status"] in ("promoted", "rejected") and result.passed == result.gate["passed"]
     assert result.status == result.gate["status"]
-    assert set(result.steps) == {"mine", "snapshot", "finetune", "compress", "verify", "gate", "register"}
+    assert set(result.steps) == {"mine", "snapshot", "baseline", "finetune", "compress", "verify", "gate", "register"}
     assert all(v["seconds"] >= 0 for v in result.steps.values()) and result.wall_s > 0
     assert result.mining["windows"] > 0 and result.mining["threshold"] is not None
     assert result.parent["checkpoint_source"].startswith("spec of student")
@@ -150,6 +150,17 @@ def test_cycle_result_has_every_section(cycle_run, world):
     assert main.parents[:2] == ["student:v0", "teacher:v1"] and main.dataset_sha256 == result.snapshot["content_sha256"]
     orin = reg.get("student-orin", result.candidate["version"])
     assert orin.parents == [main.ref] and orin.status == result.status
+    # the current student compressed for each chip is the baseline: registered, compared in the gate, and what
+    # verification replays as "before" (the verified chip's artifact, not the generic student:v0)
+    for t in result.targets:
+        base = reg.get(f"student-{t['chip']}", "v0")
+        assert t["baseline"]["ref"] == base.ref and base.status == "promoted" and base.parents == ["student:v0"]
+        assert t["int8_matmul_share"] >= t["baseline"]["int8_matmul_share"] - 1e-9  # the bounded fallback
+        for name in ("int8_share", "integer_share", "size", "latency"):
+            assert f"{t['chip']}_compression_{name}" in {c["name"] for c in result.gate["checks"]}
+    verify_rec = json.loads((work / "verify.json").read_text())["output"]
+    assert "student-cpu" in json.dumps(verify_rec) or reg.version_dir("student-cpu", "v0").name in json.dumps(
+        verify_rec)
     table = format_result(result)
     assert "ESTIMATE" in table and "measured" in table and result.candidate["version"] in table
     assert json.loads((work / "result.json").read_text())["cycle_id"] == result.cycle_id
@@ -159,12 +170,12 @@ def test_killed_cycle_resumes_and_skips_finished_steps(cycle_run):
     result, events, work, records = cycle_run
     first = [(s, st) for who, s, st in events if who == "first"]
     assert ("verify", "started") in first and ("register", "started") not in first
-    assert set(records) == {"cycle.json", "mine.json", "snapshot.json", "finetune.json", "compress.json"}
+    assert set(records) == {"cycle.json", "mine.json", "snapshot.json", "baseline.json", "finetune.json", "compress.json"}
     resumed = {k for k, v in result.steps.items() if v["resumed"]}
-    assert resumed == {"mine", "snapshot", "finetune", "compress"}
+    assert resumed == {"mine", "snapshot", "baseline", "finetune", "compress"}
     second = [(s, st) for who, s, st in events if who == "second"]
     assert ("finetune", "resumed") in second and ("verify", "started") in second
-    for name in ("mine.json", "snapshot.json", "finetune.json", "compress.json"):
+    for name in ("mine.json", "snapshot.json", "baseline.json", "finetune.json", "compress.json"):
         assert (work / name).read_text() == records[name]  # untouched by the second run
 
 
@@ -219,7 +230,11 @@ def test_gates_on_figures():
                                         "after": {"mean_score": 1.05, "frames": 100}}},
            "closed_loop": {"before": {"collisions": 1, "mean_min_ttc_s": 5.0, "episodes": 8},
                            "after": {"collisions": 1, "mean_min_ttc_s": 4.8, "episodes": 8}},
-           "targets": [{"chip": "orin", "size_budget_met": True, "latency_budget_met": True, "verified": True}]}
+           "targets": [{"chip": "orin", "size_budget_met": True, "latency_budget_met": True, "verified": True,
+                        "bytes": 600_000, "latency_ms_estimate": 0.05, "int8_matmul_share": 0.95,
+                        "integer_matmul_share": 0.95, "baseline": {
+                            "ref": "student-orin:v0", "bytes": 590_000, "latency_ms_estimate": 0.048,
+                            "int8_matmul_share": 0.95, "integer_matmul_share": 0.95}}]}
     assert evaluate_gates(GateConfig(), fig).passed
     fig["closed_loop"]["after"]["collisions"] = 2
     fig["targets"][0]["latency_budget_met"] = False
@@ -229,6 +244,28 @@ def test_gates_on_figures():
     d = evaluate_gates(GateConfig(), fig)
     assert any("held-out mined frames" in r for r in d.reasons)
     assert not evaluate_gates(GateConfig(), {}).passed  # a missing figure never passes
+
+
+def test_gate_rejects_a_candidate_that_gives_the_compression_back():
+    base = {"ref": "student-journey6:v0", "bytes": 600_000, "latency_ms_estimate": 0.040, "int8_matmul_share": 0.96,
+            "integer_matmul_share": 1.0}
+    ok = {"chip": "journey6", "size_budget_met": True, "latency_budget_met": True, "verified": True, "bytes": 650_000,
+          "latency_ms_estimate": 0.043, "int8_matmul_share": 0.96, "integer_matmul_share": 1.0, "baseline": base}
+    cfg = GateConfig(mined_reduction=None, elsewhere_increase=None, closed_loop=False)
+    assert evaluate_gates(cfg, {"targets": [ok]}).passed  # +8% size, +7.5% latency: within 10%
+    cases = {"journey6_compression_int8_share": {"int8_matmul_share": 0.60},  # products fell back to INT16
+             "journey6_compression_integer_share": {"integer_matmul_share": 0.9},
+             "journey6_compression_size": {"bytes": 661_000},
+             "journey6_compression_latency": {"latency_ms_estimate": 0.045}}
+    for name, change in cases.items():
+        d = evaluate_gates(cfg, {"targets": [{**ok, **change}]})
+        failed = [c for c in d.checks if not c.passed]
+        assert not d.passed and [c.name for c in failed] == [name], (name, d.reasons)
+        assert d.reasons == [failed[0].detail] and "journey6" in d.reasons[0] and "student-journey6:v0" in (
+            d.reasons[0] if "share" in name else "student-journey6:v0")
+    d = evaluate_gates(cfg, {"targets": [{**ok, "baseline": None}]})
+    assert not d.passed and d.reasons == ["journey6: no current student on this chip to compare the compression with"]
+    assert evaluate_gates(cfg.model_copy(update={"compression": False}), {"targets": [{**ok, "bytes": 10**7}]}).passed
 
 
 def test_bad_configs_are_refused(world):

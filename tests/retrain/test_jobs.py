@@ -23,7 +23,7 @@ from retrain.jobs.models import (JobFinished, JobNotFound, JobSpec, JobsConfig, 
 from retrain.jobs.store import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("mine", "snapshot", "finetune", "compress", "verify", "gate", "register")
+STEPS = ("mine", "snapshot", "baseline", "finetune", "compress", "verify", "gate", "register")
 
 
 def stand_in_cycle(job, work_dir: Path, progress, resume: bool) -> dict:
@@ -184,7 +184,7 @@ def test_outcomes_are_recorded_with_result_and_reasons(tmp_path):
     assert results[rejected.id].state == JobState.REJECTED and "merge ADE up 12%" in results[rejected.id].error
     b = results[broken.id]
     assert b.state == JobState.FAILED and "RuntimeError: compress broke" in b.error
-    assert b.steps_done == ["mine", "snapshot", "finetune"] and b.current_step == "compress"
+    assert b.steps_done == ["mine", "snapshot", "baseline", "finetune"] and b.current_step == "compress"
     assert all(j.finished_at >= j.started_at >= j.created_at for j in results.values())
 
 
@@ -205,9 +205,9 @@ def test_cancel_queued_running_and_finished_jobs(tmp_path):
     t.join(20)
     job = out[0]
     assert job.state == JobState.CANCELLED and job.error == "operator changed their mind"
-    assert job.steps_done == ["mine", "snapshot"]
+    assert job.steps_done == ["mine", "snapshot", "baseline"]
     executed = (Path(job.work_dir) / "executions.log").read_text().split()
-    assert executed == ["mine", "snapshot", "finetune"]  # nothing after the cancel
+    assert executed == ["mine", "snapshot", "baseline", "finetune"]  # nothing after the cancel
     with pytest.raises(JobNotFound):
         store.cancel("missing")
     done = store.create(spec("d"))[0]
@@ -234,7 +234,7 @@ def test_killed_runner_job_is_resumed_by_another_without_repeating_steps(tmp_pat
         proc.wait(10)
     killed = store.get(job.id)
     assert killed.state == JobState.RUNNING and killed.lease_owner == "doomed"
-    assert killed.steps_done == ["mine", "snapshot"]
+    assert killed.steps_done == ["mine", "snapshot", "baseline"]
     rescuer = runner(config, "rescuer")
     assert rescuer.run_once() is None or killed.lease_expires < time.time()  # a live lease is not taken
     done = wait_for(rescuer.run_once, 10, "the expired lease")
@@ -242,7 +242,7 @@ def test_killed_runner_job_is_resumed_by_another_without_repeating_steps(tmp_pat
     assert done.attempts == 2 and done.steps_done == list(STEPS)
     executed = (Path(done.work_dir) / "executions.log").read_text().split()
     # the step it was killed in runs again; the steps finished before it do not
-    assert executed == ["mine", "snapshot", "finetune", "finetune", "compress", "verify", "gate", "register"]
+    assert executed == ["mine", "snapshot", "baseline", "finetune", "finetune", "compress", "verify", "gate", "register"]
     assert any(e["kind"] == "claimed" and "rescuer resumes after doomed" in e["message"]
                for e in store.events(job.id))
 
@@ -377,7 +377,7 @@ def test_real_cycle_runs_as_a_job_and_resumes_after_its_runner_died(tmp_path, tm
     with pytest.raises(_RunnerDied):
         JobRunner(store, DiesAtVerify(config), config, owner="first").run_once()
     left = store.get(job.id)
-    assert left.state == JobState.RUNNING and left.steps_done == ["mine", "snapshot", "finetune", "compress"]
+    assert left.state == JobState.RUNNING and left.steps_done == ["mine", "snapshot", "baseline", "finetune", "compress"]
     time.sleep(config.lease_s)
     second = JobRunner(JobStore.from_config(config), real, config, owner="second", reporter=default_reporter(None))
     done = second.run_once()
@@ -385,10 +385,10 @@ def test_real_cycle_runs_as_a_job_and_resumes_after_its_runner_died(tmp_path, tm
     assert done.state in (JobState.SUCCEEDED, JobState.REJECTED), done.error
     assert done.steps_done == list(STEPS)
     skipped = [e["step"] for e in store.events(job.id) if e["kind"] == "step" and e["message"] == "skipped"]
-    assert skipped == ["mine", "snapshot", "finetune", "compress"]
+    assert skipped == ["mine", "snapshot", "baseline", "finetune", "compress"]
     result = json.loads(Path(done.result_path).read_text())
     assert result["status"] == "not registered" and result["targets"][0]["chip"] == "orin"
-    assert {k for k, v in result["steps"].items() if v["resumed"]} == {"mine", "snapshot", "finetune", "compress"}
+    assert {k for k, v in result["steps"].items() if v["resumed"]} == {"mine", "snapshot", "baseline", "finetune", "compress"}
     if done.state == JobState.REJECTED:
         assert done.error == "; ".join(result["reasons"])
     report = Path(done.report_path).read_text()

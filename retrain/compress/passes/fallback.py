@@ -15,6 +15,10 @@ next precision the chip allows until the divergence from the FP32 model is withi
 4. Revert nodes in order of gain, `group_size` at a time, re-measuring the whole model after each step, until the
    divergence is within tolerance or nothing is left to revert (then reported as not met).
 
+The fallback is the last resort, and bounded: given a `floor` (the current student's shares of product FLOPs at
+INT8 and at integer precisions on this chip), no revert is made that would take the artifact below it, so a
+candidate never buys accuracy by giving the compression back. Nodes held by the floor are reported.
+
 Calibration ranges are computed once and reused; a build whose INT8 node set was built before reuses its QDQ graph.
 """
 
@@ -34,6 +38,7 @@ from retrain.compress.passes import graph as G
 from retrain.compress.passes.base import Artifact, Pass
 from retrain.compress.passes.numerics import ApplyNumericRules, NumericsConfig
 from retrain.compress.passes.quantize import QuantizeConfig, QuantizeInt8
+from retrain.compress.passes.roofline import matmul_shares
 from retrain.compress.targets import TargetProfile
 from shadow.featurize import Features
 from shadow.spec import MODEL_FILE, read_spec, write_spec
@@ -70,9 +75,13 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
     config_class: ClassVar[type[BaseModel]] = FallbackConfig
 
     def __init__(self, target: TargetProfile, calibration: Features, frames: Features,
-                 cache_dir: Path | None = None, teacher: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """`teacher`: the teacher's (trajectory, logits) on `frames`, for `relative_tolerance`."""
+                 cache_dir: Path | None = None, teacher: tuple[np.ndarray, np.ndarray] | None = None,
+                 floor: dict[str, float] | None = None) -> None:
+        """`teacher`: the teacher's (trajectory, logits) on `frames`, for `relative_tolerance`. `floor`: the least
+        shares of product FLOPs that must stay at INT8 ("int8") and at an integer precision ("integer"), e.g. the
+        current student's on this chip: a revert that would go below either is not made."""
         super().__init__(target)
+        self.floor = floor or {}
         if len(frames) == 0:
             raise ValueError("the fallback needs frames to measure divergence on")
         if teacher is not None and len(teacher[0]) != len(frames):
@@ -120,8 +129,17 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
         steps = [{"reverted": [], "error": err}]
         sensitivity: dict[str, float] = {}
         reverted: dict[str, str] = {}
+        held: list[str] = []  # reverts the floor forbids
+        shapes = G.shapes_at_batch(fp32, 1)
+
+        def allowed(p: dict[str, str]) -> bool:
+            shares = matmul_shares(fp32, p, shapes)
+            return all(shares.get(k, 0.0) >= v - 1e-9 for k, v in self.floor.items())
+
         if config.enabled and err > tolerance:
             candidates = G.quantized_nodes(plan, self.target, kinds)
+            held = [n for n in candidates if not allowed({**plan, n: self.target.fallback(kinds[n], plan[n])})]
+            candidates = [n for n in candidates if n not in held]
             for n in candidates:
                 trial = {**plan, n: self.target.fallback(kinds[n], plan[n])}
                 sensitivity[n] = err - build(trial)[1]
@@ -131,6 +149,10 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
             while err > tolerance and i < limit:
                 group = order[i:min(limit, i + config.group_size)]
                 i += len(group)
+                trial = {**plan, **{n: self.target.fallback(kinds[n], plan[n]) for n in group}}
+                if not allowed(trial):  # cumulatively over the floor: this group stays where it is
+                    held += group
+                    continue
                 for n in group:
                     reverted[n] = f"{plan[n]}->{self.target.fallback(kinds[n], plan[n])}"
                     plan[n] = self.target.fallback(kinds[n], plan[n])
@@ -146,6 +168,8 @@ class AccuracyAwareFallback(Pass[FallbackConfig]):
                    "relative_tolerance": config.relative_tolerance, "fp32_vs_teacher": fp32_vs_teacher,
                    "initial_error": initial, "final_error": err, "met": err <= tolerance, "reverted": reverted,
                    "sensitivity": sensitivity, "steps": steps, "builds": len(builds),
+                   "floor": dict(self.floor), "held_by_floor": sorted(set(held)),
+                   "matmul_shares": matmul_shares(fp32, plan, shapes),
                    "measured_on": f"{len(self.frames)} frames, onnxruntime on this CPU"}
         if config.enabled and not summary["met"]:
             log.warning("%s fallback: %s %.4f still above tolerance %.4f", self.target.chip, config.metric, err,

@@ -129,6 +129,23 @@ def estimate(model: onnx.ModelProto, plan: dict[str, str], target: TargetProfile
                             memory_bound_nodes=n_memory, flops_by_precision=by_prec, figures=figures)
 
 
+def matmul_shares(model: onnx.ModelProto, plan: dict[str, str], shapes: dict | None = None) -> dict[str, float]:
+    """Shares of the graph's product FLOPs (MatMul/Gemm/Conv, batch 1) per precision of the plan, plus
+    "integer" (INT8 and INT16 together): how much of the work the chip runs on its integer units. Counted on the
+    FP32 graph the plan belongs to; products missing from the plan count as FP32."""
+    shapes = shapes if shapes is not None else G.shapes_at_batch(model, 1)
+    flops: dict[str, float] = {}
+    for node, kind in G.compute_nodes(model):
+        if kind == "matmul":
+            p = plan.get(node.name, "fp32")
+            flops[p] = flops.get(p, 0.0) + _product_flops(node, shapes)
+    total = sum(flops.values()) or 1.0
+    out = {p: f / total for p, f in flops.items()}
+    out["integer"] = out.get("int8", 0.0) + out.get("int16", 0.0)
+    out.setdefault("int8", 0.0)
+    return out
+
+
 def weight_bytes(model: onnx.ModelProto, plan: dict[str, str], target: TargetProfile) -> int:
     """Bytes of the float weights when stored at the precision of the nodes that use them (an estimate of the
     artifact's weight payload; a weight shared by nodes of different precisions counts at the widest)."""
