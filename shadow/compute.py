@@ -45,7 +45,7 @@ class Computed:
     teacher: tuple[np.ndarray, np.ndarray]  # trajectory (n, T, 3) [m, m, rad], logits (n, 6)
     student: tuple[np.ndarray, np.ndarray]
     metrics: dict[str, np.ndarray]  # pair_metrics and {teacher,student}_{ade,fde}_driver, (n,) each
-    conditions: dict[str, np.ndarray]  # road_type, lighting, weather (n,) enum codes
+    conditions: dict[str, np.ndarray]  # road_type, lighting, weather (n,) enum codes; source (n,) names
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
 
@@ -93,6 +93,25 @@ def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[s
     return {"frame": frame, "x": cp * dx + sp * dy, "y": -sp * dx + cp * dy, "vx": cp * vx + sp * vy,
             "vy": -sp * vx + cp * vy, "heading": cols["agent_heading"][flat] - psi,
             "length": cols["agent_length"][flat], "width": cols["agent_width"][flat]}
+
+
+def sources_of(cols: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Where frames `rows` came from, (n,) object: the name of a frame's `source:<name>` tag (`flywheel import`
+    writes one per format), else "fleet" (frames streamed by vehicles)."""
+    out = np.full(rows.shape[0], "fleet", dtype=object)
+    tags = cols["tag"]
+    if not tags.size:
+        return out
+    hit = np.flatnonzero([str(t).startswith("source:") for t in tags.tolist()])
+    if not hit.size:
+        return out
+    frame_of_tag = np.repeat(np.arange(cols["tag_count"].shape[0]), cols["tag_count"].astype(np.int64))
+    first = np.full(cols["tag_count"].shape[0], -1, np.int64)
+    first[frame_of_tag[hit[::-1]]] = hit[::-1]  # the first source tag of each frame wins
+    at = first[rows]
+    have = np.flatnonzero(at >= 0)
+    out[have] = [str(tags[i])[len("source:"):] for i in at[have]]
+    return out
 
 
 def take_agents(agents: dict[str, np.ndarray], positions: np.ndarray) -> dict[str, np.ndarray]:
@@ -233,6 +252,7 @@ class Shadow:
             p = inf.noise_pos
             noise = pair_metrics((t[0][p], t[1][p]), inf.noise, self.config.metrics, take_agents(agents, p))
         conditions = {k: inf.cols[k][rows] for k in ("road_type", "lighting", "weather")}
+        conditions["source"] = sources_of(inf.cols, rows)
         return Computed(rows, t, s, m, conditions, inf.noise_pos, noise)
 
     # ------------------------------------------------------------------------------------------------ table rows

@@ -82,7 +82,8 @@ class ReplayReport(BaseModel):
     teacher_reused: int = Field(0, description="computed frames whose teacher outputs were its stored decisions")
     seconds: float = 0.0
     frames_per_s: float = 0.0
-    by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value")
+    by_condition: list[dict] = Field(default_factory=list, description="divergence per condition value and per "
+                                     "source (group 'source': an import's format, else fleet)")
     pass_rates: list[dict] = Field(default_factory=list, description="criteria pass rates vs required")
     noise_floor: dict = Field(default_factory=dict, description="teacher vs itself across runtimes")
     numerics: dict = Field(default_factory=dict, description="integer kernel the student ran with and the host's "
@@ -312,11 +313,12 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
 
 def _accumulate(totals: _Totals, c, written: np.ndarray, scen: pa.Table) -> None:
     m = c.metrics
-    for group in ("road_type", "lighting", "weather"):
+    for group in ("road_type", "lighting", "weather", "source"):
         codes = c.conditions[group]
         for code in np.unique(codes[written]):
             sel = written & (codes == code)
-            acc = totals.cond.setdefault((group, ENUMS[group][1][int(code)]), [0, 0.0, 0, 0, 0.0])
+            value = ENUMS[group][1][int(code)] if group in ENUMS else str(code)  # source: a name already
+            acc = totals.cond.setdefault((group, value), [0, 0.0, 0, 0, 0.0])
             acc[0] += int(sel.sum())
             acc[1] += float(m["ade_4s"][sel].sum())
             acc[2] += int(m["miss_4s"][sel].sum())

@@ -55,6 +55,8 @@ def test_two_formats_and_the_fleet_in_one_lake_replayed_by_a_plugin_pair(kafka_c
            student, "student-mixer", "v0")
     rep = replay(lake, teacher.parent, student, ReplayConfig(group_frames=256))
     assert rep.frames_replayed == total
+    by_source = {r["value"]: r["frames"] for r in rep.by_condition if r["group"] == "source"}
+    assert by_source == {"waymo": 182, "av2": 220, "fleet": 240}  # the replay's report groups by source too
 
     with Catalog(lake) as cat:
         by_source = cat.saved("divergence_by_source")
