@@ -1,5 +1,6 @@
-"""Retrain commands: `flywheel mine` (mine divergent windows into a dataset snapshot) and `flywheel cycle` (one whole
-flywheel cycle, `retrain.cycle.cycle.run_cycle`)."""
+"""Retrain commands: `flywheel mine` (mine divergent windows into a dataset snapshot), `flywheel cycle` (one whole
+flywheel cycle, `retrain.cycle.cycle.run_cycle`) and `flywheel finetune` (the fine-tune alone, `--nproc N` under
+torchrun)."""
 
 from __future__ import annotations
 
@@ -164,3 +165,46 @@ def cycle(work_dir: Annotated[Path, typer.Option("--work-dir", "-w", help="the c
     Console().print(format_result(result), highlight=False, markup=False)
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), default=str))
+
+
+@app.command()
+def finetune(snapshot: Annotated[Path, typer.Option(help="dataset snapshot directory (`flywheel mine`)")],
+             start: Annotated[Path, typer.Option(help="student checkpoint to start from")],
+             teacher: Annotated[Path, typer.Option(help="teacher model dir (ONNX + spec)")],
+             out: Annotated[Path, typer.Option(help="work directory (state, checkpoint, result); rerun resumes")],
+             config: Annotated[Optional[Path], typer.Option(help="TOML or JSON file of FinetuneConfig fields")]
+             = None,
+             nproc: Annotated[int, typer.Option(help="processes under torchrun (DDP: gloo on CPU, NCCL on GPUs); "
+                                                "1 runs in this process", min=1)] = 1,
+             device: Annotated[Optional[str], typer.Option(help="torch device (default: execution.torch_device)")]
+             = None) -> None:
+    """Distil the teacher into the student on a snapshot, in this process or as `nproc` DDP processes."""
+    import tempfile
+
+    from retrain.cycle.dataset import SnapshotError, load_snapshot
+    from retrain.cycle.finetune import FinetuneConfig, FinetuneError
+    from retrain.cycle.finetune import finetune as run_finetune
+    from retrain.cycle.finetune_launch import launch
+
+    try:
+        cfg = FinetuneConfig.model_validate(_load_config(config))
+    except ValidationError as exc:
+        _fail(exc)
+    from shadow.config import configure_execution
+
+    device = device or settings().execution.torch_device
+    configure_execution(settings().execution.model_copy(update={"torch_device": device}))
+    if nproc == 1:
+        try:
+            result = run_finetune(start, teacher, load_snapshot(snapshot), cfg, out)
+        except (SnapshotError, FinetuneError) as exc:
+            _fail(exc)
+        typer.echo(result.model_dump_json(indent=1))
+        return
+    with tempfile.TemporaryDirectory(prefix="flywheel-finetune-") as tmp:
+        cfg_file = Path(tmp) / "finetune.json"
+        cfg_file.write_text(cfg.model_dump_json())
+        done = launch(start, teacher, snapshot, out, cfg_file, nproc, device)
+    if done.returncode:
+        console.print(f"[red]torchrun exited with status {done.returncode}[/]")
+        raise typer.Exit(done.returncode)

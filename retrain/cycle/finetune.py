@@ -62,6 +62,7 @@ from ingest.versions import UnknownVersion, check_version
 from retrain.cycle.dataset import Snapshot
 from retrain.cycle.finetune_data import Pool, augment_bank, finetune_key, teacher_targets, val_score
 from retrain.models.architectures import Importance, Planner, grow, prune_to, tensors
+from retrain.models import distributed
 from retrain.models.augment import AugmentConfig, perturb
 from retrain.models.feature_distill import FeatureDistillConfig, FeatureDistiller
 from retrain.models.onnx_import import planner_from_onnx
@@ -200,8 +201,8 @@ class _Run:
     """The training state of one fine-tune and its step; `finetune` drives it."""
 
     def __init__(self, config: FinetuneConfig, model: Planner, data: dict, n_mined: int, pert_bank: dict | None,
-                 teacher_sess, distiller: FeatureDistiller | None, qat: FakeQuant | None) -> None:
-        self.config, self.model, self.data, self.n_mined = config, model, data, n_mined
+                 teacher_sess, distiller: FeatureDistiller | None, qat: FakeQuant | None, ctx) -> None:
+        self.config, self.model, self.data, self.n_mined, self.ctx = config, model, data, n_mined, ctx
         self.pert_bank, self.teacher_sess, self.distiller, self.qat = pert_bank, teacher_sess, distiller, qat
         self.kept = copy.deepcopy(model) if config.ema_decay else model
         decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norms do not
@@ -242,11 +243,11 @@ class _Run:
     def quantizing(self, model: Planner):
         return self.qat.active(model) if self.quantized and self.qat is not None else contextlib.nullcontext()
 
-    def loss(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    def loss(self, batch: dict[str, np.ndarray], net: torch.nn.Module | None = None) -> torch.Tensor:
         cast = (torch.autocast("cpu", dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext())
         capture = self.distiller.capture(self.model) if self.distiller else contextlib.nullcontext()
         with cast, self.quantizing(self.model), capture:
-            loss = distill_loss(self.model, batch, self.config.distill)
+            loss = distill_loss(net or self.model, batch, self.config.distill)  # net: the model's DDP wrapper
             if self.distiller:
                 loss = loss + self.distiller.loss(batch)
         return loss.float()
@@ -255,7 +256,7 @@ class _Run:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
-        loss = self.loss(self.batch())
+        loss = self.loss(self.ctx.shard(self.batch()), self.ctx.ddp(self.model, self.distiller))  # torchrun: a slice
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -264,7 +265,7 @@ class _Run:
             with torch.no_grad():
                 for e, p in zip(self.kept.parameters(), self.model.parameters()):
                     e.lerp_(p, 1.0 - self.config.ema_decay)
-        return float(loss.item())
+        return self.ctx.step_done(loss.item(), self.qat.ranges if self.qat is not None and self.quantized else None)
 
     def start_qat(self) -> None:
         """Enter the QAT phase: observe the activation ranges on a few training batches first (no update)."""
@@ -310,7 +311,7 @@ def _prune_back(run: _Run, start: Planner, val: dict, score: Callable) -> tuple[
     model.set_record(False)
     heads = [start.config.heads_of(i) for i in range(start.config.depth)]
     ffns = [start.config.ffn_of(i) for i in range(start.config.depth)]
-    small = prune_to(model, imp, heads, ffns)
+    small = run.ctx.place(prune_to(model, imp, heads, ffns))
     before = score(small)
     run.model = small
     run.kept = small  # no moving average during the short recovery: it would lag behind the pruned weights
@@ -339,7 +340,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(config.threads)
+    ctx = distributed.setup(threads=config.threads)  # [execution] torch_device; torchrun: DDP over the processes
     autocast_dtype(config.autocast)  # refuse an impossible setting before any work
     key = finetune_key(config, snapshot, teacher, Path(start))
     done = out / RESULT_FILE
@@ -368,8 +369,8 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     val = {k: (feats.take(rows[k]), t_traj[at[k]], t_logits[at[k]]) for k in ("val_mined", "val_ordinary")}
 
     start_model = load_checkpoint(Path(start))
-    model = grow(start_model, start_model.config.heads, start_model.config.ffn, config.seed) if config.regrow \
-        else load_checkpoint(Path(start))
+    model = ctx.place(grow(start_model, start_model.config.heads, start_model.config.ffn, config.seed)
+                      if config.regrow else load_checkpoint(Path(start)))
     k_mined = config.batch_size if train_idx.size == n_mined else max(
         1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
     aug = config.augment
@@ -388,7 +389,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
             raise FinetuneError(f"feature distillation needs the teacher as a torch Planner: {exc}") from None
     example = tuple(tensors({k: v[:2] for k, v in data.items()}))
     qat = FakeQuant(model, config.qat, example) if config.qat.enabled else None
-    run = _Run(config, model, data, n_mined, pert_bank, teacher_sess, distiller, qat)
+    run = _Run(config, model, data, n_mined, pert_bank, teacher_sess, distiller, qat, ctx)
 
     early = any(len(v[0]) for v in val.values())
     if not early:
@@ -429,9 +430,9 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
                                        else blob["first"]).items()}
 
     def save(step: int) -> None:
-        save_state(state_path, {"key": key, "step": step, **run.state(), "best": best, "history": history,
-                                "bad": bad, "recent": recent, "qat_started": qat_started,
-                                "first": first})
+        ctx.main_only(save_state)(state_path, {"key": key, "step": step, **run.state(), "best": best,
+                                               "history": history, "bad": bad, "recent": recent,
+                                               "qat_started": qat_started, "first": first})
 
     stopped = False
     t_loop, steps_here = time.perf_counter(), 0
@@ -470,7 +471,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
             info = ev
         if step % config.checkpoint_every == 0 or stopped or step == config.steps:
             save(step)
-        if progress and (step % config.progress_every == 0 or "objective" in info or stopped):
+        if progress and ctx.main and (step % config.progress_every == 0 or "objective" in info or stopped):
             progress(step, config.steps, info)
     rate = steps_here / (time.perf_counter() - t_loop) if steps_here else None
 
@@ -481,7 +482,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
         model, pruned = _prune_back(run, start_model, val, lambda m: evaluate(best["step"], m))
     if best["step"] == 0:  # the start model computes the same without the silent units a regrow added
         model = load_checkpoint(Path(start))
-    ckpt = save_checkpoint(model.eval(), out / CHECKPOINT_FILE,
+    ckpt = ctx.main_only(save_checkpoint)(model.cpu().eval(), out / CHECKPOINT_FILE,
                            {"finetune_key": key, "snapshot": snapshot.id, "best_step": best["step"],
                             "qat": config.qat.model_dump() if qat_started is not None else None})
     result = FinetuneResult(
@@ -492,8 +493,8 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
         seconds=time.perf_counter() - t_start, qat_started_at=qat_started,
         qat_skipped=qat.skipped if qat else [], prune_back=pruned,
         numerics={"autocast": str(run.dtype).replace("torch.", "") if run.dtype else "fp32",
-                  "host": list(host_features())}, train_steps_per_s=rate)
-    write_text_atomic(done, result.model_dump_json(indent=1))
+                  "host": list(host_features()), **ctx.record()}, train_steps_per_s=rate)
+    ctx.main_only(write_text_atomic)(done, result.model_dump_json(indent=1))
     log.info("fine-tune: %d steps (best %d, QAT from %s, early stop %s), val objective %.4f -> %.4f", step,
              best["step"], qat_started, stopped, history[0]["objective"], best["objective"])
-    return result
+    return ctx.close(result)
