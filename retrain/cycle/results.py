@@ -217,6 +217,8 @@ class VerifyRecord(Record):
     lake: str
     pairs: dict[str, str]
     models: dict[str, str] = Field(default_factory=dict, description="teacher and each student's model id")
+    execution: dict[str, Any] = Field(default_factory=dict, description="the execution providers each replayed "
+                                      "model ran on (shadow.models.execution_record); absent from older records")
     divergence: Divergence
     closed_loop: ClosedLoop
 

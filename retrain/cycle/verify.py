@@ -143,11 +143,12 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
     models = {"before": parent, "after": candidate}
     if cfg.fp32_reference and fp32 is not None:
         models.update(before_fp32=fp32[0], after_fp32=fp32[1])
-    pairs, model_ids = {}, {}
+    pairs, model_ids, execution = {}, {}, {}
     for who, model in models.items():
         rep = replay(lake, teacher, model, cfg.replay, progress=lambda d, n, w=who: tell(f"replay {w}", d, n, {}))
         pairs[who] = rep.pair
         model_ids.update({"teacher": rep.teacher, who: rep.student})
+        execution.update({"teacher": rep.execution["teacher"], who: rep.execution["student"]})  # providers that ran
     if len(set(pairs.values())) < len(pairs):
         raise VerificationError(f"two of the replayed models have the same model id: {pairs}")
     cols = ("drive_id, seq, score, ade_4s, fde_4s, miss_4s, maneuver_disagree, lighting::VARCHAR AS lighting, "
@@ -168,7 +169,7 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
         records += [{**r, "condition": cond} for r in recs]
         tell("closed loop", i + 1, len(cfg.conditions), {"condition": cond})
     agg = closed_loop_figures(records)
-    return {"lake": str(lake), "pairs": pairs, "models": model_ids, "divergence": divergence,
+    return {"lake": str(lake), "pairs": pairs, "models": model_ids, "execution": execution, "divergence": divergence,
             "closed_loop": {"before": agg["before"], "after": agg["after"], "expert": agg.get("expert", {}),
                             "conditions": cfg.conditions, "records": records}}
 

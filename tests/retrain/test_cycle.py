@@ -290,6 +290,8 @@ def test_report_reads_the_typed_result_and_its_verify_record(cycle_run):
     assert CycleResult.model_validate(doc) == result  # result.json is the typed result, losslessly
     verified = VerifyRecord.model_validate(json.loads((work / "verify.json").read_text())["output"])
     assert verified.models["teacher"] == "teacher-v1" and verified.models["after"].endswith(result.candidate.version)
+    cpu = ["CPUExecutionProvider"]
+    assert verified.execution["after"]["providers"] == verified.execution["teacher"]["providers"] == cpu
     data = load_data(doc, None)
     assert data.summary["student before"] == result.parent.ref and data.summary["pair after"] == verified.pairs["after"]
     assert [t["chip"] for t in data.targets] == [t.chip for t in result.targets]
