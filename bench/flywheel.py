@@ -2,6 +2,7 @@
 
     python -m bench.flywheel            # reference size (fleets, teacher and student cached under data/bench/flywheel)
     python -m bench.flywheel --quick    # tiny fleets and models (a smoke run of every part)
+    python -m bench.flywheel --seed 1   # other fleets and models (seed 0 is the reference)
     python -m bench.flywheel --planner mixer   # the cycle for a plug-in student (retrain.models.plugins)
 
 Set-up (cached; only what is missing is made): two highway-env fleets of the reference simulator (`sim`),
@@ -46,6 +47,7 @@ from retrain.cycle.cycle import CycleConfig, format_result, run_cycle
 from retrain.cycle.results import CycleResult
 from retrain.cycle.dataset import write_frames_lake
 from retrain.cycle.finetune import FinetuneConfig
+from shadow.numerics import host_features, int8_kernel
 
 log = logging.getLogger("bench.flywheel")
 
@@ -251,12 +253,44 @@ def summary(result: CycleResult, size_name: str, setup: dict) -> dict:
                           "before": r["before"]["mean_score"], "after": r["after"]["mean_score"]}
                          for r in d["by_condition"]],
         "targets": {t["chip"]: {"bytes": t["bytes"], "cpu_latency_ms_measured": t["cpu_latency_ms_measured"],
-                                "latency_ms_estimate": t["latency_ms_estimate"]} for t in result.targets},
+                                "latency_ms_estimate": t["latency_ms_estimate"],
+                                "int8_matmul_share": t.get("int8_matmul_share"), "baseline": t.get("baseline")}
+                    for t in result.targets},
+        "compression": compression_summary(result),
+        "meets_compression": all(c.passed for c in result.gate.checks if "_compression" in c.name),
         "cycle_wall_s": result.wall_s, "step_seconds": {k: v["seconds"] for k, v in result.steps.items()},
         "setup_seconds": setup, "targets_design": {"mined_change": MINED_TARGET, "elsewhere_change": ELSEWHERE_TARGET,
                                                    "collisions": "not up"},
     }
     return out
+
+
+def compression_summary(result: CycleResult) -> dict:
+    """The worst ratio, candidate over the current student on the same chip, across chips: size, on-chip latency
+    ESTIMATE and INT8 share of product FLOPs (the last: lowest is worst)."""
+    rows = [(t["chip"], t, t.get("baseline")) for t in result.targets]
+    rows = [(c, t, b) for c, t, b in rows if b]
+    if not rows:
+        return {"worst_size_vs_current": None, "worst_latency_vs_current": None,
+                "worst_int8_share_vs_current": None, "chips": 0}
+    size = {c: t["bytes"] / b["bytes"] for c, t, b in rows}
+    lat = {c: t["latency_ms_estimate"] / b["latency_ms_estimate"] for c, t, b in rows}
+    share = {c: (t["int8_matmul_share"] or 0.0) / b["int8_matmul_share"] if b["int8_matmul_share"] else 1.0
+             for c, t, b in rows}
+    return {"worst_size_vs_current": max(size.values()), "worst_latency_vs_current": max(lat.values()),
+            "worst_int8_share_vs_current": min(share.values()), "size_vs_current": size,
+            "latency_vs_current": lat, "int8_share_vs_current": share, "latency_label": "estimate (roofline)",
+            "chips": len(rows)}
+
+
+def seeded(size: Size, seed: int) -> Size:
+    """The same size with other fleets: seed 0 is the reference; seed s moves both fleets' seeds by 1000 s (the
+    models' seeds follow `prepare`'s seed)."""
+    if seed == 0:
+        return size
+    return Size(train_fleet={**size.train_fleet, "seed": size.train_fleet["seed"] + 1000 * seed},
+                service_fleet={**size.service_fleet, "seed": size.service_fleet["seed"] + 1000 * seed},
+                teacher=size.teacher, student=size.student, cycle=size.cycle)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -267,18 +301,25 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also run the untargeted control (default: on at the reference size, off with --quick)")
     ap.add_argument("--planner", default="transformer", help="the student's planner plug-in (a registered "
                     "flywheel.planners name, e.g. mixer); default the project's transformer")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the fleets (both) and the models; 0: the reference")
     ap.add_argument("--verbose", "-v", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     name = "quick" if args.quick else "default"
-    size = SIZES[name]
-    world = prepare(args.root, name, size, planner=args.planner)
+    size = seeded(SIZES[name], args.seed)
+    world = prepare(args.root, name, size, seed=args.seed, planner=args.planner)
     work = world.root / "cycles" / time.strftime("%Y%m%d-%H%M%S")
     result = run_cycle(cycle_config(world, size), work, resume=False)
     print(format_result(result))
     out = summary(result, name, world.setup_seconds)
-    out["planner"] = args.planner
+    out["planner"], out["seed"] = args.planner, args.seed
+    out["host"] = {"cpu_features": list(host_features()), "int8_kernel": int8_kernel()}
+    comp = out["compression"]
+    if comp["chips"]:
+        print(f"compression vs the current student (worst across {comp['chips']} chips): size x"
+              f"{comp['worst_size_vs_current']:.3f}, latency ESTIMATE x{comp['worst_latency_vs_current']:.3f}, "
+              f"INT8 share x{comp['worst_int8_share_vs_current']:.3f}")
     if args.control if args.control is not None else not args.quick:
         ft = {**size.cycle.get("finetune", {}), "replay_ratio": 127.0}
         # The same effective training as the candidate: an untargeted fine-tune first gets worse on the val mined

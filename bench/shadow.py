@@ -57,6 +57,7 @@ from shadow.config import ExecutionConfig, RuntimeConfig, configure_execution, p
 from bench.scaling import backfill_fps
 from retrain.models.reference import reference_dir
 from shadow.models import runtime_label, session
+from shadow.numerics import host_features, int8_kernel, native_bf16
 from shadow.spec import ModelSpec, read_spec, write_spec
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,10 @@ def gemm_rates(threads: int, m: int = 4096, k: int = 1024, n: int = 1024, repeat
     a, b = torch.randn(m, k), torch.randn(k, n)
     with torch.no_grad():
         out["torch_fp32"] = torch_rate(a, b, torch.mm)
-        out["torch_bf16"] = torch_rate(a.bfloat16(), b.bfloat16(), torch.mm)
+        if native_bf16():
+            out["torch_bf16"] = torch_rate(a.bfloat16(), b.bfloat16(), torch.mm)
+        else:  # torch would emulate BF16 in software (0.8 GFLOP/s on an AVX2 host): not a figure of this machine
+            log.info("torch BF16 GEMM not measured: this CPU has no native BF16 (emulated)")
         try:
             out["torch_int8"] = torch_rate(torch.randint(-127, 128, (m, k), dtype=torch.int8),
                                            torch.randint(-127, 128, (k, n), dtype=torch.int8), torch._int_mm)
@@ -471,6 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'time inside (s, stages overlap)':<44} " + ", ".join(f"{k} {v}" for k, v in result["breakdown_s"].items()))
     print(f"{'load average before / after':<44} {load_before:.2f} / {result['load_average_after']:.2f} "
           f"(this machine is shared; rates are the best seen)")
+    result["host"] = {"cpu_features": list(host_features()), "native_bf16": native_bf16(),
+                      "int8_kernel": int8_kernel(), "torch_bf16": "measured" if native_bf16() else
+                      "not measured: emulated on this CPU"}
+    print(f"{'host':<44} {' '.join(result['host']['cpu_features'])}; onnxruntime INT8 kernel "
+          f"{result['host']['int8_kernel']}; torch BF16 {result['host']['torch_bf16']}")
     print(json.dumps(result))
     return result
 

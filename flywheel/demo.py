@@ -247,7 +247,9 @@ def retrain_cycle(settings: Settings, lake: Path, registry_dir: Path, console: C
             bar.update(task, description=str(step), completed=done or 0, total=total)
 
         result = run_cycle(cfg, work, progress=progress, resume=True)
-    console.print(f"cycle: {result.status}; " + ("; ".join(result.reasons) if result.reasons else "all gates passed"))
+    from retrain.cycle.cycle import format_result
+
+    console.print(format_result(result), highlight=False, markup=False)
     return result.model_dump(mode="json")
 
 
@@ -258,20 +260,49 @@ def write_report(result: dict, lake: Path, out: Path, console: Console) -> None:
     console.print(f"report: {out}")
 
 
+def stage_table(stages: dict[str, float], cycle_steps: dict) -> Table:
+    """Wall time of every demo stage, the cycle's steps indented under it (resumed ones marked)."""
+    table = Table("stage", "seconds", title="where the time went")
+    for name, seconds in stages.items():
+        table.add_row(name, f"{seconds:.1f}")
+        if name == "retraining cycle":
+            for step, rec in cycle_steps.items():
+                table.add_row(f"  {step}" + (" (resumed)" if rec.get("resumed") else ""), f"{rec['seconds']:.1f}")
+    return table
+
+
 def run_demo(settings: Settings, console: Console | None = None) -> None:
     console = console or Console()
     started = time.perf_counter()
     data = settings.demo.data_dir
     lake = data / "lake"
     registry = data / "registry"
-    drives_dir = simulate(settings, console)
-    ingest(settings, drives_dir, lake, console)
-    report = compact(lake, "frames", target_rows=settings.sink.compact_target_rows)
-    console.print(f"compaction: {report.small_files_removed} small files merged")
-    summarize(lake, console)
-    register_reference(registry, console)
-    shadow_replay(settings, lake, registry, console)
-    sql_summary(lake, console)
-    result = retrain_cycle(settings, lake, registry, console)
-    write_report(result, lake, data / "report.html", console)
+    stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        yield
+        stages[name] = time.perf_counter() - t0
+
+    with stage("simulate fleet"):
+        drives_dir = simulate(settings, console)
+    with stage("ingest (gRPC -> Kafka -> lake)"):
+        ingest(settings, drives_dir, lake, console)
+    with stage("compact + summary + models"):
+        report = compact(lake, "frames", target_rows=settings.sink.compact_target_rows)
+        console.print(f"compaction: {report.small_files_removed} small files merged")
+        summarize(lake, console)
+        register_reference(registry, console)
+    with stage("shadow replay"):
+        shadow_replay(settings, lake, registry, console)
+    with stage("SQL summary"):
+        sql_summary(lake, console)
+    with stage("retraining cycle"):
+        result = retrain_cycle(settings, lake, registry, console)
+    with stage("report"):
+        write_report(result, lake, data / "report.html", console)
+    console.print(stage_table(stages, result.get("steps", {})))
+    console.print(f"cycle: {result['status']}" + (" - " + "; ".join(result["reasons"]) if result["reasons"] else
+                                                  " - every gate passed"))
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")

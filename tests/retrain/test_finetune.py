@@ -10,6 +10,7 @@ import torch
 from retrain.models.augment import AugmentConfig, bank, perturb
 from retrain.cycle.dataset import DatasetConfig, create_snapshot
 from retrain.cycle.finetune import FinetuneConfig, FinetuneError, finetune
+from retrain.models.feature_distill import FeatureDistillConfig
 from retrain.models.onnx_import import planner_from_onnx
 from retrain.cycle.mining import MiningConfig, mine
 from retrain.cycle.registry import Registry
@@ -140,6 +141,13 @@ def test_candidate_keeps_the_start_architecture_and_a_regrown_one_is_pruned_back
     if grown.best_step > 0:
         g = load_checkpoint(grown.checkpoint).config
         assert g.layer_heads == [start.heads] * start.depth and g.layer_ffn == [start.ffn] * start.depth
+
+
+def test_finetune_with_feature_distillation(setup, tmp_path):
+    cfg = CFG.model_copy(update={"features": FeatureDistillConfig(hidden_weight=0.1, attention_weight=0.1)})
+    res = finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg, tmp_path)
+    assert res.steps_run == 10 and res.best["objective"] <= _start_objective(res)
+    assert load_checkpoint(res.checkpoint).config == load_checkpoint(setup["start"]).config  # the maps are not kept
 
 
 def test_augmented_finetune_never_ends_worse_than_its_start(setup, tmp_path):

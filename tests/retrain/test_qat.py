@@ -99,3 +99,29 @@ def test_qat_student_beats_post_training_quantization(tmp_path):
     # measured here: 0.456 m against 0.517 m (another seed: 0.366 against 0.385)
     assert errors["qat"] < errors["ptq"], errors
     assert q.spec.precision == "int8" and q.path.stat().st_size < target.budget.size_bytes
+
+
+def test_feature_and_attention_distillation_terms():
+    from retrain.models.feature_distill import FeatureDistillConfig, FeatureDistiller, layer_map
+
+    assert layer_map(2, 4) == [1, 3] and layer_map(1, 3) == [2] and layer_map(3, 3) == [0, 1, 2]
+    torch.manual_seed(0)
+    frames = _frames(1, 5).take(slice(0, 32))
+    student = Planner(TINY)
+    teacher = Planner(PlannerConfig(width=64, depth=2, heads=4, head_dim=16, ffn=128)).eval()
+    t_traj, t_logits = torch_predict(teacher, frames)
+    batch = {**frames.inputs(), "traj": frames.traj, "traj_mask": frames.traj_mask, "maneuver": frames.maneuver,
+             "t_traj": t_traj, "t_logits": t_logits}
+    fd = FeatureDistiller(student, teacher, FeatureDistillConfig(hidden_weight=1.0, attention_weight=1.0))
+    with fd.capture(student):
+        base = distill_loss(student, batch, DistillConfig(hard_weight=0.0))
+    extra = fd.loss(batch)
+    assert extra.item() > 0
+    (base + extra).backward()
+    assert student.layers[0].attn.qkv.weight.grad.abs().sum() > 0  # the attention term reaches the student
+    assert fd.proj[0].weight.grad.abs().sum() > 0 and all(p.grad is None for p in teacher.parameters())
+    assert student.layers[0].attn.map is None and not student.layers[0].attn.keep_map  # hooks are gone
+    off = FeatureDistiller(student, teacher, FeatureDistillConfig(hidden_weight=0.0, attention_weight=1.0))
+    with off.capture(student):
+        distill_loss(student, batch, DistillConfig(hard_weight=0.0))
+    assert 0 < off.loss(batch).item() < extra.item()
