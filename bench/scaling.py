@@ -8,10 +8,10 @@ drive's last chunk final, as the ingest server produces them); then, for 1 and f
 stream` processes start in a fresh consumer group over a fresh lake and the clock runs until the lake's
 `divergences` hold every frame. Reported per worker count: frames/s from the start of the processes (model load and
 group join included) and frames/s between the first and the last file written (the steady state), and the ratio
-of 2 workers to 1. The whole machine is shared by the workers: each runs its models with
-cores / workers intra-op threads, one batch at a time, so the two runs use the same CPU. Backfill scaling on Ray (1
-vs 2 CPUs) is measured by `python -m bench.shadow` (with `backfill_fps` of this module). The LAST line is one JSON
-object.
+of 2 workers to 1. The whole machine is shared by the workers: each runs cores / workers single-threaded
+onnxruntime runs at a time (the default runtime's shape), so the two runs use the same CPU. Backfill scaling on Ray
+(1 vs 2 CPUs) is measured by `python -m bench.shadow` (with `backfill_fps` of this module). The LAST line is one
+JSON object.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def run_workers(kafka: KafkaConfig, k: int, teacher: Path, student: Path, total:
                 timeout_s: float) -> dict:
     lake = root / f"lake-{k}-{uuid.uuid4().hex[:6]}"
     threads = max(1, physical_cores() // k)
+    # the default runtime's shape (single-threaded runs, one per core) with the cores shared out between workers
     stream = {"group_id": f"bench-{uuid.uuid4().hex[:8]}", "max_age_s": 1.0,
-              "runtime": {"intra_op_threads": threads, "workers": 1}}
+              "runtime": {"intra_op_threads": 1, "workers": threads}}
     env = {**os.environ, "FLYWHEEL_SHADOW__STREAM": json.dumps(stream)}
     cmd = [sys.executable, "-m", "flywheel", "shadow", "stream", "--bootstrap", kafka.bootstrap_servers,
            "--lake", str(lake), "--teacher", str(teacher), "--student", str(student)]
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     if runs[1]["fps_steady"] and runs[2]["fps_steady"]:
         result["stream_2_vs_1_steady"] = runs[2]["fps_steady"] / runs[1]["fps_steady"]
     for k, r in runs.items():
-        print(f"{k} stream worker(s), {r['threads_each']} thread(s) each: {r['frames']:,} frames, "
+        print(f"{k} stream worker(s), {r['threads_each']} concurrent run(s) each: {r['frames']:,} frames, "
               f"{r['fps_from_start']:,.0f} frames/s from start ({r['seconds_from_start']:.1f} s), "
               f"steady {r['fps_steady'] or float('nan'):,.0f} frames/s" + ("" if r["complete"] else " INCOMPLETE"))
     print(f"2 workers vs 1: {result['stream_2_vs_1_from_start']:.2f}x from start"
