@@ -4,7 +4,8 @@
     base["orin"].figures()   # {"bytes", "latency_ms_estimate", "int8_matmul_share", "integer_matmul_share", "ref"}
 
 For chip C and the current student `name:version`, the registry's `name-C:version` is that student's artifact for C
-(a cycle registers every chip's artifact of the candidate it promotes, and the baselines it had to build). When it is
+(a cycle registers every chip's artifact of the candidate it promotes, the verified chip's as `name:version`, and
+the baselines it had to build). When it is
 missing (the first cycle after a student recipe, which registers one generic INT8 artifact), the current student's
 checkpoint is compressed for C by the same passes and configuration as the candidate, with the same calibration and
 validation frames, and registered as `name-C:version`, so the next cycle finds it.
@@ -58,6 +59,9 @@ def compression_figures(t: TargetResult) -> dict:
 
 def _from_registry(reg: Registry, entry: ModelEntry, chip: str) -> ChipBaseline | None:
     found = [e for e in reg.list(f"{entry.name}-{chip}") if e.version == entry.version]
+    # a cycle registers the verified chip's artifact under the plain name (`name:version`, extra.chip = chip)
+    if not found and read_spec(reg.version_dir(entry.name, entry.version), verify=False).extra.get("chip") == chip:
+        found = [entry]
     if not found:
         return None
     e = found[0]

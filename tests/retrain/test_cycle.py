@@ -166,6 +166,23 @@ def test_cycle_result_has_every_section(cycle_run, world):
     assert json.loads((work / "result.json").read_text())["cycle_id"] == result.cycle_id
 
 
+def test_next_cycle_finds_the_candidates_chip_artifacts_as_baselines(cycle_run, world, tmp_path):
+    from retrain.compress.targets import load_targets
+    from retrain.compress.workflow import CompressConfig
+    from retrain.cycle.baseline import chip_baselines
+
+    result, *_ = cycle_run
+    reg = Registry(world["registry"])
+    cand = reg.get("student", result.candidate["version"])
+    targets = load_targets(chips=[t["chip"] for t in result.targets])
+    # no frames and no checkpoint: anything not found in the registry would have to be compressed and fail
+    base = chip_baselines(reg, cand, tmp_path / "none.pt", targets, None, None, None, CompressConfig(), tmp_path,
+                          tmp_path / "b", register=False)
+    assert {c: b.source for c, b in base.items()} == {c: "registry" for c in targets}
+    for t in result.targets:
+        assert base[t["chip"]].bytes == t["bytes"] and base[t["chip"]].int8_matmul_share == t["int8_matmul_share"]
+
+
 def test_killed_cycle_resumes_and_skips_finished_steps(cycle_run):
     result, events, work, records = cycle_run
     first = [(s, st) for who, s, st in events if who == "first"]
