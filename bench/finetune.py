@@ -3,6 +3,7 @@
     python -m bench.finetune                    # the shipped student v0, batches 128, 256 and 1024
     python -m bench.finetune --batch 256 --steps 40 --threads 2
     python -m bench.finetune --quick            # fewer steps (smoke run)
+    python -m bench.finetune --device cuda      # on a GPU ([execution] torch_device of the fine-tune)
 
 In one run it measures:
 - this machine's GEMM rate in torch at the fine-tune's thread count: FP32, and BF16 only where the CPU has it
@@ -30,6 +31,7 @@ import torch
 from ingest.contract import frames_to_arrow
 from ingest.synth import EPOCH_NS, synthetic_frames
 from retrain.models.architectures import Planner, tensors
+from retrain.models.distributed import place
 from retrain.models.qat import FakeQuant, QatConfig
 from retrain.models.reference import reference_dir
 from retrain.models.training import DistillConfig, distill_loss, load_checkpoint
@@ -37,17 +39,25 @@ from shadow.featurize import Features, featurize
 from shadow.numerics import host_features, native_bf16
 
 
-def gemm_rate(dtype: torch.dtype, threads: int, seconds: float = 1.0) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels are asynchronous there: the clock waits for them
+        torch.cuda.synchronize(device)
+
+
+def gemm_rate(dtype: torch.dtype, threads: int, seconds: float = 1.0, device: str = "cpu") -> float:
     """Best GFLOP/s of a (2048 x 512) @ (512 x 512) product, the fine-tune's shapes at batch ~128 x 18 tokens."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 512).to(dtype), torch.randn(512, 512).to(dtype)
+    dev = torch.device(device)
+    a, b = torch.randn(2048, 512).to(dev, dtype), torch.randn(512, 512).to(dev, dtype)
     flops = 2 * 2048 * 512 * 512
     best, t_end = float("inf"), time.perf_counter() + seconds
     with torch.no_grad():
         torch.mm(a, b)
         while time.perf_counter() < t_end:
+            _sync(dev)
             t0 = time.perf_counter()
             torch.mm(a, b)
+            _sync(dev)
             best = min(best, time.perf_counter() - t0)
     return flops / best / 1e9
 
@@ -67,10 +77,12 @@ def batches(n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def step_rate(model: Planner, data: dict, batch: int, steps: int, dtype: torch.dtype | None, qat: bool,
-              threads: int) -> float:
-    """Optimiser steps per second of the fine-tune's step on `batch` frames (after 3 warm-up steps)."""
+              threads: int, device: str = "cpu") -> float:
+    """Optimiser steps per second of the fine-tune's step on `batch` frames (after 3 warm-up steps), the model on
+    `device` as the fine-tune places it (`retrain.models.distributed.place`: batches go there from host memory)."""
     torch.set_num_threads(threads)
-    model = copy.deepcopy(model).train()
+    dev = torch.device(device)
+    model = place(copy.deepcopy(model), dev).train()
     ema = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fq = FakeQuant(model, QatConfig(), tuple(tensors({k: v[:2] for k, v in data.items()}))) if qat else None
@@ -80,10 +92,11 @@ def step_rate(model: Planner, data: dict, batch: int, steps: int, dtype: torch.d
     t0 = 0.0
     for i in range(steps + 3):
         if i == 3:
+            _sync(dev)
             t0 = time.perf_counter()
         idx = np.sort(rng.choice(n, batch, replace=False))
         b = {k: v[idx] for k, v in data.items()}
-        cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.enable_grad()
+        cast = torch.autocast(dev.type, dtype=dtype) if dtype is not None else torch.enable_grad()
         with cast, (fq.active(model) if fq else torch.enable_grad()):
             loss = distill_loss(model, b, cfg).float()
         opt.zero_grad(set_to_none=True)
@@ -93,6 +106,7 @@ def step_rate(model: Planner, data: dict, batch: int, steps: int, dtype: torch.d
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 0.01)
+    _sync(dev)
     return steps / (time.perf_counter() - t0)
 
 
@@ -102,27 +116,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the fine-tune's default: 2)")
     ap.add_argument("--quick", action="store_true", help="5 steps, batches 128 and 256")
+    ap.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (the fine-tune's "
+                    "[execution] torch_device); on a GPU the GEMM reference is measured there too")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch = 5, [128, 256]
     model = load_checkpoint(reference_dir() / "student-v0" / "checkpoint.pt")
     data = batches(max(args.batch) * 2)
-    bf16 = native_bf16()
-    gemm = {"fp32": gemm_rate(torch.float32, args.threads)}
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    bf16 = native_bf16() or on_gpu  # GPUs the fine-tune targets compute BF16 natively
+    gemm = {"fp32": gemm_rate(torch.float32, args.threads, device=args.device)}
     if bf16:
-        gemm["bf16"] = gemm_rate(torch.bfloat16, args.threads)
+        gemm["bf16"] = gemm_rate(torch.bfloat16, args.threads, device=args.device)
     flops_step = {b: 3 * model.flops_per_frame() * b for b in args.batch}
     rows = []
     for b in args.batch:
         for mode, dtype, qat in (("fp32", None, False), ("fp32+qat", None, True),
                                  *((("bf16", torch.bfloat16, False),) if bf16 else ())):
-            rate = step_rate(model, data, b, args.steps, dtype, qat, args.threads)
+            rate = step_rate(model, data, b, args.steps, dtype, qat, args.threads, args.device)
             achieved = rate * flops_step[b] / 1e9
             ref = gemm["bf16" if dtype is not None else "fp32"]
             rows.append({"batch": b, "mode": mode, "steps_per_s": rate, "frames_per_s": rate * b,
                          "train_gflops_per_s": achieved, "gemm_gflops_per_s": ref,
                          "fraction_of_gemm_rate": achieved / ref})
-    print(f"host: {' '.join(host_features())}; native BF16: {bf16}; torch threads {args.threads}")
+    print(f"device {args.device}; host: {' '.join(host_features())}; native BF16: {bf16}; torch threads {args.threads}")
     print("GEMM rate (torch, best): " + ", ".join(f"{k} {v:,.1f} GFLOP/s" for k, v in gemm.items())
           + ("" if bf16 else "; BF16 not measured: emulated on this CPU"))
     print(f"student v0: {model.num_parameters():,} parameters, {model.flops_per_frame() / 1e6:.2f} MFLOP forward per "
@@ -131,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"{r['batch']:>6} {r['mode']:<9} {r['steps_per_s']:>8.1f} {r['frames_per_s']:>9,.0f} "
               f"{r['train_gflops_per_s']:>8.1f} {r['fraction_of_gemm_rate']:>8.1%}")
-    out = {"bench": "finetune", "host": {"cpu_features": list(host_features()), "native_bf16": bf16},
+    out = {"bench": "finetune", "device": args.device,
+           "gpu": torch.cuda.get_device_name(torch.device(args.device)) if on_gpu else None,
+           "host": {"cpu_features": list(host_features()), "native_bf16": bf16},
            "threads": args.threads, "gemm_gflops_per_s": gemm, "bf16": "measured" if bf16 else "skipped: emulated",
            "model_parameters": model.num_parameters(), "forward_flops_per_frame": model.flops_per_frame(),
            "runs": rows,
