@@ -56,7 +56,7 @@ from shadow.batch.replay import replay
 from shadow.config import ExecutionConfig, RuntimeConfig, configure_execution, physical_cores
 from bench.scaling import backfill_fps
 from retrain.models.reference import reference_dir
-from shadow.models import runtime_label, session
+from shadow.models import resolve_providers, runtime_label, session
 from shadow.numerics import host_features, int8_kernel, native_bf16
 from shadow.spec import ModelSpec, read_spec, write_spec
 
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     configure_execution(ExecutionConfig(providers=args.provider.split(",")))
+    resolve_providers()  # a provider this onnxruntime lacks fails here, before any measurement
     if args.quick:
         args.frames, args.repeats, args.eager_frames = 4800, 1, 100
     threads = args.threads or physical_cores()
