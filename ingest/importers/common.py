@@ -219,7 +219,7 @@ def _clean_ego(ego: EgoTrack, dropped: Counter) -> EgoTrack:
     ok = keep & _finite(*(np.asarray(a, np.float64)[order] for a in arrays))
     ok &= _in_range("ego_x", ego.x[order]) & _in_range("ego_y", ego.y[order])
     if ego.speed is not None:
-        ok &= np.nan_to_num(_in_range("ego_speed", ego.speed[order]), nan=False).astype(bool)
+        ok &= _in_range("ego_speed", ego.speed[order])  # NaN compares False: out
     dropped["ego_invalid_state"] += int((keep & ~ok).sum())
     sel = order[ok]
 
@@ -235,7 +235,7 @@ def _agents_on_grid(ag: AgentObs, grid: np.ndarray, opts: ImportOptions, dropped
     ok = _finite(ag.x, ag.y, ag.vx, ag.vy, ag.heading, ag.length, ag.width, ag.conf)
     for name, a in (("agent_x", ag.x), ("agent_y", ag.y), ("agent_vx", ag.vx), ("agent_vy", ag.vy),
                     ("agent_length", ag.length), ("agent_width", ag.width), ("agent_confidence", ag.conf)):
-        ok &= np.nan_to_num(_in_range(name, a), nan=False).astype(bool)
+        ok &= _in_range(name, a)
     ok &= (ag.cls >= 0) & (ag.cls <= 5)
     dropped["agent_invalid_state"] += int((~ok).sum())
     order = np.lexsort((ag.t_ns, ag.id))
