@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flywheel.cli.common import console, settings
+from ingest.objstore import is_remote
 
 app = typer.Typer()
 
@@ -208,7 +209,7 @@ def sql_cmd(
     lake_dir = lake or s.sink.lake_dir
     config = s.sql.model_copy(update={"timeout_s": timeout} if timeout is not None else {})
     max_rows = max_rows or config.max_rows
-    if not Path(lake_dir).is_dir():
+    if not is_remote(lake_dir) and not Path(lake_dir).is_dir():  # an s3:// lake is listed by the catalog
         console.print(f"[yellow]lake {lake_dir} does not exist: every table is empty[/]")
     try:
         catalog = Catalog(lake_dir, config)

@@ -4,6 +4,7 @@ and the SQL views over s3:// URIs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,6 +136,11 @@ def test_sink_end_to_end_then_compaction_replay_and_sql(kafka_config, group_id, 
     assert cat.arrow("SELECT sum(frames) AS n FROM divergence_summary").to_pylist()[0]["n"] == len(expected)
     with pytest.raises(Exception, match="(?i)refused|permission|disabled"):
         cat.arrow("SELECT * FROM read_text('/etc/passwd')")
+    out = subprocess.run([sys.executable, "-m", "flywheel", "sql", "--lake", uri(s3_lake), "--format", "json",
+                          "SELECT count(*) AS n FROM divergences"], capture_output=True, text=True, cwd=REPO,
+                         env=os.environ, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout) == [{"n": len(expected)}], out.stderr
+    assert "does not exist" not in out.stderr
     from flywheel.status import table_status
 
     tables = {t.table: t for t in table_status(s3_lake)}
