@@ -31,6 +31,7 @@ same lake; the cycle then fine-tunes, compresses (its pruning hooks), verifies a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -96,7 +97,10 @@ SIZES = {
                  "optim": {"steps": 800, "batch_size": 128, "warmup_steps": 50}},
         # the student v0 recipe's own schedule (1500 distillation steps, 400 after pruning), on a narrower planner
         student={"model": {"width": 64, "depth": 2, "heads": 4, "head_dim": 16, "ffn": 256}},
-        cycle={"verification": {"closed_loop": {"episodes": 2, "max_steps": 150},
+        # the fine-tune of the demo's cycle at the reference size: batches of 256 at 1.5e-3 (QAT over the second
+        # half); 3,000 steps at most, early stopping on the val drives
+        cycle={"finetune": {"steps": 3000, "batch_size": 256, "lr": 1.5e-3, "patience": 8},
+               "verification": {"closed_loop": {"episodes": 2, "max_steps": 150},
                                 "conditions": ["nominal", "glare"]}},
         plugin_student={"mixer": {"width": 64, "depth": 3, "token_hidden": 32, "channel_hidden": 128},
                         "optim": {"steps": 1500, "batch_size": 256, "lr": 1e-3, "warmup_steps": 50}}),
@@ -288,9 +292,9 @@ def seeded(size: Size, seed: int) -> Size:
     models' seeds follow `prepare`'s seed)."""
     if seed == 0:
         return size
-    return Size(train_fleet={**size.train_fleet, "seed": size.train_fleet["seed"] + 1000 * seed},
-                service_fleet={**size.service_fleet, "seed": size.service_fleet["seed"] + 1000 * seed},
-                teacher=size.teacher, student=size.student, cycle=size.cycle)
+    return dataclasses.replace(
+        size, train_fleet={**size.train_fleet, "seed": size.train_fleet["seed"] + 1000 * seed},
+        service_fleet={**size.service_fleet, "seed": size.service_fleet["seed"] + 1000 * seed})
 
 
 def main(argv: list[str] | None = None) -> dict:
