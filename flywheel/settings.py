@@ -25,7 +25,7 @@ DEMO_CYCLE: dict[str, Any] = {
     # a short fine-tune: 1,000 steps of 256 frames at 1e-3, QAT over the second half. Its val set is 5 drives, where
     # one window can swing the objective (measured: one val drive's ordinary window 0.37 -> 2.38 while the other
     # four improved), so the whole schedule runs (patience 10) and the best evaluated state is kept
-    "finetune": {"steps": 1000, "batch_size": 256, "lr": 1e-3, "eval_every": 100, "patience": 10,
+    "finetune": {"steps": 1000, "batch_size": 256, "lr": 1.5e-3, "eval_every": 100, "patience": 10,
                  "augment": {"share": 0.5, "bank_copies": 4}},
     "compress": {"latency_runs": 50, "latency_warmup": 5},
 }
