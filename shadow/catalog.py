@@ -430,26 +430,29 @@ class Catalog:
         with self._lock:
             rel = self.sql(query, params)
             got: dict[str, Any] = {}
+            done = threading.Event()
 
             def run() -> None:
                 try:
                     got["table"] = rel.to_arrow_table()
                 except BaseException as exc:  # handed to the caller's thread
                     got["error"] = exc
+                finally:
+                    done.set()
 
             worker = threading.Thread(target=run, name="flywheel-sql", daemon=True)
             deadline = time.monotonic() + self.config.timeout_s if self.config.timeout_s else None
+            # interrupt() is lost on a query not yet executing: repeated until `done`. An Event, as Ctrl-C inside
+            # join() can leave is_alive() False for a running thread (CPython), whose connection would be closed
             try:
                 worker.start()
                 log.debug("running %s", str(query).strip()[:200])
-                while worker.is_alive():
-                    worker.join(0.05)
+                while not done.wait(0.05):
                     if deadline is not None and time.monotonic() > deadline:
                         self._con.interrupt()
-                        deadline = None
             except KeyboardInterrupt:
-                self._con.interrupt()
-                worker.join()
+                while not done.wait(0.05):
+                    self._con.interrupt()
                 raise QueryInterrupted("query interrupted") from None
             if "error" in got:
                 if isinstance(got["error"], duckdb.Error):
