@@ -36,9 +36,12 @@ def test_a_query_past_the_configured_timeout_is_stopped(lake: Path) -> None:
 
 
 def test_ctrl_c_stops_a_running_query_with_one_line(lake: Path) -> None:
+    # as a terminal's foreground process gets it: a test run in the background (`cmd &` in a non-interactive
+    # shell, as a CI script may) starts its children with SIGINT ignored, and Python then keeps ignoring it
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "-v", "sql", "--lake", str(lake), ENDLESS],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "FLYWHEEL_SQL__TIMEOUT_S": "600"})
+                            env={**os.environ, "FLYWHEEL_SQL__TIMEOUT_S": "600"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:  # the query is running once the catalog says so
             if "running SELECT count(*)" in line:
