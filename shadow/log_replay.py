@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract import Frames, arrow_to_frames
 from shadow.featurize import segments_of
-from shadow.log_replay_checks import at_fault, boxes_overlap, comfort_signals, corridor_check, time_to_contact
+from shadow.log_replay_checks import (at_fault, boxes_overlap, bounding_radius, comfort_signals, corridor_check,
+                                      time_to_contact)
 from shadow.log_replay_control import ControllerConfig, Track, follow
 
 
@@ -243,7 +244,8 @@ def score_windows(cols: dict[str, np.ndarray], rows: np.ndarray, track: Track, l
     violation = beyond.max(axis=1)
     straddling = (spans | (beyond > config.drivable_margin_m)).ravel()  # for lateral contacts
 
-    # ---- the logged agents of every (window, step): broad phase on bounding discs grown by the TTC reach
+    # ---- the logged agents of every (window, step): broad phase on bounding circles (of the box and its TTC
+    # discs) grown by the TTC reach...
     counts = cols["agent_count"].astype(np.int64)
     off = np.concatenate([[0], np.cumsum(counts)])
     at = np.flatnonzero(valid.ravel())  # window * (S+1) + step
@@ -255,17 +257,23 @@ def score_windows(cols: dict[str, np.ndarray], rows: np.ndarray, track: Track, l
         keep = cols["agent_confidence"][row] >= config.min_confidence
         wj, row = wj[keep], row[keep]
     avx_all, avy_all = cols["agent_vx"].astype(np.float64), cols["agent_vy"].astype(np.float64)
-    a_reach = (0.5 * np.hypot(cols["agent_length"], cols["agent_width"]).astype(np.float64)
-               + np.hypot(avx_all, avy_all) * config.ttc_bound_s)  # per agent row of the source
-    e_reach = 0.5 * np.hypot(length, width) + track.speed.ravel() * config.ttc_bound_s
+    a_half = bounding_radius(cols["agent_length"].astype(np.float64), cols["agent_width"].astype(np.float64))
+    a_reach = a_half + np.hypot(avx_all, avy_all) * config.ttc_bound_s  # per agent row of the source
+    e_half = float(bounding_radius(np.float64(length), np.float64(width)))
+    e_reach = e_half + track.speed.ravel() * config.ttc_bound_s
     dx, dy = cols["agent_x"][row] - wx.ravel()[wj], cols["agent_y"][row] - wy.ravel()[wj]
     close = dx * dx + dy * dy <= (a_reach[row] + e_reach[wj]) ** 2
     wj, row, dx, dy = wj[close], row[close], dx[close], dy[close]
-    w, j = wj // s1, wj % s1
+    # ... then the closest approach of the bounding discs at the pair's relative velocity within the bound
     ex, ey, eh, ev = wx.ravel()[wj], wy.ravel()[wj], wh.ravel()[wj], track.speed.ravel()[wj]
+    avx, avy = avx_all[row], avy_all[row]
+    rvx, rvy = avx - ev * np.cos(eh), avy - ev * np.sin(eh)
+    tau = np.clip(-(dx * rvx + dy * rvy) / np.maximum(rvx * rvx + rvy * rvy, 1e-12), 0.0, config.ttc_bound_s)
+    close = (dx + rvx * tau) ** 2 + (dy + rvy * tau) ** 2 <= (a_half[row] + e_half) ** 2
+    wj, row, dx, dy, ex, ey, eh, ev, avx, avy = (a[close] for a in (wj, row, dx, dy, ex, ey, eh, ev, avx, avy))
+    w, j = wj // s1, wj % s1
     ah = cols["agent_heading"][row].astype(np.float64)
     al, aw = cols["agent_length"][row].astype(np.float64), cols["agent_width"][row].astype(np.float64)
-    avx, avy = avx_all[row], avy_all[row]
     ids = cols["agent_id"][row].astype(np.int64)
 
     # ---- collisions: the first contact with each agent decides who is at fault

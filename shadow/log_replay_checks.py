@@ -90,6 +90,12 @@ def at_fault(ex: np.ndarray, ey: np.ndarray, eh: np.ndarray, ev: np.ndarray, ego
 # ------------------------------------------------------------------------------------------------- time to collision
 
 
+def bounding_radius(length: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Radius [m] of a circle about the centre that holds both the length x width box and its disc cover."""
+    off, r = disc_cover(length, width)
+    return np.maximum(0.5 * np.hypot(length, width), np.abs(off).max(axis=-1) + r)
+
+
 def time_to_contact(ex: np.ndarray, ey: np.ndarray, eh: np.ndarray, ev: np.ndarray, ego_length: float,
                     ego_width: float, ax: np.ndarray, ay: np.ndarray, ah: np.ndarray, avx: np.ndarray,
                     avy: np.ndarray, al: np.ndarray, aw: np.ndarray) -> np.ndarray:
