@@ -140,6 +140,15 @@ def test_leaving_the_lane():
     assert r["drivable_area_compliance"] == 0.0
 
 
+def test_a_log_without_lane_context_cannot_fail_the_drivable_area():
+    # imported logs without a map carry lane rank -1 and no lanes: the drivable area is unknown, not failed
+    frames = road(60, 10.0, lanes=1)
+    frames.cols["ego_lane"][:], frames.cols["lane_count"][:], frames.cols["lane_width"][:] = -1, 0, 0.0
+    validate(frames)
+    r = one(frames, plan(10.0, lateral=lambda t: 6.0 * np.clip(t / 3.0, 0, 1) ** 2))
+    assert r["lane_known"] is False and r["drivable_area_compliance"] == 1.0 and r["max_drivable_violation_m"] == 0
+
+
 def test_stopped_ego_makes_no_progress():
     # the logged driver drove 40 m in the 4 s; the plan stays put: progress 0, the rest perfect, so the score is
     # NAVSIM's weighted mean without progress: (5 * 0 + 5 * 1 + 2 * 1) / 12
