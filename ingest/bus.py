@@ -28,8 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.contract import (FRAME_SCHEMA, SUPPORTED_SCHEMA_VERSIONS, ChunkRejected, Frames, RejectReason,
-                             decode_chunk, frames_to_arrow, parse_chunk)
+from ingest.contract import (FRAME_SCHEMA, FRAME_SCHEMA_V1, SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, ChunkRejected,
+                             Frames, RejectReason, decode_chunk, frames_to_arrow, parse_chunk)
+from ingest.tables import upgrade_frame_rows
 
 FORMAT_HEADER = "flywheel-format"
 ARROW_FORMAT = b"arrow-ipc"
@@ -45,7 +46,8 @@ SCHEMA_VERSION_KEY = b"flywheel.schema_version"
 # One thread: the writers and readers are already one per core, and pyarrow's pool only adds hand-offs.
 _WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4", use_threads=False)
 _READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
-_FRAME_FIELDS = pa.schema(list(FRAME_SCHEMA))  # the fields alone: the version is checked on its own
+# the fields alone of each version read: the version is checked on its own
+_FRAME_FIELDS = {1: pa.schema(list(FRAME_SCHEMA_V1)), 2: pa.schema(list(FRAME_SCHEMA))}
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def decode_record(key: bytes | None, value: bytes | None, headers, max_frames: i
         raise ChunkRejected(RejectReason.COLUMN_LENGTH, f"headers say {count} frames from seq {first}")
     batch = _read_batch(value or b"")
     _check_batch(batch, version, drive, vehicle, first, count)
+    if version != SCHEMA_VERSION:  # an older server's record: the fields added since are filled ("" = no model)
+        batch = upgrade_frame_rows(batch, FRAME_SCHEMA)
     return ChunkRecord(drive, vehicle, first, final, version, batch)
 
 
@@ -143,7 +147,7 @@ def _check_batch(batch: pa.RecordBatch, version: int, drive: str, vehicle: str, 
     if stored != str(version).encode():
         raise ChunkRejected(RejectReason.SCHEMA_VERSION, f"the batch's schema says version {stored!r}, the headers "
                             f"{version}")
-    if not batch.schema.remove_metadata().equals(_FRAME_FIELDS):
+    if not batch.schema.remove_metadata().equals(_FRAME_FIELDS[version]):
         raise ChunkRejected(RejectReason.SCHEMA_VERSION, f"the batch's fields are not those of frame schema version "
                             f"{version}")
     if batch.num_rows != count:

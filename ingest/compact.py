@@ -126,6 +126,8 @@ def merge_run(run: list[LakeFile], table: str = "frames", row_group_rows: int = 
                 union = seqs.setdefault(drive, SeqRanges())
                 for lo, hi in ranges.ranges:
                     union.add(lo, hi)
+        if table == "frames":  # files of frame schema version 1 merge as version 2 ("" = no model known)
+            t = upgrade_frame_rows(t, spec.schema)
         parts.append(t.select(spec.schema.names).cast(spec.schema))
     merged = pa.concat_tables(parts)
     if "kafka_offset" in merged.column_names:

@@ -20,8 +20,11 @@ from google.protobuf.message import DecodeError
 
 from ingest.wire import drive_pb2 as pb
 
-SCHEMA_VERSION = pb.SCHEMA_VERSION_1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({pb.SCHEMA_VERSION_1})
+SCHEMA_VERSION = pb.SCHEMA_VERSION_2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({pb.SCHEMA_VERSION_1, pb.SCHEMA_VERSION_2})
+# per-frame strings since schema version 2: the deployed model behind the on-board decision ("" unknown); optional
+# in `Frames.cols` (absent: "" for every frame), so builders of version 1 frames need not set them
+DECISION_MODEL_COLUMNS = ("decision_model", "decision_model_version")
 MAX_AGENTS_PER_FRAME = 64
 MAX_WAYPOINTS_PER_FRAME = 100
 MAX_TAGS_PER_FRAME = 16
@@ -153,9 +156,15 @@ class Frames:
     def num_frames(self) -> int:
         return int(self.cols["timestamp_ns"].shape[0])
 
+    def decision_model(self) -> tuple[np.ndarray, np.ndarray]:
+        """(id, version) of the deployed model behind each frame's on-board decision, (n,) object each; ""."""
+        n = self.num_frames
+        return tuple(self.cols[k] if k in self.cols else np.full(n, "", dtype=object)  # type: ignore[return-value]
+                     for k in DECISION_MODEL_COLUMNS)
+
     def slice(self, start: int, stop: int) -> "Frames":
         """Frames [start, stop) as a new block, with the ragged columns cut at the matching offsets."""
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = {k: self.cols[k][start:stop] for k in DECISION_MODEL_COLUMNS if k in self.cols}
         offsets = {lvl: _offsets(self.cols[cnt]) for lvl, cnt in _COUNT_OF_LEVEL.items()}
         for c in COLUMNS:
             a = self.cols[c.name]
@@ -185,6 +194,9 @@ def block_to_frames(block: pb.FrameBlock) -> Frames:
             cols[c.name] = np.array(list(field), dtype=object)
         else:
             cols[c.name] = np.array(field, dtype=c.dtype)
+    for name in DECISION_MODEL_COLUMNS:  # none sent: no deployed model known (and all a version 1 block has)
+        if len(getattr(block, name)):
+            cols[name] = np.array(list(getattr(block, name)), dtype=object)
     return Frames(cols, float(block.plan_dt_s))
 
 
@@ -193,6 +205,9 @@ def frames_to_block(frames: Frames) -> pb.FrameBlock:
     block = pb.FrameBlock(num_frames=frames.num_frames, plan_dt_s=frames.plan_dt_s)
     for c in COLUMNS:
         getattr(block, c.name).extend(frames.cols[c.name].tolist())
+    for name in DECISION_MODEL_COLUMNS:
+        if name in frames.cols:
+            getattr(block, name).extend(frames.cols[name].tolist())
     return block
 
 
@@ -229,6 +244,9 @@ def decode_chunk(chunk: pb.DriveChunk, max_frames: int) -> Frames:
     if block.num_frames > max_frames:
         raise ChunkRejected(RejectReason.TOO_LARGE, f"{block.num_frames} frames in one chunk; limit {max_frames}")
     frames = block_to_frames(block)
+    if chunk.schema_version < pb.SCHEMA_VERSION_2 and any(k in frames.cols for k in DECISION_MODEL_COLUMNS):
+        raise ChunkRejected(RejectReason.SCHEMA_VERSION, f"a schema_version {chunk.schema_version} chunk carries "
+                            f"{'/'.join(DECISION_MODEL_COLUMNS)}, fields of version {pb.SCHEMA_VERSION_2}")
     validate(frames, declared_frames=block.num_frames)
     if chunk.first_seq + frames.num_frames > 2**62:
         raise ChunkRejected(RejectReason.OUT_OF_RANGE, f"first_seq {chunk.first_seq} is implausibly large")
@@ -279,10 +297,28 @@ def validate(frames: Frames, declared_frames: int | None = None) -> None:
         raise ChunkRejected(RejectReason.OUT_OF_RANGE, f"a tag is longer than {MAX_TAG_LENGTH} characters")
     if n and not (PLAN_DT_RANGE[0] <= frames.plan_dt_s <= PLAN_DT_RANGE[1]) and expected["plan"]:
         raise ChunkRejected(RejectReason.OUT_OF_RANGE, f"plan_dt_s {frames.plan_dt_s} outside {PLAN_DT_RANGE}")
+    _check_decision_model(cols, n)
     ts = cols["timestamp_ns"]
     if n > 1 and not (np.diff(ts) > 0).all():
         i = int(np.argmax(np.diff(ts) <= 0))
         raise ChunkRejected(RejectReason.TIMESTAMPS, f"timestamp_ns[{i + 1}] does not increase")
+
+
+def _check_decision_model(cols: dict[str, np.ndarray], n: int) -> None:
+    """The deployed model's id and version per frame: n entries each, both empty or both ids (`check_id`'s rule)."""
+    if not any(k in cols for k in DECISION_MODEL_COLUMNS):
+        return
+    for k in DECISION_MODEL_COLUMNS:
+        if k not in cols or cols[k].shape[0] != n:
+            raise ChunkRejected(RejectReason.COLUMN_LENGTH, f"{k} has {len(cols.get(k, ()))} entries, expected {n}")
+    ids, versions = (cols[k] for k in DECISION_MODEL_COLUMNS)
+    for i in np.unique(np.char.add(np.char.add(ids.astype(str), "\n"), versions.astype(str)), return_index=True)[1]:
+        model, version = ids[i], versions[i]
+        if (model == "") != (version == ""):
+            raise ChunkRejected(RejectReason.BAD_ID, f"decision_model[{i}] {model!r}, version {version!r}: both or none")
+        if model:
+            check_id(f"decision_model[{i}]", model)
+            check_id(f"decision_model_version[{i}]", version)
 
 
 def _explain(c: Col, a: np.ndarray, lo: float | None, hi: float | None) -> None:
@@ -353,7 +389,11 @@ _FRAME_FIELDS = [
     pa.field("plan_y", _list_of(pa.float32()), nullable=False),
     *_scalar_fields(_DECISION),
 ]
+# the fields schema version 1 has; version 2 adds the deployed model's id and version after them
+FRAME_SCHEMA_V1 = pa.schema(_FRAME_FIELDS, metadata={"flywheel.schema_version": str(pb.SCHEMA_VERSION_1)})
+_FRAME_FIELDS += [pa.field(k, pa.string(), nullable=False) for k in DECISION_MODEL_COLUMNS]
 FRAME_SCHEMA = pa.schema(_FRAME_FIELDS, metadata={"flywheel.schema_version": str(SCHEMA_VERSION)})
+
 
 
 _DICTIONARIES = {name: pa.array(names, pa.string()) for name, (_, names) in ENUMS.items()}
@@ -406,6 +446,8 @@ def frames_to_arrow(frames: Frames, drive_id: str, vehicle_id: str, first_seq: i
     for name in ("plan_x", "plan_y"):
         arrays[name] = _list_array(cols["plan_count"], _fixed(cols[name].astype(np.float32, copy=False), _FLOAT32),
                                    _TYPE[name])
+    for name, values in zip(DECISION_MODEL_COLUMNS, frames.decision_model()):
+        arrays[name] = pa.array(values.tolist(), pa.string())
     for name, t in _TYPE.items():
         if name not in arrays:
             arrays[name] = _column(COLUMN_BY_NAME[name], cols[name], t)
@@ -443,6 +485,9 @@ def arrow_to_frames(table: pa.Table | pa.RecordBatch) -> Frames:
         arr = lists(name)
         cols[name] = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     cols["plan_count"] = pc.list_value_length(lists("plan_x")).to_numpy(zero_copy_only=False).astype(np.uint32)
+    for name in DECISION_MODEL_COLUMNS:
+        if name in table.column_names:
+            cols[name] = table[name].to_numpy().astype(object)
     for c in COLUMNS:
         if c.name in cols:
             continue

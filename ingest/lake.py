@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from ingest.contract import FRAME_SCHEMA, ChunkRejected, Frames, arrow_to_frames, frames_to_arrow
 from ingest.dirswap import dir_lock
 from ingest.objstore import is_remote, list_files, parquet_bytes, put_bytes
-from ingest.tables import FRAMES_LAKE_SCHEMA, TABLES
+from ingest.tables import FRAMES_LAKE_SCHEMA, TABLES, upgrade_frame_rows
 from ingest.versions import check_version
 
 DRIVE_FORMAT_VERSION = 1
@@ -155,16 +155,21 @@ def all_files(lake: Path, table: str) -> list[LakeFile]:
 
 def live_files(lake: Path, table: str, topic: str | None = None, partition: int | None = None) -> list[LakeFile]:
     """The files a reader should read: per (directory, topic, partition), drop any file covered by another one."""
+    return live_of([f for f in all_files(lake, table)
+                    if (topic is None or f.topic == topic) and (partition is None or f.partition == partition)])
+
+
+def live_of(files: list[LakeFile]) -> list[LakeFile]:
+    """The live files of one listing: per (directory, topic, partition), drop any file covered by another one."""
     groups: dict[tuple, list[LakeFile]] = {}
-    for f in all_files(lake, table):
-        if (topic is None or f.topic == topic) and (partition is None or f.partition == partition):
-            groups.setdefault((f.path.parent, f.topic, f.partition), []).append(f)
+    for f in files:
+        groups.setdefault((f.path.parent, f.topic, f.partition), []).append(f)
     live: list[LakeFile] = []
-    for files in groups.values():
+    for group in groups.values():
         # widest first among equal starts; a file is live only if it reaches past everything kept before it
-        files.sort(key=lambda f: (f.first, -f.last, f.path.name))
+        group.sort(key=lambda f: (f.first, -f.last, f.path.name))
         reach = -1
-        for f in files:
+        for f in group:
             if f.last > reach:
                 live.append(f)
                 reach = f.last
@@ -172,8 +177,12 @@ def live_files(lake: Path, table: str, topic: str | None = None, partition: int 
 
 
 def superseded_files(lake: Path, table: str) -> list[LakeFile]:
-    live = set(live_files(lake, table))
-    return [f for f in all_files(lake, table) if f not in live]
+    """Files another file of the SAME listing covers. One listing, not two: a directory walk is no snapshot, and a
+    file a writer renamed in between two walks would be absent from the first (so not live) yet present in the
+    second, and deleted as superseded (the race that lost a sink's file during back-to-back compactions)."""
+    files = all_files(lake, table)
+    live = set(live_of(files))
+    return [f for f in files if f not in live]
 
 
 def fsync_dir(path: Path) -> None:
@@ -373,7 +382,8 @@ def read_drive(path: Path) -> Drive:
     if not np.array_equal(seq, np.arange(len(seq))):
         raise ValueError(f"{path}: seq is not 0..n-1")
     try:
-        frames = arrow_to_frames(table.select(FRAME_SCHEMA.names).cast(FRAME_SCHEMA))
+        # a drive file written before frame schema version 2 lacks the deployed model's columns: "" (unknown)
+        frames = arrow_to_frames(upgrade_frame_rows(table, FRAME_SCHEMA))
     except ChunkRejected as exc:
         raise ValueError(f"{path}: {exc}") from None
     return Drive(meta["flywheel.drive_id"], meta["flywheel.vehicle_id"], frames, Path(path))

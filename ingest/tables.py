@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from ingest.objstore import read_schema
 
-from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION
+from ingest.contract import DECISION_MODEL_COLUMNS, FRAME_SCHEMA, SCHEMA_VERSION, ChunkRejected, RejectReason
 from ingest.versions import check_version
 
 
@@ -23,6 +23,7 @@ class TableSpec:
     schema: pa.Schema
     version: int
     partitioning: tuple[str, ...] = ("date",)
+    older: tuple[int, ...] = ()  # older versions its readers still read (upgraded on read, see upgrade_frame_rows)
 
 
 # Lake columns added by the sink to every frame row: where it came from in Kafka and when it arrived.
@@ -33,6 +34,25 @@ FRAMES_LAKE_SCHEMA = pa.schema(
      pa.field("kafka_offset", pa.int64(), nullable=False)],
     metadata={"flywheel.table": "frames", "flywheel.schema_version": str(SCHEMA_VERSION)},
 )
+
+
+def upgrade_frame_rows(rows: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table | pa.RecordBatch:
+    """Rows stored under frame schema version 1 (drive files, lake files, topic records) as rows of `schema` (the
+    current FRAME_SCHEMA or a table built on it): the fields version 2 added filled with "" (no model known).
+    Rows that already have every field are only put in `schema`'s order."""
+    n = rows.num_rows
+    cols = []
+    for f in schema:
+        if f.name in rows.schema.names:
+            cols.append(rows.column(f.name))
+        elif f.name in DECISION_MODEL_COLUMNS:
+            cols.append(pa.repeat(pa.scalar("", pa.string()), n))
+        else:
+            raise ChunkRejected(RejectReason.SCHEMA_VERSION, f"rows lack the field {f.name!r}")
+    if isinstance(rows, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays([c.cast(f.type) for c, f in zip(cols, schema)], schema=schema)
+    return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema)], schema=schema)
+
 
 SHADOW_SCHEMA_VERSION = 1
 DIVERGENCE_HORIZONS_S = (1, 2, 4)
@@ -131,7 +151,7 @@ NOISE_FLOOR_SCHEMA = _shadow_schema("noise_floor", [
 ])
 
 TABLES: dict[str, TableSpec] = {
-    "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION),
+    "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION, older=(1,)),
     "decisions": TableSpec("decisions", DECISIONS_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
     "divergences": TableSpec("divergences", DIVERGENCES_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
     "scenarios": TableSpec("scenarios", SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
@@ -141,9 +161,13 @@ TABLES: dict[str, TableSpec] = {
 
 def check_table_version(path, table: str, metadata: dict[bytes, bytes] | None) -> None:
     """Refuse a lake file of `table` whose footer (`metadata`: its schema's key-value metadata) carries another
-    schema version than this code's (`TABLES[table].version`), or none; `ingest.lake.UnknownVersion` names both."""
+    schema version than this code's (`TABLES[table].version`) or an older one it still reads, or none; `ingest.lake.UnknownVersion` names both."""
     found = (metadata or {}).get(b"flywheel.schema_version")
-    check_version(path, f"lake table {table!r}", found.decode() if found is not None else None, TABLES[table].version)
+    found = found.decode() if found is not None else None
+    spec = TABLES[table]
+    if found is not None and found.isdigit() and int(found) in spec.older:
+        return
+    check_version(path, f"lake table {table!r}", found, spec.version)
 
 
 def read_footer(path, table: str) -> dict[bytes, bytes]:

@@ -1,12 +1,10 @@
 """The lake as SQL: a locked-down, read-only DuckDB catalog over the live files of every lake table.
 
-`Catalog(lake)` is an in-memory DuckDB database with one view per table of `ingest.tables.TABLES` (frames, decisions,
-divergences, scenarios, noise_floor) over that table's LIVE files only (`live_files`: a file covered by a compacted
-one is hidden), with the hive partition keys as columns (`date` DATE, `model`, `pair`). An empty table still has its
-view: the fixed schema, no rows. `refresh()` re-resolves the live files. Saved queries (`shadow/queries/*.sql`) run
-by name with named parameters. `divergence_summary` and `divergence_by_condition` answer from a per-file rollup of
-the divergences (sums and counts, so every rollup of it is exact), built on first use and kept incremental by
-`refresh()`: aggregating 20 M frame rows takes about a second on two cores, the rollup answers in milliseconds.
+`Catalog(lake)` is an in-memory DuckDB database with one view per table of `ingest.tables.TABLES` over its LIVE
+files only (`live_files`), hive keys as columns (`date` DATE, `model`, `pair`); an empty table has its fixed schema,
+no rows; `refresh()` re-resolves the files. Saved queries (`shadow/queries/*.sql`) run by name with parameters.
+`divergence_summary` and `divergence_by_condition` answer from an incremental per-file rollup of the divergences
+(sums and counts: 20 M frame rows take about a second to aggregate on two cores, the rollup milliseconds).
 
 SQL from users is read-only and cannot reach files outside the lake, each rule enforced by DuckDB itself:
 
@@ -19,9 +17,8 @@ SQL from users is read-only and cannot reach files outside the lake, each rule e
   loaded (auto-install/auto-load and community extensions off too); Python replacement scans are off;
 * `lock_configuration=true`, set last: no SET/RESET undoes any of it.
 
-DuckDB alone cannot keep `COPY ... TO '<lake>/x'` out (allowed directories are writable) nor temporary objects (they
-stay writable in a read-only transaction): the statement check does. The relations handed to Python callers are not a
-sandbox (their methods run SQL of their own); the sandbox is for SQL text, what the CLI and the service API take.
+DuckDB alone cannot keep `COPY ... TO '<lake>/x'` out (allowed directories are writable) nor temporary objects: the
+statement check does. Relations handed to Python callers are not a sandbox; the sandbox is for SQL text.
 """
 
 from __future__ import annotations
@@ -186,6 +183,9 @@ def duckdb_columns(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((c[0], c[1]) for c in cols) + tuple((k, HIVE_TYPES[k]) for k in spec.partitioning)
 
 
+def _by_name(table: str) -> str:  # files of an older version lack columns: DuckDB fills NULL, matched by name
+    return ", union_by_name = true" if TABLES[table].older else ""
+
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -208,7 +208,7 @@ def view_sql(table: str, files: list[Path]) -> str:
         return f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {select} WHERE false"
     # explicit columns: the view's schema is the contract's, whatever order the reader appends hive keys in
     return (f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {', '.join(_ident(n) for n, _ in cols)} "
-            f"FROM {_read_parquet([str(p) for p in files], TABLES[table].partitioning)}")
+            f"FROM {_read_parquet([str(p) for p in files], TABLES[table].partitioning, _by_name(table))}")
 
 
 # ------------------------------------------------------------------------------------------------ saved queries

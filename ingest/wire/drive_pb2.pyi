@@ -11,6 +11,7 @@ class SchemaVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCHEMA_VERSION_UNSPECIFIED: _ClassVar[SchemaVersion]
     SCHEMA_VERSION_1: _ClassVar[SchemaVersion]
+    SCHEMA_VERSION_2: _ClassVar[SchemaVersion]
 
 class AgentClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -56,6 +57,7 @@ class Maneuver(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MANEUVER_DECELERATE: _ClassVar[Maneuver]
 SCHEMA_VERSION_UNSPECIFIED: SchemaVersion
 SCHEMA_VERSION_1: SchemaVersion
+SCHEMA_VERSION_2: SchemaVersion
 AGENT_CLASS_UNKNOWN: AgentClass
 AGENT_CLASS_CAR: AgentClass
 AGENT_CLASS_TRUCK: AgentClass
@@ -86,7 +88,7 @@ MANEUVER_ACCELERATE: Maneuver
 MANEUVER_DECELERATE: Maneuver
 
 class FrameBlock(_message.Message):
-    __slots__ = ("num_frames", "timestamp_ns", "ego_x", "ego_y", "ego_heading", "ego_speed", "ego_accel", "ego_yaw_rate", "ego_lane", "agent_count", "agent_id", "agent_class", "agent_x", "agent_y", "agent_vx", "agent_vy", "agent_heading", "agent_length", "agent_width", "agent_confidence", "lane_count", "lane_width", "lane_offset", "lane_heading", "lane_curvature", "speed_limit", "lighting", "weather", "road_type", "tag_count", "tag", "plan_dt_s", "plan_count", "plan_x", "plan_y", "maneuver", "control_steer", "control_accel")
+    __slots__ = ("num_frames", "timestamp_ns", "ego_x", "ego_y", "ego_heading", "ego_speed", "ego_accel", "ego_yaw_rate", "ego_lane", "agent_count", "agent_id", "agent_class", "agent_x", "agent_y", "agent_vx", "agent_vy", "agent_heading", "agent_length", "agent_width", "agent_confidence", "lane_count", "lane_width", "lane_offset", "lane_heading", "lane_curvature", "speed_limit", "lighting", "weather", "road_type", "tag_count", "tag", "plan_dt_s", "plan_count", "plan_x", "plan_y", "maneuver", "control_steer", "control_accel", "decision_model", "decision_model_version")
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     EGO_X_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,8 @@ class FrameBlock(_message.Message):
     MANEUVER_FIELD_NUMBER: _ClassVar[int]
     CONTROL_STEER_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ACCEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     num_frames: int
     timestamp_ns: _containers.RepeatedScalarFieldContainer[int]
     ego_x: _containers.RepeatedScalarFieldContainer[float]
@@ -163,10 +167,12 @@ class FrameBlock(_message.Message):
     maneuver: _containers.RepeatedScalarFieldContainer[Maneuver]
     control_steer: _containers.RepeatedScalarFieldContainer[float]
     control_accel: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, num_frames: _Optional[int] = ..., timestamp_ns: _Optional[_Iterable[int]] = ..., ego_x: _Optional[_Iterable[float]] = ..., ego_y: _Optional[_Iterable[float]] = ..., ego_heading: _Optional[_Iterable[float]] = ..., ego_speed: _Optional[_Iterable[float]] = ..., ego_accel: _Optional[_Iterable[float]] = ..., ego_yaw_rate: _Optional[_Iterable[float]] = ..., ego_lane: _Optional[_Iterable[int]] = ..., agent_count: _Optional[_Iterable[int]] = ..., agent_id: _Optional[_Iterable[int]] = ..., agent_class: _Optional[_Iterable[_Union[AgentClass, str]]] = ..., agent_x: _Optional[_Iterable[float]] = ..., agent_y: _Optional[_Iterable[float]] = ..., agent_vx: _Optional[_Iterable[float]] = ..., agent_vy: _Optional[_Iterable[float]] = ..., agent_heading: _Optional[_Iterable[float]] = ..., agent_length: _Optional[_Iterable[float]] = ..., agent_width: _Optional[_Iterable[float]] = ..., agent_confidence: _Optional[_Iterable[float]] = ..., lane_count: _Optional[_Iterable[int]] = ..., lane_width: _Optional[_Iterable[float]] = ..., lane_offset: _Optional[_Iterable[float]] = ..., lane_heading: _Optional[_Iterable[float]] = ..., lane_curvature: _Optional[_Iterable[float]] = ..., speed_limit: _Optional[_Iterable[float]] = ..., lighting: _Optional[_Iterable[_Union[Lighting, str]]] = ..., weather: _Optional[_Iterable[_Union[Weather, str]]] = ..., road_type: _Optional[_Iterable[_Union[RoadType, str]]] = ..., tag_count: _Optional[_Iterable[int]] = ..., tag: _Optional[_Iterable[str]] = ..., plan_dt_s: _Optional[float] = ..., plan_count: _Optional[_Iterable[int]] = ..., plan_x: _Optional[_Iterable[float]] = ..., plan_y: _Optional[_Iterable[float]] = ..., maneuver: _Optional[_Iterable[_Union[Maneuver, str]]] = ..., control_steer: _Optional[_Iterable[float]] = ..., control_accel: _Optional[_Iterable[float]] = ...) -> None: ...
+    decision_model: _containers.RepeatedScalarFieldContainer[str]
+    decision_model_version: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, num_frames: _Optional[int] = ..., timestamp_ns: _Optional[_Iterable[int]] = ..., ego_x: _Optional[_Iterable[float]] = ..., ego_y: _Optional[_Iterable[float]] = ..., ego_heading: _Optional[_Iterable[float]] = ..., ego_speed: _Optional[_Iterable[float]] = ..., ego_accel: _Optional[_Iterable[float]] = ..., ego_yaw_rate: _Optional[_Iterable[float]] = ..., ego_lane: _Optional[_Iterable[int]] = ..., agent_count: _Optional[_Iterable[int]] = ..., agent_id: _Optional[_Iterable[int]] = ..., agent_class: _Optional[_Iterable[_Union[AgentClass, str]]] = ..., agent_x: _Optional[_Iterable[float]] = ..., agent_y: _Optional[_Iterable[float]] = ..., agent_vx: _Optional[_Iterable[float]] = ..., agent_vy: _Optional[_Iterable[float]] = ..., agent_heading: _Optional[_Iterable[float]] = ..., agent_length: _Optional[_Iterable[float]] = ..., agent_width: _Optional[_Iterable[float]] = ..., agent_confidence: _Optional[_Iterable[float]] = ..., lane_count: _Optional[_Iterable[int]] = ..., lane_width: _Optional[_Iterable[float]] = ..., lane_offset: _Optional[_Iterable[float]] = ..., lane_heading: _Optional[_Iterable[float]] = ..., lane_curvature: _Optional[_Iterable[float]] = ..., speed_limit: _Optional[_Iterable[float]] = ..., lighting: _Optional[_Iterable[_Union[Lighting, str]]] = ..., weather: _Optional[_Iterable[_Union[Weather, str]]] = ..., road_type: _Optional[_Iterable[_Union[RoadType, str]]] = ..., tag_count: _Optional[_Iterable[int]] = ..., tag: _Optional[_Iterable[str]] = ..., plan_dt_s: _Optional[float] = ..., plan_count: _Optional[_Iterable[int]] = ..., plan_x: _Optional[_Iterable[float]] = ..., plan_y: _Optional[_Iterable[float]] = ..., maneuver: _Optional[_Iterable[_Union[Maneuver, str]]] = ..., control_steer: _Optional[_Iterable[float]] = ..., control_accel: _Optional[_Iterable[float]] = ..., decision_model: _Optional[_Iterable[str]] = ..., decision_model_version: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("drive_id", "vehicle_id", "seq", "timestamp_ns", "ego_x", "ego_y", "ego_heading", "ego_speed", "ego_accel", "ego_yaw_rate", "ego_lane", "agents", "lane_count", "lane_width", "lane_offset", "lane_heading", "lane_curvature", "speed_limit", "lighting", "weather", "road_type", "tags", "plan_dt_s", "plan_x", "plan_y", "maneuver", "control_steer", "control_accel")
+    __slots__ = ("drive_id", "vehicle_id", "seq", "timestamp_ns", "ego_x", "ego_y", "ego_heading", "ego_speed", "ego_accel", "ego_yaw_rate", "ego_lane", "agents", "lane_count", "lane_width", "lane_offset", "lane_heading", "lane_curvature", "speed_limit", "lighting", "weather", "road_type", "tags", "plan_dt_s", "plan_x", "plan_y", "maneuver", "control_steer", "control_accel", "decision_model", "decision_model_version")
     class Agent(_message.Message):
         __slots__ = ("id", "agent_class", "x", "y", "vx", "vy", "heading", "length", "width", "confidence")
         ID_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +224,8 @@ class Frame(_message.Message):
     MANEUVER_FIELD_NUMBER: _ClassVar[int]
     CONTROL_STEER_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ACCEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     drive_id: str
     vehicle_id: str
     seq: int
@@ -246,7 +254,9 @@ class Frame(_message.Message):
     maneuver: Maneuver
     control_steer: float
     control_accel: float
-    def __init__(self, drive_id: _Optional[str] = ..., vehicle_id: _Optional[str] = ..., seq: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., ego_x: _Optional[float] = ..., ego_y: _Optional[float] = ..., ego_heading: _Optional[float] = ..., ego_speed: _Optional[float] = ..., ego_accel: _Optional[float] = ..., ego_yaw_rate: _Optional[float] = ..., ego_lane: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Frame.Agent, _Mapping]]] = ..., lane_count: _Optional[int] = ..., lane_width: _Optional[float] = ..., lane_offset: _Optional[float] = ..., lane_heading: _Optional[float] = ..., lane_curvature: _Optional[float] = ..., speed_limit: _Optional[float] = ..., lighting: _Optional[_Union[Lighting, str]] = ..., weather: _Optional[_Union[Weather, str]] = ..., road_type: _Optional[_Union[RoadType, str]] = ..., tags: _Optional[_Iterable[str]] = ..., plan_dt_s: _Optional[float] = ..., plan_x: _Optional[_Iterable[float]] = ..., plan_y: _Optional[_Iterable[float]] = ..., maneuver: _Optional[_Union[Maneuver, str]] = ..., control_steer: _Optional[float] = ..., control_accel: _Optional[float] = ...) -> None: ...
+    decision_model: str
+    decision_model_version: str
+    def __init__(self, drive_id: _Optional[str] = ..., vehicle_id: _Optional[str] = ..., seq: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., ego_x: _Optional[float] = ..., ego_y: _Optional[float] = ..., ego_heading: _Optional[float] = ..., ego_speed: _Optional[float] = ..., ego_accel: _Optional[float] = ..., ego_yaw_rate: _Optional[float] = ..., ego_lane: _Optional[int] = ..., agents: _Optional[_Iterable[_Union[Frame.Agent, _Mapping]]] = ..., lane_count: _Optional[int] = ..., lane_width: _Optional[float] = ..., lane_offset: _Optional[float] = ..., lane_heading: _Optional[float] = ..., lane_curvature: _Optional[float] = ..., speed_limit: _Optional[float] = ..., lighting: _Optional[_Union[Lighting, str]] = ..., weather: _Optional[_Union[Weather, str]] = ..., road_type: _Optional[_Union[RoadType, str]] = ..., tags: _Optional[_Iterable[str]] = ..., plan_dt_s: _Optional[float] = ..., plan_x: _Optional[_Iterable[float]] = ..., plan_y: _Optional[_Iterable[float]] = ..., maneuver: _Optional[_Union[Maneuver, str]] = ..., control_steer: _Optional[float] = ..., control_accel: _Optional[float] = ..., decision_model: _Optional[str] = ..., decision_model_version: _Optional[str] = ...) -> None: ...
 
 class DriveChunk(_message.Message):
     __slots__ = ("schema_version", "drive_id", "vehicle_id", "first_seq", "frames", "crc32c", "final")

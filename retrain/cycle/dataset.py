@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ingest.contract import FRAME_SCHEMA, SCHEMA_VERSION, arrow_to_frames
 from ingest.lake import (DRIVE_SEQ_KEY, file_name, fsync_dir, live_files, partition_dir, write_json_atomic,
                          write_parquet_atomic)
-from ingest.tables import FRAMES_LAKE_SCHEMA, read_footer
+from ingest.tables import FRAMES_LAKE_SCHEMA, read_footer, upgrade_frame_rows
 from ingest.versions import UnknownVersion, check_version
 from ingest.lake_index import SeqRanges, encode_drive_seq, read_drive_seq, scan_drive_seq
 from retrain.cycle.mining import MinedItem, MiningResult, condition_of
@@ -123,7 +123,10 @@ def read_lake_frames(lake: Path, want: dict[str, list[tuple[int, int]]],
             files.setdefault(p, set()).add(d)
     parts = []
     for p, drives in sorted(files.items()):
-        t = pq.read_table(p, columns=FRAME_SCHEMA.names, filters=[("drive_id", "in", sorted(drives))])
+        have = set(pq.read_schema(p).names)  # a frames file of schema version 1 lacks the deployed model's columns
+        t = pq.read_table(p, columns=[n for n in FRAME_SCHEMA.names if n in have],
+                          filters=[("drive_id", "in", sorted(drives))])
+        t = upgrade_frame_rows(t, FRAME_SCHEMA)
         if t.num_rows == 0:
             continue
         keep = np.zeros(t.num_rows, bool)

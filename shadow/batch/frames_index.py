@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from ingest.lake import LakeFile
 from ingest.objstore import read_metadata, read_table
-from ingest.tables import check_table_version
+from ingest.tables import FRAMES_LAKE_SCHEMA, check_table_version, upgrade_frame_rows
 from ingest.lake_index import SeqRanges, merge_drive_final, read_drive_final, read_drive_seq, scan_drive_seq
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def read_cached(index: PartitionIndex, i: int, cache: OrderedDict, keep: int = 6
         cache.move_to_end(i)
         return cache[i]
     t = read_table(index.files[i].lake_file.path)
+    if "decision_model" not in t.column_names:  # a frames file of schema version 1: no deployed model known
+        t = upgrade_frame_rows(t, FRAMES_LAKE_SCHEMA)
     cache[i] = t
     while len(cache) > keep:
         cache.popitem(last=False)
