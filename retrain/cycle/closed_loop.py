@@ -28,6 +28,9 @@ acceleration (m/s^2), lateral acceleration (m/s^2), longitudinal jerk (m/s^3), y
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +98,9 @@ class ClosedLoopConfig(BaseModel):
     ttc_threshold_s: float = Field(0.95, gt=0, description="an episode whose minimum TTC is below this is unsafe "
                                    "(nuPlan's time_to_collision_within_bound)")
     threads: int = Field(1, ge=1, description="onnxruntime threads of the planner")
+    workers: int = Field(0, ge=0, description="processes the episodes run in: 0 = one per CPU core this process may "
+                         "use, at most one per two episodes; 1 = in this process. The records do not depend on it: "
+                         "every episode is seeded and runs alone in its environment")
 
 
 class PlannedVehicle(Vehicle):
@@ -362,19 +368,29 @@ def summarize(episodes: list[dict], cfg: ClosedLoopConfig) -> dict:
 def evaluate(policies: dict[str, Policy] | list[Policy], cfg: ClosedLoopConfig | None = None,
              with_episodes: bool = False) -> list[dict]:
     """Every policy on every scenario's seeded episodes; one summary record per (policy, scenario), plus
-    `progress_vs_expert` (distance relative to the expert's on the same seeds) when the expert is among them."""
+    `progress_vs_expert` (distance relative to the expert's on the same seeds) when the expert is among them.
+    Episodes run in `cfg.workers` processes (highway-env is single-threaded Python: a 2-core host halves the wall
+    time); the records are the same in any number of processes."""
     cfg = cfg or ClosedLoopConfig()
     pols = list(policies.values()) if isinstance(policies, dict) else list(policies)
+    jobs = [(pol, sc, s) for pol in pols for sc in cfg.scenarios for s in episode_seeds(cfg, sc)]
+    n = episode_workers(cfg, len(jobs))
+    if n <= 1:
+        try:
+            episodes = [_episode(*job, cfg) for job in jobs]
+        finally:  # a later call may find another model at the same path
+            _SESSIONS.clear()
+    else:  # spawned, not forked: the parent's onnxruntime and torch thread pools do not survive a fork
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            episodes = list(pool.map(_episode, *zip(*jobs), [cfg] * len(jobs)))
     out, eps_by = [], {}
-    for pol in pols:
-        sess = session(pol.model, cfg.threads, verify=False) if pol.model is not None else None
-        for sc in cfg.scenarios:
-            eps = [run_episode(pol, sc, s, cfg, sess) for s in episode_seeds(cfg, sc)]
-            eps_by[(pol.name, sc)] = eps
-            rec = summarize(eps, cfg)
-            if with_episodes:
-                rec["episode_records"] = eps
-            out.append(rec)
+    for (pol, sc, _), ep in zip(jobs, episodes):
+        eps_by.setdefault((pol.name, sc), []).append(ep)
+    for (_, _), eps in eps_by.items():
+        rec = summarize(eps, cfg)
+        if with_episodes:
+            rec["episode_records"] = eps
+        out.append(rec)
     for rec in out:
         ref = eps_by.get(("expert", rec["scenario"]))
         if ref and rec["policy"] != "expert":
@@ -382,3 +398,26 @@ def evaluate(policies: dict[str, Policy] | list[Policy], cfg: ClosedLoopConfig |
             rec["progress_vs_expert"] = float(np.mean([m["distance_m"] / max(r["distance_m"], 1e-6)
                                                        for m, r in zip(mine, ref)]))
     return out
+
+
+def episode_workers(cfg: ClosedLoopConfig, jobs: int) -> int:
+    """Processes for `jobs` episodes: `cfg.workers`, or with 0 the CPU cores this process may use, at most one per
+    two episodes (a process costs seconds to start)."""
+    if cfg.workers:
+        return min(cfg.workers, jobs)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, jobs // 2))
+
+
+_SESSIONS: dict[tuple[str, int], ort.InferenceSession] = {}
+
+
+def _episode(pol: Policy, scenario: str, seed: int, cfg: ClosedLoopConfig) -> dict:
+    """One episode, its planner's session made once per process."""
+    sess = None
+    if pol.model is not None:
+        key = (str(pol.model), cfg.threads)
+        if key not in _SESSIONS:
+            _SESSIONS[key] = session(pol.model, cfg.threads, verify=False)
+        sess = _SESSIONS[key]
+    return run_episode(pol, scenario, seed, cfg, sess)

@@ -84,9 +84,6 @@ def test_plain_glob_readers_after_a_compaction_killed_at_each_step(lake, step, w
     assert compact(lake, target_rows=100).runs == []
 
 
-@pytest.mark.xfail(strict=False, reason="known race, not fixed: about 1 run in 6 a file written while five "
-                   "compactions run back to back is missing from live_files afterwards (10 of 2,250 rows); "
-                   "see the closing note of this change")
 def test_a_sink_writing_during_compaction_loses_nothing(lake):
     before = read_rows(lake)
     stop = threading.Event()

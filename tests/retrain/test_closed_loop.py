@@ -11,8 +11,8 @@ from sim.config import FleetConfig
 from sim.env import record_scene, to_world
 from retrain.models.architectures import Planner, PlannerConfig, export_onnx
 from retrain.cycle.closed_loop import (EXPERT, ClosedLoopConfig, ConstantCommand, ControllerConfig, EpisodeLog,
-                                       OnnxPlanner, comfort_metrics, control_from_trajectory, evaluate, run_episode,
-                                       window_frames)
+                                       OnnxPlanner, comfort_metrics, control_from_trajectory, episode_workers,
+                                       evaluate, run_episode, window_frames)
 from shadow.featurize import HORIZON, HORIZON_DT_S, featurize
 
 CFG = ClosedLoopConfig(scenarios=["highway", "merge"], episodes=2, max_steps=40)
@@ -62,6 +62,22 @@ def test_onnx_planner_drives_reproducibly(planner, expert_records):
     student = [r for r in a if r["policy"] == "student"]
     assert len(student) == 2 and all("progress_vs_expert" in r for r in student)
     assert all(r["progress_vs_expert"] >= 0 and 0 <= r["collision_rate"] <= 1 for r in student)
+
+
+def test_episodes_in_two_processes_give_the_same_records(planner):
+    pol = {"expert": EXPERT, "student": OnnxPlanner(planner, "student")}
+    one = evaluate(pol, CFG.model_copy(update={"workers": 1}), with_episodes=True)
+    two = evaluate(pol, CFG.model_copy(update={"workers": 2}), with_episodes=True)
+    assert two == one and [r["policy"] for r in two] == ["expert", "expert", "student", "student"]
+    assert episode_workers(CFG.model_copy(update={"workers": 0}), 3) == 1  # one episode per process is not worth it
+    assert episode_workers(CFG.model_copy(update={"workers": 4}), 3) == 3
+
+
+def test_a_failing_episode_fails_the_evaluation_in_a_worker(tmp_path):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(Exception, match="(?i)protobuf|onnx|load"):
+        evaluate({"student": OnnxPlanner(bad, "student")}, CFG.model_copy(update={"workers": 2}))
 
 
 def test_controller_follows_the_plan():
