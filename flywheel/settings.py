@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from ingest.config import AgentConfig, BrokerConfig, KafkaConfig, ServerConfig, SinkConfig
-from sim.config import FleetConfig, ScenarioMix
+from sim.config import FleetConfig
 from retrain.jobs.models import ControlConfig, JobsConfig
 from shadow.catalog_config import CatalogConfig
 from shadow.config import ExecutionConfig, ShadowConfig
@@ -32,14 +32,17 @@ DEMO_CYCLE: dict[str, Any] = {
 """The demo's cycle: the reference cycle's rules and gates, a fine-tune sized for the demo's fleet."""
 
 
+DEMO_FLEET: dict[str, Any] = {"vehicles": 12, "drives_per_vehicle": 3, "drive_duration_s": 40.0,
+                               "scenario_mix": {"highway": 0.0, "merge": 0.0, "roundabout": 0.5, "intersection": 0.5}}
+"""The demo's fleet: sim.config.FleetConfig fields over that model's defaults."""
+
+
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data_dir: Path = Field(Path("data/demo"), description="where the demo keeps drives, lake and models between runs")
-    fleet: FleetConfig = Field(default_factory=lambda: FleetConfig(
-        vehicles=12, drives_per_vehicle=3, drive_duration_s=40.0,
-        scenario_mix=ScenarioMix(highway=0.0, merge=0.0, roundabout=0.5, intersection=0.5)),
-        description="the simulated fleet of the demo: the fleet moves into city traffic (roundabouts and "
+    fleet: FleetConfig = Field(default_factory=lambda: FleetConfig.model_validate(DEMO_FLEET),
+                               description="the simulated fleet of the demo: the fleet moves into city traffic (roundabouts and "
         "unsignalised intersections), where the shipped student v0, distilled on a mostly highway fleet, departs "
         "from the teacher most")
     targets: tuple[str, ...] = Field(("orin", "ascend310", "journey6"), min_length=1,
@@ -47,6 +50,16 @@ class DemoConfig(BaseModel):
     cycle: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_CYCLE), description="retrain.cycle.CycleConfig "
                                   "fields that override the cycle's defaults (e.g. {finetune = {steps = 50}}; "
                                   "sections merge key by key); validated by CycleConfig")
+
+    @field_validator("fleet", mode="before")
+    @classmethod
+    def _over_demo_fleet(cls, value: Any) -> Any:
+        # a partial [demo.fleet] (TOML) or FLYWHEEL_DEMO__FLEET__VEHICLES=24 changes those fields of the DEMO's
+        # fleet; without this it replaced the whole fleet with FleetConfig's defaults (a highway-heavy mix)
+        if isinstance(value, dict):
+            mix = value.get("scenario_mix")
+            return {**DEMO_FLEET, **value, "scenario_mix": mix if mix is not None else DEMO_FLEET["scenario_mix"]}
+        return value
 
 
 class Settings(BaseSettings):

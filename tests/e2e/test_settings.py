@@ -50,3 +50,19 @@ def test_config_show_hides_secrets(tmp_path):
     table = subprocess.run([sys.executable, "-m", "flywheel", "--config", str(cfg), "config", "show"],
                            capture_output=True, text=True, check=True).stdout
     assert "hunter2" not in table and "sasl_username" in table
+
+
+def test_a_partial_demo_fleet_changes_only_those_fields_of_the_demos_fleet(tmp_path, monkeypatch):
+    default = load_settings().demo.fleet
+    assert default.scenario_mix.roundabout == 0.5 and default.scenario_mix.highway == 0.0
+    monkeypatch.setenv("FLYWHEEL_DEMO__FLEET__VEHICLES", "24")
+    fleet = load_settings().demo.fleet
+    assert fleet.vehicles == 24  # the one field given
+    assert fleet.model_dump(exclude={"vehicles"}) == default.model_dump(exclude={"vehicles"})  # the demo's city mix
+    cfg = tmp_path / "flywheel.toml"
+    cfg.write_text("[demo.fleet]\ndrive_duration_s = 10.0\n[demo.fleet.scenario_mix]\nhighway = 1.0\n")
+    monkeypatch.delenv("FLYWHEEL_DEMO__FLEET__VEHICLES")
+    fleet = load_settings(cfg).demo.fleet
+    assert (fleet.drive_duration_s, fleet.vehicles, fleet.scenario_mix.highway) == (10.0, default.vehicles, 1.0)
+    with pytest.raises(ValidationError, match="vehicle"):
+        load_settings(demo={"fleet": {"vehicles": 0}})
