@@ -150,12 +150,31 @@ NOISE_FLOOR_SCHEMA = _shadow_schema("noise_floor", [
     *_LINEAGE,
 ])
 
+ONBOARD_SCHEMA = _shadow_schema("onboard", [
+    *_FRAME_KEY, *_PAIR,
+    _f("decision_model", pa.string(), doc="the deployed model the frame names as its on-board decision's"),
+    _f("decision_model_version", pa.string()), *_CONDITIONS,
+    _f("fleet_ade_4s", pa.float32(), doc="teacher vs the logged on-board plan, mean L2 up to 4 s [m]"),
+    _f("fleet_fde_4s", pa.float32(), doc="the same at 4 s [m]"),
+    _f("fleet_miss_4s", pa.bool_()),
+    _f("fleet_maneuver_disagree", pa.bool_(), doc="teacher's arg-max maneuver is not the logged one"),
+    _f("fleet_score", pa.float32(), doc="divergence score of the teacher vs the logged decision (shadow.metrics)"),
+    _f("emulation_score", pa.float32(), doc="the same of the teacher vs the fleet-side emulation (divergences.score)"),
+    _f("parity_checked", pa.bool_(), doc="the frame names the replayed student's id and version"),
+    _f("parity_max_err_m", pa.float32(), nullable=True, doc="largest waypoint distance, emulation vs logged [m]; "
+       "null when not checked"),
+    _f("parity_maneuver_agree", pa.bool_(), nullable=True),
+    _f("parity_ok", pa.bool_(), nullable=True, doc="maneuvers agree and parity_max_err_m within the tolerance"),
+    *_LINEAGE,
+])
+
 TABLES: dict[str, TableSpec] = {
     "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION, older=(1,)),
     "decisions": TableSpec("decisions", DECISIONS_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
     "divergences": TableSpec("divergences", DIVERGENCES_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
     "scenarios": TableSpec("scenarios", SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
     "noise_floor": TableSpec("noise_floor", NOISE_FLOOR_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
+    "onboard": TableSpec("onboard", ONBOARD_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
 }
 
 

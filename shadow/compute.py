@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ingest.contract import ENUMS, FRAME_SCHEMA, arrow_to_frames
-from ingest.tables import (DECISIONS_SCHEMA, DIVERGENCES_SCHEMA, NOISE_FLOOR_SCHEMA, SCENARIOS_SCHEMA,
+from ingest.tables import (DECISIONS_SCHEMA, DIVERGENCES_SCHEMA, NOISE_FLOOR_SCHEMA, ONBOARD_SCHEMA, SCENARIOS_SCHEMA,
                            SHADOW_SCHEMA_VERSION, DIVERGENCE_HORIZONS_S)
 from ingest.lake import model_id, pair_id
 from shadow import featurize as fz
@@ -27,6 +27,7 @@ from shadow.criteria import Criteria, evaluate_windows, load_criteria
 from shadow.metrics import WINDOW_METRICS, dominant, driver_metrics, pair_metrics, window_aggregates
 from shadow.config import PipelineConfig
 from shadow.models import LoadedModel, load_model, runtime_label
+from shadow.onboard import onboard_rows
 from shadow.plugins import FeatureCache
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,22 @@ class Shadow:
                 cols[f"{k}_{h}s"] = _f32(m[f"{k}_{h}s"])
             cols[f"miss_{h}s"] = pa.array(m[f"miss_{h}s"])
         return _build(NOISE_FLOOR_SCHEMA, cols)
+
+    def onboard(self, table: pa.Table, c: Computed, cols: dict[str, np.ndarray], replay_id: str
+                ) -> tuple[np.ndarray, pa.Table]:
+        """ONBOARD_SCHEMA rows of the computed frames that log a whole on-board plan (`shadow.onboard`), with their
+        positions in `c.rows`; `cols`: the source table's Frames.cols (`Inferred.cols`), for the logged agents."""
+        agents = agents_in_ego_frame(cols, c.rows)
+        pos, m = onboard_rows(table, c.rows, c.teacher, c.student, (self.student.name, self.student.version),
+                              c.metrics["score"], lambda p: take_agents(agents, p), self.config)
+        n = pos.shape[0]
+        idx = pa.array(c.rows[pos])
+        out = {**self._key(table, c.rows[pos]), **self._pair_cols(n),
+               **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+               **self._lineage(n, replay_id)}
+        for k, v in m.items():
+            out[k] = pa.array(v, ONBOARD_SCHEMA.field(k).type, from_pandas=True)
+        return pos, _build(ONBOARD_SCHEMA, out)
 
     def scenarios(self, meta: pa.Table, metrics: dict[str, np.ndarray], conditions: dict[str, np.ndarray],
                   window: np.ndarray, replay_id: str) -> pa.Table:

@@ -156,6 +156,8 @@ class PipelineConfig(BaseModel):
                                   "the future context a frame needs for its driver metrics")
     criteria: Path | None = Field(None, description="criteria YAML; None = the packaged shadow/criteria_default.yaml")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="divergence metric parameters")
+    parity_tolerance_m: float = Field(0.01, ge=0, description="chip parity: the fleet-side emulation of the deployed "
+                                      "artifact may be this far from the logged on-board plan at any waypoint [m]")
 
     def history_frames(self) -> int:
         """Frames before a frame its features need (the ego history)."""

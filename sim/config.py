@@ -12,8 +12,10 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sim.onboard import OnboardConfig
+
 # Bump when the generator changes what a drive contains for the same configuration: it invalidates cached drives.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the on-board decision is the deployed student's (sim.onboard), the expert's in the truth
 
 SCENARIOS: tuple[str, ...] = ("highway", "merge", "roundabout", "intersection")
 CONDITIONS: tuple[str, ...] = ("nominal", "night", "rain", "glare")
@@ -150,6 +152,8 @@ class FleetConfig(_Model):
     stall_s: float = Field(20.0, gt=0, le=3600, description="a scene in which the ego stands still this long ends "
                             "(deadlocked junction) and the drive continues in a new scene [s]")
     workers: int = Field(2, ge=1, le=256, description="parallel simulator processes; 1 simulates in-process")
+    onboard: OnboardConfig = Field(default_factory=OnboardConfig, description="the deployed model each vehicle runs "
+                                   "in shadow mode; its decision is the logged on-board one (sim.onboard)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "FleetConfig":
@@ -189,7 +193,8 @@ class FleetConfig(_Model):
         """Fingerprint of everything that shapes one drive's content (not fleet size, not workers)."""
         import highway_env  # the simulator's version shapes the drives too
 
-        fields = self.model_dump(mode="json", exclude={"vehicles", "drives_per_vehicle", "workers"})
+        fields = self.model_dump(mode="json", exclude={"vehicles", "drives_per_vehicle", "workers", "onboard"})
+        fields["onboard"] = self.onboard.fingerprint()  # the artifacts' content, not where they lie
         blob = json.dumps({"config": fields, "generator": GENERATOR_VERSION,
                            "highway_env": getattr(highway_env, "__version__", "?")}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -10,7 +10,9 @@ ego has driven through (past the merge, out of the roundabout or the junction), 
 continues with a new scene of the same type placed where the ego is: position, heading and speed carry over (see
 `env.to_world`), the traffic is new. So a 40 s "roundabout" drive is a trip through consecutive roundabouts.
 
-The logged decision is the expert's: planned waypoints are the ego's actual path over the next
+The on-board decision logged is the deployed student's (`sim.onboard`, shadow mode: it runs passively while the
+expert drives), computed per drive after the simulation; the expert's decision is kept in the truth. The expert's:
+planned waypoints are the ego's actual path over the next
 `plan_waypoints * plan_dt_s` seconds (known because the drive is logged), in the ego frame of the frame (x forward,
 y left); the last frames of a drive get fewer. The maneuver is a lane change while the ego is more than
 `lane_change_offset_m` from the centre of the lane MOBIL chose, else accelerate / decelerate / keep lane from the
@@ -38,7 +40,8 @@ from sim.config import CONDITIONS, SCENARIOS, FleetConfig
 from sim.env import SceneLog, make_env, record_scene, reset_env, to_world
 from sim.frames import EPOCH_NS, frames_from_scene
 from sim.perception import perceive
-from sim.truth import truth_footer, truth_path, truth_table, write_truth
+from sim.onboard import onboard_decision
+from sim.truth import truth_footer, truth_path, truth_table, with_expert_decision, write_truth
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +282,10 @@ def _simulate_to_disk(config_json: str, vehicle_index: int, drive_index: int, ou
     """Worker: simulate a drive and write its truth, then its drive file; returns its statistics."""
     config = FleetConfig.model_validate_json(config_json)
     drive, truth = simulate_drive(config, vehicle_index, drive_index)
+    if config.onboard.model_for(vehicle_id(vehicle_index)) is not None:
+        # shadow mode: the deployed student's decision is the logged one, the expert's goes to the truth
+        truth = with_expert_decision(truth, drive)
+        drive = onboard_decision(config.onboard, drive, config.plan_waypoints, config.plan_dt_s)
     plan = plan_drive(config, vehicle_index, drive_index)
     # truth first: a drive file without truth of the current fingerprint is re-simulated, never half-cached
     write_truth(drive_path(Path(out_dir), plan.vehicle_id, plan.drive_id), truth)

@@ -23,7 +23,7 @@ from ingest.lake import DRIVE_SUFFIX, write_parquet_atomic
 from ingest.versions import check_version
 
 TRUTH_SUFFIX = ".truth.parquet"
-TRUTH_FORMAT_VERSION = 1
+TRUTH_FORMAT_VERSION = 2  # 2: a fleet in shadow mode adds the expert's decision (EXPERT_DECISION); 1 is still read
 _DICT = pa.dictionary(pa.int8(), pa.string())
 # the true agents carry what perception reports, less the confidence
 TRUTH_AGENT_TYPE = pa.struct([f for f in AGENT_TYPE if f.name != "confidence"])
@@ -47,6 +47,18 @@ TRUTH_SCHEMA = pa.schema([
     pa.field("agents", _items(TRUTH_AGENT_TYPE), nullable=False),
     pa.field("false_positive_ids", _items(pa.uint32()), nullable=False),
 ], metadata={"flywheel.format": "truth", "flywheel.format_version": str(TRUTH_FORMAT_VERSION)})
+
+
+# the expert's decision, kept here when the drive logs the deployed student's (sim.onboard): drive column -> truth
+EXPERT_DECISION = {"plan_x": "expert_plan_x", "plan_y": "expert_plan_y", "maneuver": "expert_maneuver",
+                   "control_steer": "expert_control_steer", "control_accel": "expert_control_accel"}
+
+
+def with_expert_decision(truth: pa.Table, drive: pa.Table) -> pa.Table:
+    """The truth of a drive with the drive's logged (the expert's) decision added as EXPERT_DECISION columns."""
+    for src, name in EXPERT_DECISION.items():
+        truth = truth.append_column(pa.field(name, drive.schema.field(src).type, nullable=False), drive[src])
+    return truth.replace_schema_metadata(truth.schema.metadata)
 
 
 def truth_path(drive_file: Path) -> Path:
@@ -103,7 +115,8 @@ def truth_footer(path: Path) -> dict[str, str]:
     meta = {k.decode(): v.decode() for k, v in (pq.read_schema(path).metadata or {}).items()}
     if meta.get("flywheel.format") != "truth":
         raise ValueError(f"{path}: not a flywheel truth file")
-    check_version(path, "truth file", meta.get("flywheel.format_version"), TRUTH_FORMAT_VERSION)
+    if meta.get("flywheel.format_version") != "1":  # version 1: the same columns, without the expert's decision
+        check_version(path, "truth file", meta.get("flywheel.format_version"), TRUTH_FORMAT_VERSION)
     return meta
 
 

@@ -281,8 +281,10 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     noise = shadow.noise_floor(table, c, rid)
     meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
     scen = shadow.scenarios(meta, c.metrics, c.conditions, p.window[c.rows], rid)
+    o_pos, onboard = shadow.onboard(table, c, p.inferred.cols, rid)
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
+    o_unit = c_unit[o_pos]
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
     seq = table["seq"].to_numpy()
     off = table["kafka_offset"].to_numpy()
@@ -296,6 +298,7 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
                                             "student_decisions": dec_s.filter(pa.array(sel)),
                                             "noise_floor": noise.filter(pa.array(n_unit == k)),
                                             "scenarios": scen.filter(pa.array(emitter == k)),
+                                            "onboard": onboard.filter(pa.array(o_unit == k)),
                                             "divergences": div.filter(pa.array(sel))})
         m = unit_of == k
         ended = {d for d in np.unique(drive[m]).tolist() if index.ranges[d].max <= int(seq[m & (drive == d)].max())

@@ -1,0 +1,88 @@
+"""True shadow mode: a simulated fleet logs the deployed student's decision; the replay's chip-parity check finds
+exactly the vehicles whose artifact computes differently from the one their frames name."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pytest
+from onnx import numpy_helper
+
+from ingest.lake import list_drive_files, read_drive
+from ingest.objstore import read_table
+from retrain.cycle.dataset import write_frames_lake
+from shadow.batch.replay import replay
+from shadow.catalog import Catalog
+from shadow.spec import read_spec, write_spec
+from sim.config import FleetConfig, ScenarioMix
+from sim.fleet import simulate_fleet
+from sim.onboard import REFERENCE_STUDENT, OnboardConfig
+from sim.truth import read_truth, truth_path
+
+TEACHER = REFERENCE_STUDENT.parent / "teacher"
+ODD = {"veh-0001", "veh-0003"}
+
+
+def perturbed_artifact(out: Path, factor: float = 1.02) -> Path:
+    """Student v0 as a faulty compiler might build it: every weight scale rounded differently (x factor), same
+    name and version in its spec (it claims to be student v0)."""
+    shutil.copytree(REFERENCE_STUDENT, out)
+    model = onnx.load(out / "model.onnx")
+    scales = {n.input[1] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    for init in model.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    onnx.save(model, out / "model.onnx")
+    spec = read_spec(out, verify=False)
+    write_spec(spec, out / "model.onnx")
+    return out
+
+
+@pytest.fixture(scope="module")
+def shadow_fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onboard")
+    odd = str(perturbed_artifact(tmp / "student-odd"))
+    config = FleetConfig(vehicles=4, drives_per_vehicle=1, drive_duration_s=8.0, workers=1, seed=3,
+                         scenario_mix=ScenarioMix(highway=1, merge=0, roundabout=0, intersection=0),
+                         onboard=OnboardConfig(per_vehicle={v: odd for v in ODD}))
+    simulate_fleet(config, tmp / "drives")
+    files = list_drive_files(tmp / "drives")
+    table = pa.concat_tables([read_table(p) for p in files])
+    write_frames_lake(tmp / "lake", table)
+    replay(tmp / "lake", TEACHER, REFERENCE_STUDENT)
+    return tmp, files
+
+
+def test_vehicles_log_the_deployed_students_decision(shadow_fleet):
+    _, files = shadow_fleet
+    for path in files:
+        drive = read_drive(path)
+        model, version = drive.frames.decision_model()
+        assert set(model) == {"student"} and set(version) == {"v0"}
+        assert (drive.frames.cols["plan_count"] == 8).all()
+        truth = read_truth(truth_path(path))
+        # the expert's decision is kept in the truth, and it is not what the car logged
+        expert = np.concatenate(truth["expert_plan_x"].to_numpy(zero_copy_only=False))
+        assert expert.size and not np.array_equal(expert[:8], drive.frames.cols["plan_x"][:8])
+
+
+def test_chip_parity_finds_exactly_the_odd_vehicles(shadow_fleet):
+    tmp, _ = shadow_fleet
+    cat = Catalog(tmp / "lake")
+    parity = cat.saved("chip_parity").to_pylist()
+    by_vehicle = {r["vehicle_id"]: r for r in parity}
+    assert set(by_vehicle) == {f"veh-000{i}" for i in range(4)}
+    assert {v for v, r in by_vehicle.items() if r["frames_failed"] > 0} == ODD
+    for v, r in by_vehicle.items():
+        assert (r["decision_model"], r["decision_model_version"]) == ("student", "v0")
+        if v not in ODD:
+            assert r["max_err_m"] <= 1e-3  # the emulation is the chip's arithmetic
+    flagged = cat.saved("chip_parity", min_fail_rate=0.5)["vehicle_id"].to_pylist()
+    assert set(flagged) == ODD
+    fleet = cat.saved("fleet_divergence_by_condition")
+    assert fleet.num_rows and min(fleet["mean_fleet_score"].to_pylist()) >= 0
+    cat.close()
