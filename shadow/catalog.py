@@ -183,9 +183,6 @@ def duckdb_columns(table: str) -> tuple[tuple[str, str], ...]:
     return tuple((c[0], c[1]) for c in cols) + tuple((k, HIVE_TYPES[k]) for k in spec.partitioning)
 
 
-def _by_name(table: str) -> str:  # files of an older version lack columns: DuckDB fills NULL, matched by name
-    return ", union_by_name = true" if TABLES[table].older else ""
-
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -203,12 +200,15 @@ def _read_parquet(files: list[str], keys: tuple[str, ...], extra: str = "") -> s
 def view_sql(table: str, files: list[Path]) -> str:
     """CREATE VIEW statement of one lake table over `files` (none: the fixed schema with no rows)."""
     cols = duckdb_columns(table)
+    empty = "SELECT " + ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in cols) + " WHERE false"
     if not files:
-        select = ", ".join(f"CAST(NULL AS {t}) AS {_ident(n)}" for n, t in cols)
-        return f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {select} WHERE false"
+        return f"CREATE OR REPLACE VIEW {_ident(table)} AS {empty}"
+    older = TABLES[table].older  # files of an older version lack columns: matched by name, NULL where missing
+    src = "SELECT * FROM " + _read_parquet([str(p) for p in files], TABLES[table].partitioning,
+                                           ", union_by_name = true" * bool(older))
     # explicit columns: the view's schema is the contract's, whatever order the reader appends hive keys in
     return (f"CREATE OR REPLACE VIEW {_ident(table)} AS SELECT {', '.join(_ident(n) for n, _ in cols)} "
-            f"FROM {_read_parquet([str(p) for p in files], TABLES[table].partitioning, _by_name(table))}")
+            f"FROM ({src}{f' UNION ALL BY NAME {empty}' if older else ''})")
 
 
 # ------------------------------------------------------------------------------------------------ saved queries
