@@ -46,7 +46,7 @@ TRUTH_SCHEMA = pa.schema([
     pa.field("ego_crashed_next", pa.bool_(), nullable=False),
     pa.field("agents", _items(TRUTH_AGENT_TYPE), nullable=False),
     pa.field("false_positive_ids", _items(pa.uint32()), nullable=False),
-], metadata={"flywheel.format": "truth", "flywheel.format_version": str(TRUTH_FORMAT_VERSION)})
+], metadata={"flywheel.format": "truth", "flywheel.format_version": "1"})  # with_expert_decision makes it 2
 
 
 # the expert's decision, kept here when the drive logs the deployed student's (sim.onboard): drive column -> truth
@@ -58,7 +58,8 @@ def with_expert_decision(truth: pa.Table, drive: pa.Table) -> pa.Table:
     """The truth of a drive with the drive's logged (the expert's) decision added as EXPERT_DECISION columns."""
     for src, name in EXPERT_DECISION.items():
         truth = truth.append_column(pa.field(name, drive.schema.field(src).type, nullable=False), drive[src])
-    return truth.replace_schema_metadata(truth.schema.metadata)
+    return truth.replace_schema_metadata({**truth.schema.metadata,
+                                          b"flywheel.format_version": str(TRUTH_FORMAT_VERSION).encode()})
 
 
 def truth_path(drive_file: Path) -> Path:
