@@ -185,7 +185,7 @@ def test_every_frame_lands_once_with_equal_content(kafka_config, group_id, tmp_p
     by_offset = {(md.partition, md.offset): md.timestamp for md in sent}
     for p, o, ts in zip(*(lake[c].to_pylist() for c in ("kafka_partition", "kafka_offset", "ingest_time"))):
         assert int(ts.timestamp() * 1000) == by_offset[(p, o)]
-    assert set(lake["schema_version"].to_pylist()) == {1}
+    assert set(lake["schema_version"].to_pylist()) == {SCHEMA_VERSION}
     committed = committed_offsets(kafka_config, group_id)
     assert {p: committed[p] for p in next_offsets(sent)} == next_offsets(sent)
     assert st.stats.records == len(sent) and st.stats.rows_written == expected and not st.stats.dead_lettered
