@@ -38,9 +38,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ingest.contract import ENUMS, Frames, arrow_to_frames
 from ingest.lake import read_drive
+from sim.truth import EXPERT_DECISION, read_truth, truth_path
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +298,28 @@ def featurize_drive_files(paths: Iterable[Path], with_targets: bool = True, stri
     parts = []
     for i, p in enumerate(paths):
         f = featurize(read_drive(Path(p)).frames, with_targets=with_targets)
+        if with_targets:
+            f.maneuver = driver_maneuver(Path(p), f.maneuver)
         if stride > 1:
             f = f.take(slice(0, None, stride))
         f.drive_index = np.full(len(f), i, np.int32)
         parts.append(f)
     return Features.concat(parts)
+
+
+def driver_maneuver(drive_file: Path, logged: np.ndarray) -> np.ndarray:
+    """The maneuver target (N,) int64 of a drive file's frames: the driver's. A simulated fleet in shadow mode logs
+    the on-board student's decision in the frames and keeps the expert's (the driver's) in the truth file beside
+    them (`sim.truth.EXPERT_DECISION`); training on the logged one would teach a model its student's choices.
+    Elsewhere (real logs, fleets without an on-board model) the logged maneuver is returned unchanged."""
+    path = truth_path(drive_file)
+    if not path.is_file():
+        return logged
+    truth = read_truth(path)
+    name = EXPERT_DECISION["maneuver"]
+    if name not in truth.column_names:
+        return logged
+    codes = pc.index_in(truth[name].cast(pa.string()), value_set=pa.array(ENUMS["maneuver"][1]))
+    if codes.null_count or len(codes) != len(logged):
+        raise ValueError(f"{path}: its expert maneuvers do not match the drive's {len(logged)} frames")
+    return codes.to_numpy(zero_copy_only=False).astype(np.int64)

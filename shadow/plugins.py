@@ -172,6 +172,8 @@ def featurize_files(paths, featurizers: list[str] | tuple[str, ...] = (), with_t
     for i, p in enumerate(paths):
         frames = read_drive(Path(p)).frames
         f = add_inputs(fz.featurize(frames, with_targets=with_targets), frames, featurizers)
+        if with_targets:
+            f.maneuver = fz.driver_maneuver(Path(p), f.maneuver)
         if stride > 1:
             f = f.take(slice(0, None, stride))
         f.drive_index = np.full(len(f), i, np.int32)

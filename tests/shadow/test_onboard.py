@@ -12,11 +12,14 @@ import pyarrow as pa
 import pytest
 from onnx import numpy_helper
 
+from ingest.contract import ENUMS
 from ingest.lake import list_drive_files, read_drive
 from ingest.objstore import read_table
 from retrain.cycle.dataset import write_frames_lake
 from shadow.batch.replay import replay
 from shadow.catalog import Catalog
+from shadow.featurize import featurize, featurize_drive_files
+from shadow.plugins import featurize_files
 from shadow.spec import read_spec, write_spec
 from sim.config import FleetConfig, ScenarioMix
 from sim.fleet import simulate_fleet
@@ -86,3 +89,14 @@ def test_chip_parity_finds_exactly_the_odd_vehicles(shadow_fleet):
     fleet = cat.saved("fleet_divergence_by_condition")
     assert fleet.num_rows and min(fleet["mean_fleet_score"].to_pylist()) >= 0
     cat.close()
+
+
+def test_training_targets_keep_the_drivers_maneuver(shadow_fleet):
+    # the frames log the student's decision; a recipe reading the drive files learns the driver's (the truth's)
+    _, files = shadow_fleet
+    logged = np.concatenate([featurize(read_drive(p).frames).maneuver for p in files])
+    expert = np.concatenate([read_truth(truth_path(p))["expert_maneuver"].to_pylist() for p in files])
+    names = dict(enumerate(ENUMS["maneuver"][1]))
+    for feats in (featurize_drive_files(files), featurize_files(files)):
+        assert [names[int(m)] for m in feats.maneuver] == list(expert)
+    assert (logged != featurize_drive_files(files).maneuver).any()  # the student chose otherwise somewhere
