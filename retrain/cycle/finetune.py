@@ -21,20 +21,18 @@ falling back to FP16. From then on evaluations are made with fake quantization a
 for the kept state.
 
 `augment` replaces a share of each batch's mined frames by teacher-labelled copies carrying the fleet's perception
-noise (`retrain.models.augment`); `ema_decay` evaluates and keeps a moving average of the weights.
-
-Early stopping on the val drives (never trained on): every `eval_every` steps the student is scored against the
+noise (`retrain.models.augment`); `ema_decay` evaluates and keeps a moving average of the weights; `decay_toward`
+"start" decays the matrices toward the start model's weights (L2-SP) instead of toward zero. Early stopping on the val drives (never trained on): every `eval_every` steps the student is scored against the
 teacher with shadow's divergence score (`shadow.metrics.pair_metrics`, no TTC term) on val mined and val ordinary
 frames (`objective`: by default the median over val drives); the objective is mined + `regression_weight` x
 ordinary. The best state wins; `patience` evaluations without improvement end a phase.
 
 Numerics: FP32 by default on every host (`autocast` "off"): the result does not depend on the CPU. "bf16" is
-refused without native BF16 (`shadow.numerics.native_bf16`); "auto" uses it only where native; recorded.
-
-Resumable: every `checkpoint_every` steps the whole state (weights, optimiser, data order and random state, QAT
-ranges, best state, history) is saved atomically to `<out>/state.pt`; a rerun continues from it and ends with the
-weights an uninterrupted run ends with. A state made with another config, snapshot, teacher or start model is
-refused. The prune-back recovery is short and is redone whole after an interruption.
+refused without native BF16 (`shadow.numerics.native_bf16`); "auto" uses it only where native; recorded. Resumable:
+every `checkpoint_every` steps the whole state (weights, optimiser, data order and random state, QAT ranges, best
+state, history) is saved atomically to `<out>/state.pt`; a rerun continues from it and ends with the weights an
+uninterrupted run ends with; a state of another config, snapshot, teacher or start model is refused. The prune-back
+recovery is short and is redone whole after an interruption.
 """
 
 from __future__ import annotations
@@ -55,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingest.lake import write_bytes_atomic, write_text_atomic
 from ingest.versions import UnknownVersion, check_version
 from retrain.cycle.dataset import Snapshot
-from retrain.cycle.finetune_data import Pool, augment_bank, finetune_key, teacher_targets, val_score
+from retrain.cycle.finetune_data import Pool, augment_bank, batch_split, finetune_key, teacher_targets, val_score
 from retrain.models.architectures import Importance, Planner, grow, prune_to, tensors
 from retrain.models import distributed
 from retrain.models.augment import AugmentConfig, perturb
@@ -109,6 +107,9 @@ class FinetuneConfig(BaseModel):
                                     "weights (this decay per step); evaluations and the kept state are the "
                                     "average's. None: the raw weights")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay of the matrices")
+    decay_toward: Literal["zero", "start"] = Field("zero", description="what the matrices decay toward: zero "
+                                                   "(AdamW), or the start model's weights (L2-SP: the fine-tune "
+                                                   "keeps what the student knew where its data is silent)")
     warmup_steps: int = Field(30, ge=0, description="linear warm-up steps")
     grad_clip: float = Field(1.0, gt=0, description="max global gradient norm")
     distill: DistillConfig = Field(default_factory=lambda: DistillConfig(hard_weight=0.0),
@@ -205,7 +206,8 @@ class _Run:
         self.kept = copy.deepcopy(model) if config.ema_decay else model
         decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; biases and norms do not
         rest = [p for p in model.parameters() if p.ndim < 2] + (distiller.learnable() if distiller else [])
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+        self.anchor = [(p, p.detach().clone()) for p in decay] if config.decay_toward == "start" else []
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0 if self.anchor else config.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=config.lr)
         self.sched = OptimConfig(steps=max(1, config.steps), batch_size=config.batch_size, lr=config.lr,
                                  weight_decay=config.weight_decay, warmup_steps=config.warmup_steps,
@@ -213,9 +215,7 @@ class _Run:
         self.rng = np.random.default_rng(config.seed)
         n = next(iter(data.values())).shape[0]
         self.pools = {"mined": Pool(n_mined), "ordinary": Pool(n - n_mined)}
-        self.k_mined = config.batch_size if n == n_mined else max(
-            1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
-        self.n_aug = int(round(config.augment.share * self.k_mined))
+        self.k_mined, self.n_aug = batch_split(config, n, n_mined)
         self.dtype = autocast_dtype(config.autocast)
         self.quantized = False  # in the QAT phase
 
@@ -259,6 +259,9 @@ class _Run:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.opt.step()
+        with torch.no_grad():
+            for p, p0 in self.anchor:  # decoupled, as AdamW's: p <- p - lr * wd * (p - p0)
+                p.sub_(p - p0, alpha=lr * self.config.weight_decay)
         if self.config.ema_decay:
             with torch.no_grad():
                 for e, p in zip(self.kept.parameters(), self.model.parameters()):
@@ -371,10 +374,7 @@ def finetune(start: Path, teacher: Path, snapshot: Snapshot, config: FinetuneCon
     start_model = load_checkpoint(Path(start))
     model = ctx.place(grow(start_model, start_model.config.heads, start_model.config.ffn, config.seed)
                       if config.regrow else load_checkpoint(Path(start)))
-    k_mined = config.batch_size if train_idx.size == n_mined else max(
-        1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
-    aug = config.augment
-    n_aug = int(round(aug.share * k_mined))
+    aug, (_, n_aug) = config.augment, batch_split(config, train_idx.size, n_mined)
     teacher_sess = session(teacher, config.threads) if n_aug and not aug.bank_copies else None
     pert_bank = None
     if n_aug and aug.bank_copies:

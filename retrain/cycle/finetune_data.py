@@ -85,6 +85,13 @@ def val_score(model: nn.Module, feats: Features, t_traj: np.ndarray, t_logits: n
     return float(np.median(np.bincount(inv, weights=score) / np.bincount(inv)))
 
 
+def batch_split(config: BaseModel, n: int, n_mined: int) -> tuple[int, int]:
+    """(mined frames, of them perturbed copies) in a batch of `config.batch_size`, with n train frames of which
+    n_mined are mined (`replay_ratio` ordinary frames per mined one, `augment.share` of the mined perturbed)."""
+    k = config.batch_size if n == n_mined else max(1, int(round(config.batch_size / (1.0 + config.replay_ratio))))
+    return k, int(round(config.augment.share * k))
+
+
 class Pool:
     """Epoch-wise shuffled draws from a set of row positions; its state lives in the checkpoint."""
 

@@ -206,3 +206,28 @@ def test_perturb_without_noise_is_the_identity():
     cfg = AugmentConfig(share=1.0, position_noise_m=0, velocity_noise_mps=0, heading_noise_rad=0, drop_prob=0)
     y = perturb(x, cfg, np.random.default_rng(0))
     assert all(np.allclose(y[k], x[k]) for k in x)
+
+
+def test_decay_toward_the_start_keeps_the_candidate_near_the_student(setup, tmp_path):
+    # L2-SP: under the same strong decay the matrices stay near the start model's instead of shrinking toward zero
+    start = _state(setup["start"])
+    mats = [k for k, v in start.items() if v.ndim >= 2]
+    cfg = CFG.model_copy(update={"weight_decay": 20.0, "lr": 2e-3, "ema_decay": None,
+                                 "qat": CFG.qat.model_copy(update={"enabled": False})})
+
+    def trained(decay_toward: str) -> dict:  # the raw weights of the last saved state (step 9), not the kept best
+        finetune(setup["start"], setup["teacher"], setup["snapshot"], cfg.model_copy(update={"decay_toward":
+                 decay_toward}), tmp_path / decay_toward)
+        return torch.load(tmp_path / decay_toward / "state.pt", weights_only=False)["model"]
+
+    def drift(state: dict) -> float:
+        return sum(float((state[k] - start[k]).norm()) for k in mats)
+
+    def size(state: dict) -> float:
+        return sum(float(state[k].norm()) for k in mats)
+
+    near, shrunk = trained("start"), trained("zero")
+    assert drift(near) < 0.5 * drift(shrunk)  # nearer the student it started from
+    assert size(shrunk) < 0.9 * size(start) < size(near)  # AdamW's decay shrank the weights (9 steps of 4%)
+    with pytest.raises(ValueError, match="decay_toward"):
+        FinetuneConfig(decay_toward="one")
