@@ -19,13 +19,15 @@ The fleet side must compute what the chip computes, so every session this projec
 `int8_kernel("auto")` runs a probe once per process: a tiny QDQ product whose operands saturate a 16-bit pair sum
 (activations 255 or -128, weights 127 / -127 / -128), for UINT8 and INT8 activations, compared with the exact
 integer result. Exact on both: native; otherwise emulated. `numerics_record()` is what replays, verifications and
-benchmarks store with their results.
+benchmarks store with their results. $FLYWHEEL_INT8_KERNEL ("native" or "emulated") overrides what "auto" picks, in
+this process and the processes it starts: to run a VNNI host as an AVX2 host runs (the emulation), for timing.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +40,7 @@ DISABLE_QDQ_FUSION = "session.disable_quant_qdq"
 # CPU flags (Linux /proc/cpuinfo names) that decide integer and BF16 kernels; recorded with results.
 FEATURE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                  "amx_tile", "amx_int8", "amx_bf16")
+INT8_KERNEL_ENV = "FLYWHEEL_INT8_KERNEL"  # overrides "auto" (see the module docstring)
 PROBE_DEPTH = 64  # inner dimension of the probe product: 32 saturating pairs
 
 
@@ -122,6 +125,11 @@ def int8_kernel(requested: Int8Kernel = "auto") -> Literal["native", "emulated"]
     the fused kernels exact for both activation types."""
     if requested != "auto":
         return requested
+    forced = os.environ.get(INT8_KERNEL_ENV, "")
+    if forced:
+        if forced not in ("native", "emulated"):
+            raise ValueError(f"${INT8_KERNEL_ENV} must be 'native' or 'emulated', not {forced!r}")
+        return forced  # type: ignore[return-value]
     probe = int8_probe()
     return "native" if probe["uint8"] and probe["int8"] else "emulated"
 
@@ -142,6 +150,7 @@ def numerics_record(requested: Int8Kernel = "auto") -> dict:
     probe = int8_probe()
     kernel = int8_kernel(requested)
     why = ("requested" if requested != "auto" else
+           f"${INT8_KERNEL_ENV}" if os.environ.get(INT8_KERNEL_ENV) else
            "fused integer kernels exact on this host (probe)" if kernel == "native" else
            "fused integer kernels not exact on this host (probe); QDQ fusion off")
     return {"int8_kernel": kernel, "requested": requested, "why": why,

@@ -77,6 +77,15 @@ def test_probe_picks_an_exact_kernel_and_says_so():
     assert numerics_record("emulated")["int8_kernel"] == "emulated"
 
 
+def test_the_environment_can_force_the_emulation(monkeypatch):
+    monkeypatch.setenv("FLYWHEEL_INT8_KERNEL", "emulated")  # a VNNI host run as an AVX2 host runs
+    assert int8_kernel("auto") == "emulated" and int8_kernel("native") == "native"
+    assert numerics_record()["why"] == "$FLYWHEEL_INT8_KERNEL"
+    monkeypatch.setenv("FLYWHEEL_INT8_KERNEL", "fast")
+    with pytest.raises(ValueError, match="FLYWHEEL_INT8_KERNEL"):
+        int8_kernel("auto")
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_reference_and_emulated_kernel_are_exact_where_16_bit_pair_sums_saturate(signed):
     x, exact = probe_inputs(signed)
