@@ -35,7 +35,7 @@ from ingest.dirswap import dir_lock, exchange_dirs, exchange_supported
 from ingest.lake import (DRIVE_FINAL_KEY, DRIVE_SEQ_KEY, LakeFile, file_name, fsync_dir, live_files,
                          overlapping_files, superseded_files, write_parquet_atomic)
 from ingest.objstore import delete, is_remote, parquet_file, read_metadata, read_schema
-from ingest.tables import TABLES
+from ingest.tables import TABLES, upgrade_frame_rows
 from ingest.lake_index import (SeqRanges, encode_drive_final, encode_drive_seq, merge_drive_final, read_drive_final,
                                read_drive_seq)
 
