@@ -402,13 +402,17 @@ def evaluate(policies: dict[str, Policy] | list[Policy], cfg: ClosedLoopConfig |
 
 def episode_workers(cfg: ClosedLoopConfig, jobs: int) -> int:
     """Processes for `jobs` episodes: `cfg.workers`, or with 0 the CPU cores this process may use, at most one per
-    two episodes (a process costs seconds to start)."""
+    two episodes, and one when the episodes hold fewer than PARALLEL_MIN_STEPS steps in all (a process costs seconds
+    to start: importing highway-env and onnxruntime)."""
     if cfg.workers:
         return min(cfg.workers, jobs)
+    if jobs * cfg.max_steps < PARALLEL_MIN_STEPS:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, jobs // 2))
 
 
+PARALLEL_MIN_STEPS = 2000  # env steps (~15 s of highway-env here) below which "auto" stays in this process
 _SESSIONS: dict[tuple[str, int], ort.InferenceSession] = {}
 
 

@@ -69,7 +69,9 @@ def test_episodes_in_two_processes_give_the_same_records(planner):
     one = evaluate(pol, CFG.model_copy(update={"workers": 1}), with_episodes=True)
     two = evaluate(pol, CFG.model_copy(update={"workers": 2}), with_episodes=True)
     assert two == one and [r["policy"] for r in two] == ["expert", "expert", "student", "student"]
-    assert episode_workers(CFG.model_copy(update={"workers": 0}), 3) == 1  # one episode per process is not worth it
+    auto = CFG.model_copy(update={"workers": 0, "max_steps": 1000})
+    assert episode_workers(auto, 3) == 1  # one episode per process is not worth it
+    assert episode_workers(CFG.model_copy(update={"workers": 0}), 8) == 1  # 8 x 40 steps: not worth a process
     assert episode_workers(CFG.model_copy(update={"workers": 4}), 3) == 3
 
 
