@@ -293,6 +293,7 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         fp32=_fp32_models(reg, parent, compressed, config, work)))
     gate = GateDecision.model_validate(step("gate", lambda: evaluate_gates(config.gates, {
         "divergence": verified["divergence"], "closed_loop": verified["closed_loop"],
+        "log_replay": verified.get("log_replay"),
         "targets": compressed}).model_dump(mode="json")))
 
     def do_register() -> dict:
@@ -311,6 +312,7 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         mining={k: v for k, v in mined.to_dict().items() if k != "items"}, snapshot=snap_rec,
         finetune=ft.model_dump(mode="json", exclude={"history"}) | {"evaluations": len(ft.history)},
         divergence=verified["divergence"], closed_loop=verified["closed_loop"],
+        log_replay=verified.get("log_replay") or {},
         targets=[target_summary(t) for t in compressed], gate=gate.model_dump(mode="json"), registry=registered,
         steps=step.timing, wall_s=time.perf_counter() - t0)
     write_json_atomic(work / "result.json", result.model_dump(mode="json"))
@@ -411,6 +413,10 @@ def format_result(r: CycleResult) -> str:
         lines.append("FP32 models, before compression (attribution, not gated): " + "; ".join(
             f"{w} {_f(x.before.mean_score)} -> {_f(x.after.mean_score)} ({_f(x.change.get('mean_score'), '+.1%')})"
             for w, x in (("mined", d.fp32.mined), ("elsewhere", d.fp32.elsewhere))))
+    if r.log_replay:
+        lines.append("log-replay closed loop (held-out windows, PDM-form score, higher is better): " + "; ".join(
+            f"{w} {_f(x['before']['score'])} -> {_f(x['after']['score'])} ({x['windows']} windows)"
+            for w, x in r.log_replay.items()))
     lines += ["", f"closed loop ({', '.join(cl.conditions)})",
               f"{'policy':<14} {'episodes':>8} {'collisions':>10} {'rate':>6} {'mean min TTC s':>14} "
               f"{'min TTC s':>9} {'comfortable':>11}"]

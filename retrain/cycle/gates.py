@@ -12,6 +12,9 @@ Checks (each can be switched off or re-tuned):
 - closed loop (highway-env, same seeded episodes): the candidate collides at most `max_extra_collisions` more often
   than the current student, its mean minimum time-to-collision is at most `ttc_margin_s` below, and (when
   `comfort_margin` is set) its share of comfortable episodes at most that much below;
+- log-replay closed loop (every held-out mined and ordinary window driven for 4 s among the logged agents,
+  `shadow.log_replay`): the candidate's mean PDM-form score at most `log_replay_margin` below the current
+  student's, where mined and elsewhere;
 - per target chip: size budget met, latency budget met (estimate on chips, measured on the CPU target), and the
   numeric verification (chip rules obeyed, error against the FP32 reference within tolerance) passed;
 - per target chip, compression: at least as compressed as the current student on that chip (`compression_checks`):
@@ -55,6 +58,9 @@ class GateConfig(BaseModel):
                                        "None: not checked")
     comfort_margin: float | None = Field(None, ge=0, le=1, description="share of comfortable episodes may drop at "
                                          "most this much; None: reported, not checked")
+    log_replay: bool = Field(True, description="check the log-replay closed loop where mined and elsewhere")
+    log_replay_margin: float = Field(0.0, ge=0, le=1, description="the mean log-replay score (0..1) may fall at "
+                                     "most this much below the current student's (0: not worse)")
     budgets: bool = Field(True, description="every target's size and latency budgets must be met")
     verification: bool = Field(True, description="every target's numeric verification must have passed")
     compression: bool = Field(True, description="on every chip the candidate is at least as compressed as the "
@@ -158,6 +164,8 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
                                     limit=None if fb is None else fb - config.comfort_margin,
                                     detail=f"comfortable episodes {_fmt(fb)} -> {_fmt(fa)}; may drop at most "
                                            f"{config.comfort_margin}"))
+    if config.log_replay:
+        checks += log_replay_checks(config, figures.get("log_replay") or {})
     targets = figures.get("targets") or []
     if (config.budgets or config.verification) and not targets:
         checks.append(Check(name="targets", passed=False, detail="no compressed targets"))
@@ -181,6 +189,21 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
     reasons = [c.detail for c in checks if not c.passed]
     passed = not reasons
     return GateDecision(passed=passed, status="promoted" if passed else "rejected", reasons=reasons, checks=checks)
+
+
+def log_replay_checks(config: GateConfig, figures: dict) -> list[Check]:
+    """Where mined and elsewhere: the candidate's mean log-replay score not more than `log_replay_margin` below the
+    current student's (`retrain.cycle.verify.log_replay_figures`)."""
+    out = []
+    for where in ("mined", "elsewhere"):
+        rec = figures.get(where) or {}
+        b, a = _num((rec.get("before") or {}).get("score")), _num((rec.get("after") or {}).get("score"))
+        limit = None if b is None else b - config.log_replay_margin
+        out.append(Check(name=f"log_replay_{where}", passed=limit is not None and a is not None and a >= limit,
+                         value=a, limit=limit,
+                         detail=f"log-replay score {'where mined' if where == 'mined' else where} {_g(b)} -> {_g(a)} "
+                                f"over {rec.get('windows', 0)} windows; may fall at most {config.log_replay_margin}"))
+    return out
 
 
 def compression_checks(config: GateConfig, t: dict) -> list[Check]:

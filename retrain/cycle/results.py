@@ -220,6 +220,8 @@ class VerifyRecord(Record):
     execution: dict[str, Any] = Field(default_factory=dict, description="the execution providers each replayed "
                                       "model ran on (shadow.models.execution_record); absent from older records")
     divergence: Divergence
+    log_replay: dict = Field(default_factory=dict, description="log-replay closed loop of both students on the "
+                             "held-out windows (retrain.cycle.verify.log_replay_figures); absent from older records")
     closed_loop: ClosedLoop
 
 
@@ -242,6 +244,9 @@ class CycleResult(Record):
                                                "condition and road type")
     closed_loop: ClosedLoop = Field(description="before (current student), after (candidate), expert; collisions, "
                                                 "min TTC, comfort")
+    log_replay: dict = Field(default_factory=dict, description="log-replay closed loop on the held-out windows: "
+                             "where mined and elsewhere, windows, before/after mean score and sub-scores, change "
+                             "(retrain.cycle.verify.log_replay_figures; empty in records made before it)")
     targets: list[TargetSummary] = Field(description="per chip: bytes, measured CPU latency, ESTIMATED chip latency, "
                                                      "budgets")
     gate: GateDecision

@@ -5,7 +5,9 @@
 Shadow replay (`shadow.batch.replay`) of the current student ("before") and the candidate ("after") on the
 snapshot's test drives, written as a lake of their own under `out`: the divergence where mined (test mined windows)
 and elsewhere (test ordinary windows), overall, per condition and per road type; the FP32 models too when given (the
-fine-tune's effect without the compression's, for attribution). Then the same seeded closed-loop episodes in
+fine-tune's effect without the compression's, for attribution). Both students are also driven through every
+held-out mined and ordinary window in the log-replay closed loop (`shadow.log_replay`: their plans followed for 4 s
+while the logged agents replay; NAVSIM's PDM score and its sub-scores). Then the same seeded closed-loop episodes in
 highway-env (`retrain.cycle.closed_loop`) for both, with the expert as reference.
 """
 
@@ -24,8 +26,13 @@ from retrain.cycle.dataset import Snapshot, write_frames_lake
 from retrain.cycle.gates import relative_change
 from retrain.cycle.mining import condition_of
 from shadow.batch.replay import replay
+from ingest.contract import FRAME_SCHEMA, arrow_to_frames
 from shadow.catalog import Catalog
 from shadow.config import ReplayConfig
+from shadow.featurize import segments_of
+from shadow.log_replay import LogReplayConfig, log_replay
+from shadow.models import load_model
+from shadow.plugins import FeatureCache
 from shadow.spec import MODEL_FILE
 from sim.config import CONDITIONS
 
@@ -51,6 +58,8 @@ class VerificationConfig(BaseModel):
     expert: bool = Field(True, description="also drive the expert on the same episodes (reference)")
     fp32_reference: bool = Field(True, description="also replay both students' FP32 models (when both exist): "
                                  "the fine-tune's effect without the compression's, for attribution (not gated)")
+    log_replay: LogReplayConfig = Field(default_factory=LogReplayConfig, description="the log-replay closed loop "
+                                        "both students are driven through on every held-out window")
 
     @model_validator(mode="after")
     def _known(self) -> "VerificationConfig":
@@ -161,6 +170,7 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
     if "after_fp32" in rows:  # the same figures for the FP32 models: what the fine-tune did before compression
         fp = divergence_figures(rows["before_fp32"], rows["after_fp32"], roles)
         divergence["fp32"] = {k: fp[k] for k in ("mined", "elsewhere", "by_condition")}
+    replayed = log_replay_figures(test, {"before": parent, "after": candidate}, cfg)
     policies = {**({"expert": EXPERT} if cfg.expert else {}), "before": OnnxPlanner(parent / MODEL_FILE, "before"),
                 "after": OnnxPlanner(candidate / MODEL_FILE, "after")}
     records = []
@@ -170,8 +180,39 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
         tell("closed loop", i + 1, len(cfg.conditions), {"condition": cond})
     agg = closed_loop_figures(records)
     return {"lake": str(lake), "pairs": pairs, "models": model_ids, "execution": execution, "divergence": divergence,
+            "log_replay": replayed,
             "closed_loop": {"before": agg["before"], "after": agg["after"], "expert": agg.get("expert", {}),
                             "conditions": cfg.conditions, "records": records}}
+
+
+LOG_REPLAY_FIGURES = ("score", "no_at_fault_collision", "drivable_area_compliance", "ttc_within_bound", "ego_progress",
+                      "comfort")
+
+
+def log_replay_figures(test: pa.Table, models: dict[str, Path], cfg: VerificationConfig) -> dict:
+    """Each model (directory) driven through every held-out mined and ordinary window of `test` (snapshot rows of
+    the test drives, context included) in the log-replay closed loop, its plans computed as the replay computes
+    them (`shadow.models`, the same integer kernel): {"mined" | "elsewhere": {"windows": n, "before" | "after":
+    {mean of each LOG_REPLAY_FIGURES}, "change": after - before of the score}}."""
+    t = test.sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    frames = arrow_to_frames(t.select(FRAME_SCHEMA.names))
+    role = t["role"].to_numpy(zero_copy_only=False)
+    cache = FeatureCache(frames, segments_of(t))
+    plans = {}
+    for who, path in models.items():
+        model = load_model(path, cfg.replay.runtime)
+        plans[who] = (model.predict(cache.inputs(model.featurizer))[0], model.spec.horizon_dt_s)
+    out = {}
+    for r, name in SETS.items():
+        rows = np.flatnonzero(role == r)
+        rec: dict = {"windows": int(rows.size)}
+        for who, (traj, dt) in plans.items():
+            cols = log_replay(t.select(FRAME_SCHEMA.names), rows, traj[rows], dt, config=cfg.log_replay).columns
+            rec[who] = {k: float(np.mean(cols[k])) if rows.size else None for k in LOG_REPLAY_FIGURES}
+        b, a = rec["before"]["score"], rec["after"]["score"]
+        rec["change"] = None if b is None or a is None else a - b
+        out[name] = rec
+    return out
 
 
 def _test_rows(snap: Snapshot) -> pa.Table:

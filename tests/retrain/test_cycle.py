@@ -133,6 +133,12 @@ def test_cycle_result_has_every_section(cycle_run, world):
         cl = result.closed_loop[who]
         assert cl["episodes"] == 1 and cl["collisions"] >= 0 and cl["min_ttc_s"] >= 0
         assert cl["mean_min_ttc_s"] is not None and cl["comfortable_rate"] is not None
+    for where in ("mined", "elsewhere"):  # both students driven through every held-out window of the log
+        lr = result.log_replay[where]
+        assert lr["windows"] == d[where]["after"]["frames"]
+        for who in ("before", "after"):
+            assert all(0.0 <= lr[who][k] <= 1.0 for k in ("score", "no_at_fault_collision", "ego_progress"))
+        assert f"log_replay_{where}" in {c["name"] for c in result.gate["checks"]}
     assert [t["chip"] for t in result.targets] == ["cpu", "orin"]
     for t in result.targets:
         assert t["bytes"] > 0 and t["cpu_latency_ms_measured"] > 0 and t["latency_ms_estimate"] > 0
@@ -247,6 +253,8 @@ def test_gates_on_figures():
                                         "after": {"mean_score": 1.05, "frames": 100}}},
            "closed_loop": {"before": {"collisions": 1, "mean_min_ttc_s": 5.0, "episodes": 8},
                            "after": {"collisions": 1, "mean_min_ttc_s": 4.8, "episodes": 8}},
+           "log_replay": {"mined": {"windows": 40, "before": {"score": 0.40}, "after": {"score": 0.45}},
+                          "elsewhere": {"windows": 90, "before": {"score": 0.70}, "after": {"score": 0.70}}},
            "targets": [{"chip": "orin", "size_budget_met": True, "latency_budget_met": True, "verified": True,
                         "bytes": 600_000, "latency_ms_estimate": 0.05, "int8_matmul_share": 0.95,
                         "integer_matmul_share": 0.95, "baseline": {
@@ -261,6 +269,18 @@ def test_gates_on_figures():
     d = evaluate_gates(GateConfig(), fig)
     assert any("held-out mined frames" in r for r in d.reasons)
     assert not evaluate_gates(GateConfig(), {}).passed  # a missing figure never passes
+    fig["divergence"]["mined"]["after"]["frames"] = 100
+    fig["closed_loop"]["after"]["collisions"] = 1
+    fig["targets"][0]["latency_budget_met"] = True
+    assert evaluate_gates(GateConfig(), fig).passed
+    fig["log_replay"]["elsewhere"]["after"]["score"] = 0.69  # the candidate drives the logged windows worse
+    d = evaluate_gates(GateConfig(), fig)
+    assert [c.name for c in d.checks if not c.passed] == ["log_replay_elsewhere"]
+    assert d.reasons == ["log-replay score elsewhere 0.7 -> 0.69 over 90 windows; may fall at most 0.0"]
+    assert evaluate_gates(GateConfig(log_replay_margin=0.02), fig).passed
+    del fig["log_replay"]["mined"]
+    assert "log_replay_mined" in {c.name for c in evaluate_gates(GateConfig(log_replay_margin=0.02), fig).checks
+                                  if not c.passed}  # missing: fails
 
 
 def test_gate_rejects_a_candidate_that_gives_the_compression_back():
@@ -268,7 +288,7 @@ def test_gate_rejects_a_candidate_that_gives_the_compression_back():
             "integer_matmul_share": 1.0}
     ok = {"chip": "journey6", "size_budget_met": True, "latency_budget_met": True, "verified": True, "bytes": 650_000,
           "latency_ms_estimate": 0.043, "int8_matmul_share": 0.96, "integer_matmul_share": 1.0, "baseline": base}
-    cfg = GateConfig(mined_reduction=None, elsewhere_increase=None, closed_loop=False)
+    cfg = GateConfig(mined_reduction=None, elsewhere_increase=None, closed_loop=False, log_replay=False)
     assert evaluate_gates(cfg, {"targets": [ok]}).passed  # +8% size, +7.5% latency: within 10%
     cases = {"journey6_compression_int8_share": {"int8_matmul_share": 0.60},  # products fell back to INT16
              "journey6_compression_integer_share": {"integer_matmul_share": 0.9},
