@@ -105,11 +105,15 @@ def next_offsets(sent: list) -> dict[int, int]:
     return out
 
 
+WAIT_SCALE = 4  # the timeouts below bound a wait, they measure nothing: a consumer group's first join can take over
+# 15 s on a loaded 2-core host (a CI run failed that way while other brokers ran beside it)
+
+
 def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * WAIT_SCALE
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout * WAIT_SCALE}s waiting for {what}")
         time.sleep(0.1)
 
 
