@@ -45,9 +45,10 @@ class DemoConfig(BaseModel):
 
     data_dir: Path = Field(Path("data/demo"), description="where the demo keeps drives, lake and models between runs")
     fleet: FleetConfig = Field(default_factory=lambda: FleetConfig.model_validate(DEMO_FLEET),
-                               description="the simulated fleet of the demo: the fleet moves into city traffic (roundabouts and "
-        "unsignalised intersections), where the shipped student v0, distilled on a mostly highway fleet, departs "
-        "from the teacher most")
+                               description="the simulated fleet of the demo: the fleet moves into city traffic "
+                               "(roundabouts and unsignalised intersections), where the shipped student v0, "
+                               "distilled on a mostly highway fleet, departs from the teacher most; a partial table "
+                               "changes only the fields it names")
     targets: tuple[str, ...] = Field(("orin", "ascend310", "journey6"), min_length=1,
                                      description="chips the demo's retraining cycle compresses for (deploy/targets/)")
     cycle: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_CYCLE), description="retrain.cycle.CycleConfig "

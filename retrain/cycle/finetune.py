@@ -6,8 +6,8 @@ and without giving the compression back.
 Data (a `retrain.cycle.dataset` snapshot): every batch mixes mined frames of the train drives with ordinary ones
 (the replay sample, `replay_ratio` per mined frame), so what the student does well elsewhere is rehearsed. Targets
 are the teacher's outputs (cached): its trajectory and, at a temperature, its maneuver distribution
-(`retrain.models.training.distill_loss`); optionally its features and attention maps (`features`). No
-behaviour-cloning term by default (`distill.hard_weight` 0): the gates judge divergence from the teacher.
+(`retrain.models.training.distill_loss`); optionally its features and attention maps (`features`). No behaviour
+cloning by default (`distill.hard_weight` 0): the gates judge divergence from the teacher.
 
 The candidate keeps the student's architecture by default: it must be at least as compressed as the current student
 on every chip. `regrow` grows a pruned student back to its unpruned size first (new units start silent); then
@@ -21,11 +21,11 @@ falling back to FP16. From then on evaluations are made with fake quantization a
 for the kept state.
 
 `augment` replaces a share of each batch's mined frames by teacher-labelled copies carrying the fleet's perception
-noise (`retrain.models.augment`); `ema_decay` evaluates and keeps a moving average of the weights; `decay_toward`
-"start" decays the matrices toward the start model's weights (L2-SP) instead of toward zero. Early stopping on the val drives (never trained on): every `eval_every` steps the student is scored against the
-teacher with shadow's divergence score (`shadow.metrics.pair_metrics`, no TTC term) on val mined and val ordinary
-frames (`objective`: by default the median over val drives); the objective is mined + `regression_weight` x
-ordinary. The best state wins; `patience` evaluations without improvement end a phase.
+noise (`retrain.models.augment`); `ema_decay` keeps (and evaluates) a moving average of the weights; `decay_toward`
+"start" decays the matrices toward the start model's (L2-SP). Early stopping on the val drives: every `eval_every`
+steps, shadow's divergence score against the teacher (`shadow.metrics.pair_metrics`, no TTC term) on val mined and
+ordinary frames (`objective`: by default the median over val drives), as mined + `regression_weight` x ordinary; the
+best state wins; `patience` evaluations without improvement end a phase.
 
 Numerics: FP32 by default on every host (`autocast` "off"): the result does not depend on the CPU. "bf16" is
 refused without native BF16 (`shadow.numerics.native_bf16`); "auto" uses it only where native; recorded. Resumable:
