@@ -39,10 +39,11 @@ from typing import Callable, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ingest.contract import ENUMS, Frames, arrow_to_frames
 from ingest.lake import read_drive
-from sim.truth import EXPERT_DECISION, read_truth, truth_path
+from sim.truth import EXPERT_DECISION, truth_footer, truth_path
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +290,20 @@ def _future(ex: np.ndarray, ey: np.ndarray, psi: np.ndarray, ts: np.ndarray, idx
     return traj, ok
 
 
-def featurize_drive_files(paths: Iterable[Path], with_targets: bool = True, stride: int = 1) -> Features:
+def featurize_drive_files(paths: Iterable[Path], with_targets: bool = True, stride: int = 1,
+                          add: Callable[[Features, Frames], Features] | None = None) -> Features:
     """Featurize drive files and concatenate them; `drive_index` says which path (by position) each frame came from.
 
     `stride` keeps every stride-th frame of each drive after featurizing (history and targets still use every
-    frame); neighbouring frames at 10 Hz are near duplicates, so training may thin them.
+    frame); neighbouring frames at 10 Hz are near duplicates, so training may thin them. `add(features, frames)`
+    completes each drive's features before the stride (`shadow.plugins.featurize_files`: plug-in inputs).
     """
     parts = []
     for i, p in enumerate(paths):
-        f = featurize(read_drive(Path(p)).frames, with_targets=with_targets)
+        frames = read_drive(Path(p)).frames
+        f = featurize(frames, with_targets=with_targets)
+        if add is not None:
+            f = add(f, frames)
         if with_targets:
             f.maneuver = driver_maneuver(Path(p), f.maneuver)
         if stride > 1:
@@ -315,11 +321,12 @@ def driver_maneuver(drive_file: Path, logged: np.ndarray) -> np.ndarray:
     path = truth_path(drive_file)
     if not path.is_file():
         return logged
-    truth = read_truth(path)
+    truth_footer(path)  # a truth file of a known version
     name = EXPERT_DECISION["maneuver"]
-    if name not in truth.column_names:
+    if name not in pq.read_schema(path).names:
         return logged
-    codes = pc.index_in(truth[name].cast(pa.string()), value_set=pa.array(ENUMS["maneuver"][1]))
+    column = pq.read_table(path, columns=[name])[name]  # one column: a truth file also holds every agent
+    codes = pc.index_in(column.cast(pa.string()), value_set=pa.array(ENUMS["maneuver"][1]))
     if codes.null_count or len(codes) != len(logged):
         raise ValueError(f"{path}: its expert maneuvers do not match the drive's {len(logged)} frames")
     return codes.to_numpy(zero_copy_only=False).astype(np.int64)

@@ -24,12 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import numpy as np
 
 from ingest.contract import Frames
-from ingest.lake import read_drive
 from shadow import featurize as fz
 from shadow import featurize_mixer as fm
 
@@ -168,17 +166,8 @@ def add_inputs(feats: fz.Features, frames: Frames, names: list[str] | tuple[str,
 def featurize_files(paths, featurizers: list[str] | tuple[str, ...] = (), with_targets: bool = True,
                     stride: int = 1) -> fz.Features:
     """`shadow.featurize.featurize_drive_files` with the inputs of the plug-in featurizers `featurizers` too."""
-    parts = []
-    for i, p in enumerate(paths):
-        frames = read_drive(Path(p)).frames
-        f = add_inputs(fz.featurize(frames, with_targets=with_targets), frames, featurizers)
-        if with_targets:
-            f.maneuver = fz.driver_maneuver(Path(p), f.maneuver)
-        if stride > 1:
-            f = f.take(slice(0, None, stride))
-        f.drive_index = np.full(len(f), i, np.int32)
-        parts.append(f)
-    return fz.Features.concat(parts)
+    return fz.featurize_drive_files(paths, with_targets, stride,
+                                    add=lambda feats, frames: add_inputs(feats, frames, featurizers))
 
 
 def featurizer_for_inputs(names) -> Featurizer:
