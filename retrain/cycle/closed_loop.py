@@ -386,7 +386,7 @@ def evaluate(policies: dict[str, Policy] | list[Policy], cfg: ClosedLoopConfig |
     out, eps_by = [], {}
     for (pol, sc, _), ep in zip(jobs, episodes):
         eps_by.setdefault((pol.name, sc), []).append(ep)
-    for (_, _), eps in eps_by.items():
+    for eps in eps_by.values():
         rec = summarize(eps, cfg)
         if with_episodes:
             rec["episode_records"] = eps

@@ -195,9 +195,9 @@ def log_replay_figures(test: pa.Table, models: dict[str, Path], cfg: Verificatio
     them (`shadow.models`, the same integer kernel): {"mined" | "elsewhere": {"windows": n, "before" | "after":
     {mean of each LOG_REPLAY_FIGURES}, "change": after - before of the score}}."""
     t = test.sort_by([("drive_id", "ascending"), ("seq", "ascending")])
-    frames = arrow_to_frames(t.select(FRAME_SCHEMA.names))
+    frames, segments = arrow_to_frames(t.select(FRAME_SCHEMA.names)), segments_of(t)  # converted once, used 5 times
     role = t["role"].to_numpy(zero_copy_only=False)
-    cache = FeatureCache(frames, segments_of(t))
+    cache = FeatureCache(frames, segments)
     plans = {}
     for who, path in models.items():
         model = load_model(path, cfg.replay.runtime)
@@ -207,7 +207,7 @@ def log_replay_figures(test: pa.Table, models: dict[str, Path], cfg: Verificatio
         rows = np.flatnonzero(role == r)
         rec: dict = {"windows": int(rows.size)}
         for who, (traj, dt) in plans.items():
-            cols = log_replay(t.select(FRAME_SCHEMA.names), rows, traj[rows], dt, config=cfg.log_replay).columns
+            cols = log_replay(frames, rows, traj[rows], dt, segments, cfg.log_replay).columns
             rec[who] = {k: float(np.mean(cols[k])) if rows.size else None for k in LOG_REPLAY_FIGURES}
         b, a = rec["before"]["score"], rec["after"]["score"]
         rec["change"] = None if b is None or a is None else a - b
