@@ -45,23 +45,28 @@ from sim.config import CONDITIONS, FleetConfig
 from sim.perception import perceive
 from sim.frames import EPOCH_NS, frames_from_scene
 from shadow.featurize import HISTORY, HORIZON_DT_S
+from shadow.log_replay import ComfortLimits as LogReplayComfort
 from shadow.models import session
 from shadow.plugins import featurizer_for_inputs
 
 log = logging.getLogger(__name__)
 
 
+NUPLAN = LogReplayComfort()  # nuPlan's comfort limits
+
+
 class ComfortLimits(BaseModel):
-    """Comfort limits; defaults are nuPlan's (nuplan-devkit ego_is_comfortable)."""
+    """Comfort limits; defaults are nuPlan's (nuplan-devkit ego_is_comfortable), the same numbers the log-replay
+    closed loop holds (`shadow.log_replay.ComfortLimits`, their one source)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    min_lon_accel: float = Field(-4.05, description="m/s^2, braking limit")
-    max_lon_accel: float = Field(2.40, description="m/s^2")
-    max_abs_lat_accel: float = Field(4.89, description="m/s^2")
-    max_abs_lon_jerk: float = Field(4.13, description="m/s^3")
-    max_abs_yaw_rate: float = Field(0.95, description="rad/s")
-    max_abs_yaw_accel: float = Field(1.93, description="rad/s^2")
+    min_lon_accel: float = Field(NUPLAN.min_lon_accel_mps2, description="m/s^2, braking limit")
+    max_lon_accel: float = Field(NUPLAN.max_lon_accel_mps2, description="m/s^2")
+    max_abs_lat_accel: float = Field(NUPLAN.max_abs_lat_accel_mps2, description="m/s^2")
+    max_abs_lon_jerk: float = Field(NUPLAN.max_abs_lon_jerk_mps3, description="m/s^3")
+    max_abs_yaw_rate: float = Field(NUPLAN.max_abs_yaw_rate_radps, description="rad/s")
+    max_abs_yaw_accel: float = Field(NUPLAN.max_abs_yaw_accel_radps2, description="rad/s^2")
 
 
 class ControllerConfig(BaseModel):
