@@ -13,13 +13,33 @@ noise_floor and the rollup views) that returns `drive_id` and `seq` (frames; con
 `merge_gap_frames` apart, become one window) or `drive_id`, `window_start_seq` and `window_end_seq` (windows). A
 refused, failing or ill-shaped query raises `MiningError` saying what is wrong.
 
-By score: scenario windows of the pair (teacher, current student) whose divergence (`window_statistic` of the
-`scenarios` table, per-frame `score` of `shadow.metrics` aggregated over the window) lies above the noise floor: the
+By score: scenario windows of the pair (teacher, current student) whose divergence lies above the noise floor: the
 `noise_quantile` of the teacher-against-itself score (`noise_floor` table) times `noise_margin` (and at least
 `min_score`). Among those, the selection is balanced and diverse: windows are taken best first in turns over the
-strata (source x condition x scenario type), so every stratum with divergent windows gets an equal share until it
-runs out, and no drive gives more than `max_per_drive` windows. A window's source is the name of its frames'
-`source:<name>` tag (`flywheel import` writes one per format), else `fleet`.
+strata (source x condition x scenario type, and the signal that judged them), so every stratum with divergent windows
+gets an equal share until it runs out, and no drive gives more than `max_per_drive` windows. A window's source is the
+name of its frames' `source:<name>` tag (`flywheel import` writes one per format), else `fleet`.
+
+A window's divergence (`window_statistic`: the mean or the max over its frames of the per-frame score of
+`shadow.metrics`, the same scale for both signals) comes from one of two signals (`MiningConfig.signal`):
+
+- **fleet**: the teacher against the on-board decision the vehicle logged (`onboard.fleet_score`), the fleet's real
+  divergence, over the window's frames [window_start_seq, window_end_seq] of that drive whose logged decision was made
+  by the pair's student itself (`onboard.parity_checked`: the frame names the replayed student's id and version; a
+  frame logging another deployed model's decision says nothing of this student). The window needs
+  `min_window_frames` such frames;
+- **emulation**: the teacher against the fleet-side emulation of the student (`scenarios.mean_score` / `max_score`),
+  over the window's replayed frames (at least `min_window_frames`).
+
+`auto` (the default) judges a window by the fleet signal where it has `min_window_frames` frames that log the pair's
+student's decision, and by the emulation elsewhere: a lake whose frames log no on-board decision (older vehicles,
+imported logs, a fleet running another model) mines as before, and a mixed lake keeps its windows without logged
+decisions eligible, judged by the best estimate there is of what the car would have computed. The two signals are not
+ranked against each other (the logged plan carries no maneuver probabilities and its headings are its waypoints'
+directions, so the fleet score runs higher than the emulation's on the same frames): the signal is part of the
+stratum. `fleet` mines only windows the fleet signal covers and refuses a pair with no such frames (`MiningError`);
+`emulation` ignores the logged decisions. Each mined item records its signal (`MinedItem.signal`), the result the
+signals used (`MiningResult.signal`: fleet, emulation or fleet+emulation).
 
 Conditions: a frame's condition is its lighting when that is not day (night, glare, dusk), else its weather when
 that is not clear (rain, fog, snow), else nominal; scenario type is the road type (highway, merge, ...).
@@ -71,7 +91,12 @@ class MiningConfig(BaseModel):
                                       "floor for the teacher (else only min_score applies)")
     window_statistic: Literal["mean_score", "max_score"] = Field(
         "mean_score", description="window aggregate of the per-frame score that is ranked and thresholded")
-    min_window_frames: int = Field(10, ge=1, description="windows with fewer replayed frames are not mined")
+    signal: Literal["auto", "fleet", "emulation"] = Field(
+        "auto", description="which divergence is mined by score: 'fleet' the teacher vs the on-board decision the "
+        "vehicles logged (onboard.fleet_score, frames that log the pair's student), 'emulation' the teacher vs the "
+        "fleet-side emulation of the student (scenarios), 'auto' fleet for the windows it covers, else emulation")
+    min_window_frames: int = Field(10, ge=1, description="windows with fewer replayed frames (fleet signal: frames "
+                                   "logging the student's decision) are not mined")
     max_windows: int = Field(200, ge=1, description="mined windows at most")
     max_per_drive: int = Field(4, ge=1, description="windows from one drive at most (by score): no drive dominates")
     balance: bool = Field(True, description="take windows in turns over the strata condition x scenario type "
@@ -106,6 +131,7 @@ class MinedItem:
     condition: str = ""
     road_type: str = ""
     source: str = ""  # where its frames came from: a `source:` tag's name (imports), else "fleet"
+    signal: str = ""  # by score: "fleet" or "emulation", the divergence that judged it; "" for SQL and older records
 
     @property
     def frames(self) -> int:
@@ -125,8 +151,17 @@ class MiningResult:
     eligible: int = 0
     config: dict = field(default_factory=dict)
 
+    @property
+    def signal(self) -> str | None:
+        """By score: the divergence signals that judged the mined windows, "fleet", "emulation" or
+        "fleet+emulation" (records made before the fleet signal: "emulation"); None for SQL mining."""
+        if self.rule != "score":
+            return None
+        return "+".join(sorted({i.signal or "emulation" for i in self.items}, key=("fleet", "emulation").index)) \
+            or None
+
     def counts(self, key: str) -> dict[str, int]:
-        """Mined windows per value of an item field ("condition", "road_type", "source", "drive_id")."""
+        """Mined windows per value of an item field ("condition", "road_type", "source", "drive_id", "signal")."""
         out: dict[str, int] = {}
         for it in self.items:
             out[getattr(it, key)] = out.get(getattr(it, key), 0) + 1
@@ -303,12 +338,13 @@ def noise_floor(catalog: Catalog, teacher_model: str, quantile: float) -> dict:
 
 
 def select_balanced(cands: list[dict], cfg: MiningConfig) -> list[dict]:
-    """Windows (dicts with drive_id, score, condition, road_type) chosen best first, in turns over the strata when
-    `cfg.balance`, with at most `max_per_drive` per drive and `max_windows` in all."""
+    """Windows (dicts with drive_id, score, source, condition, road_type and optionally signal) chosen best first, in
+    turns over the strata when `cfg.balance`, with at most `max_per_drive` per drive and `max_windows` in all."""
     ordered = sorted(cands, key=lambda c: (-c["score"], c["drive_id"], c["start"]))
-    strata: dict[tuple[str, str, str], list[dict]] = {}
+    strata: dict[tuple[str, ...], list[dict]] = {}
     for c in ordered:
-        key = (c["source"], c["condition"], c["road_type"]) if cfg.balance else ("", "", "")
+        # the signal is part of the stratum: fleet and emulation scores are not ranked against each other
+        key = (c["source"], c["condition"], c["road_type"], c.get("signal", "")) if cfg.balance else ("",)
         strata.setdefault(key, []).append(c)
     per_drive: dict[str, int] = {}
     pos = {k: 0 for k in strata}
@@ -335,6 +371,45 @@ def select_balanced(cands: list[dict], cfg: MiningConfig) -> list[dict]:
     return chosen
 
 
+def fleet_coverage(catalog: Catalog, pair: str) -> dict:
+    """The pair's onboard rows: {rows: frames logging a whole on-board plan, student: those whose decision the pair's
+    student made (parity_checked), models: the deployed models they name, "<name> <version>", most frames first}."""
+    t = _run(catalog, "SELECT decision_model AS m, decision_model_version AS v, count(*) AS n, "
+                      "count(*) FILTER (WHERE parity_checked) AS own FROM onboard WHERE pair = $pair GROUP BY ALL "
+                      "ORDER BY n DESC, m, v", {"pair": pair}, "onboard lookup")
+    rows = t.to_pylist()
+    return {"rows": sum(int(r["n"]) for r in rows), "student": sum(int(r["own"] or 0) for r in rows),
+            "models": [f"{r['m']} {r['v']}".strip() or "none named" for r in rows]}
+
+
+_WINDOW_COLS = (f"""drive_id, window_start_seq AS start, window_end_seq AS "end", frames,
+    lighting::VARCHAR AS lighting, weather::VARCHAR AS weather, road_type::VARCHAR AS road_type,
+    {SOURCE_SQL} AS source""")
+
+
+def _score_sql(stat: str, signal: str) -> str:
+    """The candidate windows' query: drive_id, start, end, lighting, weather, road_type, source, score, signal; with
+    $pair, $threshold, $min_frames. Fleet and auto join the window's frames [start, end] of its drive in `onboard`."""
+    if signal == "emulation":
+        return (f"SELECT {_WINDOW_COLS}, {stat} AS score, 'emulation' AS signal FROM scenarios "
+                f"WHERE pair = $pair AND {stat} > $threshold AND frames >= $min_frames")
+    agg = {"mean_score": "avg", "max_score": "max"}[stat]
+    fallback = "emulation > $threshold AND frames >= $min_frames" if signal == "auto" else "false"
+    return f"""
+        WITH w AS (SELECT row_number() OVER () AS wid, {_WINDOW_COLS}, {stat} AS emulation
+                   FROM scenarios WHERE pair = $pair),
+        f AS (SELECT w.wid, count(*) AS fleet_frames, {agg}(o.fleet_score) AS fleet
+              FROM w JOIN onboard o ON o.pair = $pair AND o.parity_checked AND o.drive_id = w.drive_id
+                                    AND o.seq BETWEEN w.start AND w."end"
+              GROUP BY w.wid),
+        s AS (SELECT w.*, coalesce(f.fleet_frames, 0) >= $min_frames AS by_fleet, f.fleet
+              FROM w LEFT JOIN f USING (wid))
+        SELECT drive_id, start, "end", lighting, weather, road_type, source,
+               CASE WHEN by_fleet THEN fleet ELSE emulation END AS score,
+               CASE WHEN by_fleet THEN 'fleet' ELSE 'emulation' END AS signal
+        FROM s WHERE CASE WHEN by_fleet THEN fleet > $threshold ELSE {fallback} END"""
+
+
 def mine_score(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
     """Divergent windows above the noise floor, balanced and capped per drive (see the module docstring)."""
     pair = cfg.pair
@@ -353,30 +428,44 @@ def mine_score(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
         raise MiningError(f"no noise floor of teacher {teacher} in the lake: replay with a noise sample first, or "
                           "set require_noise_floor=false to mine above min_score alone")
     threshold = max(cfg.min_score, (floor["score_q"] or 0.0) * cfg.noise_margin)
+    signal = cfg.signal
+    if signal != "emulation":
+        cover = fleet_coverage(catalog, pair)
+        if cover["student"] == 0:
+            why = (f"the lake's onboard rows of pair {pair} log decisions of {', '.join(cover['models'][:5])}, not "
+                   f"of the pair's student" if cover["rows"] else
+                   f"the lake holds no onboard rows of pair {pair}: no replayed frame logs a whole on-board plan")
+            if signal == "fleet":
+                raise MiningError(f"cannot mine by the fleet's divergence: {why}; mine with signal 'emulation' (or "
+                                  "'auto'), or replay frames that log the deployed student's decision (shadow mode)")
+            log.info("mining by the emulation's divergence: %s", why)
+            signal = "emulation"  # auto with nothing to join: the plain query
     stat = cfg.window_statistic
-    t = _run(catalog, f"""
-        SELECT drive_id, window_start_seq AS start, window_end_seq AS "end", {stat} AS score, frames,
-               lighting::VARCHAR AS lighting, weather::VARCHAR AS weather, road_type::VARCHAR AS road_type,
-               {SOURCE_SQL} AS source
-        FROM scenarios WHERE pair = $pair AND {stat} > $threshold AND frames >= $min_frames""",
+    t = _run(catalog, _score_sql(stat, signal),
              {"pair": pair, "threshold": threshold, "min_frames": cfg.min_window_frames}, "score query")
     cands = [{"drive_id": d, "start": int(a), "end": int(b), "score": float(s), "condition": condition_of(li, we),
-              "road_type": rt or "", "source": src}
-             for d, a, b, s, li, we, rt, src in zip(*(t[c].to_pylist() for c in (
-                 "drive_id", "start", "end", "score", "lighting", "weather", "road_type", "source")))]
+              "road_type": rt or "", "source": src, "signal": sig}
+             for d, a, b, s, li, we, rt, src, sig in zip(*(t[c].to_pylist() for c in (
+                 "drive_id", "start", "end", "score", "lighting", "weather", "road_type", "source", "signal")))]
     if not cands:
-        raise MiningError(f"no window of pair {pair} scores above the threshold {threshold:.4g} "
+        what = {"fleet": f"judged by the fleet's logged decisions (at least {cfg.min_window_frames} frames of the "
+                         "pair's student)", "emulation": "judged by the emulation",
+                "auto": "by either signal"}[signal]
+        raise MiningError(f"no window of pair {pair} {what} scores above the threshold {threshold:.4g} "
                           f"(noise floor p{cfg.noise_quantile * 100:g} {floor['score_q']} x {cfg.noise_margin})")
     chosen = select_balanced(cands, cfg)
     bounds = drive_bounds(catalog, sorted({c["drive_id"] for c in chosen}))
     items = [_with_context(c["drive_id"], c["start"], c["end"], bounds[c["drive_id"]], cfg, score=c["score"],
-                           condition=c["condition"], road_type=c["road_type"], source=c["source"])
+                           condition=c["condition"], road_type=c["road_type"], source=c["source"],
+                           signal=c["signal"])
              for c in chosen if c["drive_id"] in bounds]
     items.sort(key=lambda i: (i.drive_id, i.start_seq))
-    log.info("mined %d of %d windows above %.4g (pair %s) over %d drives", len(items), len(cands), threshold, pair,
-             len({i.drive_id for i in items}))
-    return MiningResult("score", items, pair=pair, threshold=threshold, noise_floor=floor, eligible=len(cands),
-                        config=cfg.model_dump(mode="json"))
+    res = MiningResult("score", items, pair=pair, threshold=threshold, noise_floor=floor, eligible=len(cands),
+                       config=cfg.model_dump(mode="json"))
+    log.info("mined %d of %d windows above %.4g (pair %s, signal %s -> %s: %s) over %d drives", len(items),
+             len(cands), threshold, pair, cfg.signal, res.signal,
+             ", ".join(f"{n} by {k}" for k, n in res.counts("signal").items()), len({i.drive_id for i in items}))
+    return res
 
 
 def mine(lake: Path | Catalog, config: MiningConfig) -> MiningResult:

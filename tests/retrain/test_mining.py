@@ -196,3 +196,122 @@ def test_flywheel_mine_command(lake, tmp_path):
     assert res.exit_code == 2 and "refused" in res.output
     res = run(app, ["mine", "--lake", str(lake)])
     assert res.exit_code == 2 and "exactly one of --sql, --file or --by-score" in res.output
+
+
+# ------------------------------------------------------------------------------------- fleet divergence (onboard)
+
+FLEET_PAIR, COVERED_PAIR, OTHER_PAIR = PAIR, "teacher-v1__student-v1", "teacher-v1__student-v2"
+# drive -> (emulation score of its windows, fleet score of their frames or None: no onboard rows, onboard frames per
+# window, whether those frames log the pair's student's decision); 2 windows of W frames each, all nominal highway
+SHADOW = {"a0": (5.0, 1.0, W, True), "a1": (4.9, 1.1, W, True),   # the emulation ranks them first, the fleet last
+          "b0": (1.0, 5.0, W, True), "b1": (1.1, 4.9, W, True),   # and these the other way round
+          "c0": (3.0, None, 0, True),                              # no logged decision: the emulation's score
+          "p0": (2.0, 9.0, 5, True),                               # 5 logged frames per window: below min_window_frames
+          "o0": (2.5, 8.0, W, False)}                              # another deployed model's decisions
+
+
+@pytest.fixture(scope="module")
+def shadow_lake(tmp_path_factory):
+    """Scenario windows (emulation scores) and onboard rows (fleet scores) of the drives of SHADOW, for FLEET_PAIR;
+    COVERED_PAIR: the a and b drives alone, every window covered; OTHER_PAIR: o0 alone, another model's decisions."""
+    from tests.lake_rows import rows
+
+    lake = tmp_path_factory.mktemp("shadow") / "lake"
+    frames = []
+    for i, d in enumerate(SHADOW):
+        f = synthetic_frames(2 * W, agents=2, waypoints=3, seed=i, start_ns=EPOCH_NS + i * 10**12)
+        f.cols["lighting"][:], f.cols["weather"][:], f.cols["road_type"][:] = 1, 1, 1
+        frames.append(pa.Table.from_batches([frames_to_arrow(f, d, "veh-1", 0)]))
+    write_frames_lake(lake, pa.concat_tables(frames), partitions=1)
+    for pair, drives in ((FLEET_PAIR, list(SHADOW)), (COVERED_PAIR, ["a0", "a1", "b0", "b1"]), (OTHER_PAIR, ["o0"])):
+        scen, onboard = [], []
+        for d in drives:
+            emu, fleet, logged, own = SHADOW[d]
+            for k in range(2):
+                lo = k * W
+                scen.append({"drive_id": d, "window_start_seq": lo, "window_end_seq": lo + W - 1, "frames": W,
+                             "lighting": "day", "weather": "clear", "road_type": "highway",
+                             "mean_score": emu - 0.5 * k, "max_score": emu - 0.5 * k + 0.1})
+                for j in range(logged if fleet is not None else 0):
+                    # a spike at the first frame of b1's second window: the top window by max, not by mean
+                    score = 8.0 if (d, k, j) == ("b1", 1, 0) else fleet - 0.5 * k
+                    onboard.append({"drive_id": d, "seq": lo + j, "fleet_score": score, "emulation_score": emu,
+                                    "parity_checked": own, "decision_model": "student",
+                                    "decision_model_version": "v0" if own else "v9", "road_type": "highway",
+                                    "lighting": "day", "weather": "clear"})
+        _write(lake, "scenarios", pair, rows("scenarios", scen))
+        if onboard:
+            _write(lake, "onboard", pair, rows("onboard", onboard))
+    noise = np.random.default_rng(0).uniform(0, 0.01, 200)
+    _write(lake, "noise_floor", "teacher-v1", _table("noise_floor", 200, drive_id=["a0"] * 200,
+                                                      seq=np.arange(200), score=noise))
+    return lake
+
+
+def _picked(res) -> list[tuple[str, int, str]]:
+    return [(i.drive_id, i.start_seq, i.signal) for i in sorted(res.items, key=lambda i: (-i.score, i.drive_id))]
+
+
+def test_auto_mines_the_fleet_divergence_where_the_decision_is_logged(shadow_lake):
+    cfg = dict(pair=FLEET_PAIR, balance=False, max_per_drive=10)
+    fleet = mine(shadow_lake, MiningConfig(signal="fleet", max_windows=4, **cfg))
+    emulation = mine(shadow_lake, MiningConfig(signal="emulation", max_windows=4, **cfg))
+    # the ranking follows the signal: the fleet's logged decisions put b first, the emulation a
+    assert _picked(fleet) == [("b0", 0, "fleet"), ("b1", 0, "fleet"), ("b0", 50, "fleet"), ("b1", 50, "fleet")]
+    assert [i.score for i in sorted(fleet.items, key=lambda i: -i.score)] == pytest.approx([5.0, 4.9, 4.5, 4.472])
+    assert _picked(emulation) == [("a0", 0, "emulation"), ("a1", 0, "emulation"), ("a0", 50, "emulation"),
+                                  ("a1", 50, "emulation")]
+    assert fleet.signal == "fleet" and emulation.signal == "emulation" and fleet.config["signal"] == "fleet"
+    # fleet: only windows with min_window_frames frames logging the pair's student (not c0, p0, o0)
+    assert fleet.eligible == 8 and emulation.eligible == 14
+    # auto: the fleet where it covers a window, the emulation elsewhere (c0 unlogged, p0 too few, o0 another model)
+    auto = mine(shadow_lake, MiningConfig(max_windows=20, **cfg))
+    got = {(i.drive_id, i.start_seq): (i.signal, i.score) for i in auto.items}
+    assert auto.signal == "fleet+emulation" and auto.eligible == 14 and auto.counts("signal") == {"emulation": 6,
+                                                                                                  "fleet": 8}
+    assert got[("a0", 0)] == ("fleet", pytest.approx(1.0)) and got[("b1", 50)] == ("fleet", pytest.approx(4.472))
+    assert got[("c0", 0)] == ("emulation", 3.0) and got[("p0", 0)] == ("emulation", 2.0)
+    assert got[("o0", 50)] == ("emulation", 2.0)
+    # balanced over the strata, the signal one of them: the two signals take turns, never ranked against each other
+    balanced = mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, max_windows=4, max_per_drive=10))
+    assert balanced.counts("signal") == {"emulation": 2, "fleet": 2}
+    assert {(i.drive_id, i.start_seq) for i in balanced.items} == {("b0", 0), ("b1", 0), ("c0", 0), ("c0", 50)}
+    # the window statistic applies to the fleet score: b1's second window holds a spike frame
+    top = mine(shadow_lake, MiningConfig(signal="fleet", window_statistic="max_score", max_windows=1, **cfg))
+    assert _picked(top) == [("b1", 50, "fleet")] and top.items[0].score == 8.0
+    # every window covered: auto is the fleet alone
+    covered = mine(shadow_lake, MiningConfig(pair=COVERED_PAIR, max_windows=4, balance=False, max_per_drive=10))
+    assert covered.signal == "fleet" and {i.drive_id for i in covered.items} == {"b0", "b1"}
+
+
+def test_fleet_signal_needs_the_students_logged_decisions(lake, shadow_lake):
+    # a lake without onboard rows: auto is the emulation, window for window; fleet is refused, saying why
+    auto, emulation = (mine(lake, MiningConfig(pair=PAIR, max_windows=20, max_per_drive=3, signal=s))
+                       for s in ("auto", "emulation"))
+    assert auto.signal == "emulation" and auto.to_dict()["items"] == emulation.to_dict()["items"]
+    with pytest.raises(MiningError, match="fleet's divergence: the lake holds no onboard rows of pair"):
+        mine(lake, MiningConfig(pair=PAIR, signal="fleet"))
+    with pytest.raises(MiningError, match="log decisions of student v9, not of the pair's student"):
+        mine(shadow_lake, MiningConfig(pair=OTHER_PAIR, signal="fleet"))
+    assert mine(shadow_lake, MiningConfig(pair=OTHER_PAIR)).signal == "emulation"
+    with pytest.raises(MiningError, match="judged by the fleet's logged decisions"):
+        mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, signal="fleet", min_score=6.0))
+    with pytest.raises(ValidationError, match="signal"):
+        MiningConfig(signal="logged")
+
+
+def test_mining_result_records_its_signal(shadow_lake):
+    from retrain.cycle.mining import MiningResult
+
+    res = mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, max_windows=20, max_per_drive=10))
+    d = res.to_dict()
+    back = MiningResult.from_dict(d)
+    assert back.signal == "fleet+emulation" and back.items == res.items and back.to_dict() == d
+    # a record made before the fleet signal: its items name none, it mined by the emulation
+    for it in d["items"]:
+        del it["signal"]
+    del d["config"]["signal"]
+    old = MiningResult.from_dict(d)
+    assert old.signal == "emulation" and old.counts("signal") == {"": 14}
+    sql = mine(shadow_lake, MiningConfig(sql="SELECT drive_id, seq FROM frames WHERE drive_id = 'a0' AND seq < 5"))
+    assert sql.signal is None and sql.items[0].signal == ""
