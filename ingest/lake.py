@@ -8,6 +8,8 @@ Lake layout (hive-partitioned Parquet, one directory per table; schemas, version
     <lake>/divergences/pair=<pair id>/date=<YYYY-MM-DD>/<same>
     <lake>/scenarios/pair=<pair id>/date=<YYYY-MM-DD>/<same>
     <lake>/noise_floor/model=<model id>/date=<YYYY-MM-DD>/<same>
+    <lake>/log_replay/model=<model id>/date=<YYYY-MM-DD>/<same>
+    <lake>/onboard/pair=<pair id>/date=<YYYY-MM-DD>/<same>
 
 Shadow tables name their files from the Kafka offsets of the frames they were computed from, so which frames a
 model or pair has replayed is simply which offsets its live files cover: a replay writes only what is not covered

@@ -168,6 +168,41 @@ ONBOARD_SCHEMA = _shadow_schema("onboard", [
     *_LINEAGE,
 ])
 
+# The log-replay closed loop's per-window record (`shadow.log_replay`), in order: name, Arrow type, description.
+# Nullable: the two times that are null when nothing happened.
+LOG_REPLAY_FIELDS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("score", pa.float32(), "combined score: NAVSIM's form, in [0, 1]"),
+    ("no_at_fault_collision", pa.float32(), "1 unless the ego caused a collision"),
+    ("drivable_area_compliance", pa.float32(), "1 unless a corner left the logged lanes' outer edges"),
+    ("ttc_within_bound", pa.float32(), "1 unless a time to collision fell below ttc_bound_s"),
+    ("ego_progress", pa.float32(), "progress along the logged path over the logged driver's, in [0, 1]"),
+    ("comfort", pa.float32(), "1 when every comfort signal stayed within its limit"),
+    ("collision", pa.bool_(), "any contact with a logged agent, at fault or not"),
+    ("at_fault_collision_s", pa.float32(), "time of the first at-fault contact [s]; null if none"),
+    ("min_ttc_s", pa.float32(), "smallest time to collision found within ttc_bound_s [s]; null if none"),
+    ("max_drivable_violation_m", pa.float32(), "farthest a corner came beyond the outer lane edges [m]"),
+    ("lane_known", pa.bool_(), "whether the logged frames carried lane context"),
+    ("progress_m", pa.float32(), "ego's progress along the logged path [m]"),
+    ("logged_progress_m", pa.float32(), "logged driver's progress over the same time [m]"),
+    ("min_lon_accel_mps2", pa.float32(), "strongest braking [m/s^2]"),
+    ("max_lon_accel_mps2", pa.float32(), "strongest acceleration [m/s^2]"),
+    ("max_abs_lat_accel_mps2", pa.float32(), "largest lateral acceleration [m/s^2]"),
+    ("max_abs_lon_jerk_mps3", pa.float32(), "largest longitudinal jerk [m/s^3]"),
+    ("max_abs_jerk_mps3", pa.float32(), "largest jerk magnitude [m/s^3]"),
+    ("max_abs_yaw_rate_radps", pa.float32(), "largest yaw rate [rad/s]"),
+    ("max_abs_yaw_accel_radps2", pa.float32(), "largest yaw acceleration [rad/s^2]"),
+    ("horizon_s", pa.float32(), "how much of the horizon the log covered and was scored [s]"),
+)
+_LOG_REPLAY_NULLABLE = ("at_fault_collision_s", "min_ttc_s")
+
+LOG_REPLAY_SCHEMA = _shadow_schema("log_replay", [
+    *_FRAME_KEY,
+    _f("model_name", pa.string()), _f("model_version", pa.string()), *_CONDITIONS,
+    *[_f(n, t, nullable=n in _LOG_REPLAY_NULLABLE, doc=d) for n, t, d in LOG_REPLAY_FIELDS],
+    *_LINEAGE,
+])
+"""Per frame and model: the model's plan driven from that frame in the log-replay closed loop (`shadow.log_replay`)."""
+
 TABLES: dict[str, TableSpec] = {
     "frames": TableSpec("frames", FRAMES_LAKE_SCHEMA, SCHEMA_VERSION, older=(1,)),
     "decisions": TableSpec("decisions", DECISIONS_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
@@ -175,6 +210,7 @@ TABLES: dict[str, TableSpec] = {
     "scenarios": TableSpec("scenarios", SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
     "noise_floor": TableSpec("noise_floor", NOISE_FLOOR_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
     "onboard": TableSpec("onboard", ONBOARD_SCHEMA, SHADOW_SCHEMA_VERSION, ("pair", "date")),
+    "log_replay": TableSpec("log_replay", LOG_REPLAY_SCHEMA, SHADOW_SCHEMA_VERSION, ("model", "date")),
 }
 
 

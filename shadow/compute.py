@@ -18,14 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.contract import ENUMS, FRAME_SCHEMA, arrow_to_frames
-from ingest.tables import (DECISIONS_SCHEMA, DIVERGENCES_SCHEMA, NOISE_FLOOR_SCHEMA, ONBOARD_SCHEMA, SCENARIOS_SCHEMA,
-                           SHADOW_SCHEMA_VERSION, DIVERGENCE_HORIZONS_S)
+from ingest.contract import ENUMS, FRAME_SCHEMA, Frames, arrow_to_frames
+from ingest.tables import (DECISIONS_SCHEMA, DIVERGENCES_SCHEMA, LOG_REPLAY_SCHEMA, NOISE_FLOOR_SCHEMA, ONBOARD_SCHEMA,
+                           SCENARIOS_SCHEMA, SHADOW_SCHEMA_VERSION, DIVERGENCE_HORIZONS_S)
 from ingest.lake import model_id, pair_id
 from shadow import featurize as fz
 from shadow.criteria import Criteria, evaluate_windows, load_criteria
 from shadow.metrics import WINDOW_METRICS, dominant, driver_metrics, pair_metrics, window_aggregates
 from shadow.config import PipelineConfig
+from shadow.log_replay import LogReplayScores, log_replay
 from shadow.models import LoadedModel, load_model, runtime_label
 from shadow.onboard import onboard_rows
 from shadow.plugins import FeatureCache
@@ -49,6 +50,8 @@ class Computed:
     conditions: dict[str, np.ndarray]  # road_type, lighting, weather (n,) enum codes; source (n,) names
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
+    cols: dict[str, np.ndarray]  # Frames.cols of the whole source table (the logged agents of the onboard rows)
+    log_replay: dict[str, LogReplayScores]  # "teacher", "student": each plan driven from its frame, (n,) windows
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Inferred:
     student: tuple[np.ndarray, np.ndarray]
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
+    segments: np.ndarray  # (N,) contiguous runs of one drive over the whole source table (featurize.segments_of)
     teacher_reused: int = 0  # rows whose teacher outputs were stored ones, not run
 
 
@@ -239,7 +243,7 @@ class Shadow:
         tn = None
         if noise_pos.size:
             tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})
-        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, int(reused.sum()))
+        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, segments, int(reused.sum()))
 
     def measure(self, inf: "Inferred") -> Computed:
         """The numpy half of `compute`: every divergence metric of what `infer` produced."""
@@ -254,7 +258,12 @@ class Shadow:
             noise = pair_metrics((t[0][p], t[1][p]), inf.noise, self.config.metrics, take_agents(agents, p))
         conditions = {k: inf.cols[k][rows] for k in ("road_type", "lighting", "weather")}
         conditions["source"] = sources_of(inf.cols, rows)
-        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise)
+        # every plan driven from its own frame among the logged agents: the frames after it are in the table (the
+        # context the drivers load covers PipelineConfig.future_frames, the log-replay horizon included)
+        frames = Frames(inf.cols, fz.HORIZON_DT_S)  # the spacing of the logged on-board plan is not read here
+        lr = {which: log_replay(frames, rows, out[0], model.spec.horizon_dt_s, inf.segments, self.config.log_replay)
+              for which, out, model in (("teacher", t, self.teacher), ("student", s, self.student))}
+        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise, inf.cols, lr)
 
     # ------------------------------------------------------------------------------------------------ table rows
 
@@ -325,11 +334,10 @@ class Shadow:
             cols[f"miss_{h}s"] = pa.array(m[f"miss_{h}s"])
         return _build(NOISE_FLOOR_SCHEMA, cols)
 
-    def onboard(self, table: pa.Table, c: Computed, cols: dict[str, np.ndarray], replay_id: str
-                ) -> tuple[np.ndarray, pa.Table]:
+    def onboard(self, table: pa.Table, c: Computed, replay_id: str) -> tuple[np.ndarray, pa.Table]:
         """ONBOARD_SCHEMA rows of the computed frames that log a whole on-board plan (`shadow.onboard`), with their
-        positions in `c.rows`; `cols`: the source table's Frames.cols (`Inferred.cols`), for the logged agents."""
-        agents = agents_in_ego_frame(cols, c.rows)
+        positions in `c.rows`."""
+        agents = agents_in_ego_frame(c.cols, c.rows)
         pos, m = onboard_rows(table, c.rows, c.teacher, c.student, (self.student.name, self.student.version),
                               c.metrics["score"], lambda p: take_agents(agents, p), self.config)
         n = pos.shape[0]
@@ -340,6 +348,19 @@ class Shadow:
         for k, v in m.items():
             out[k] = pa.array(v, ONBOARD_SCHEMA.field(k).type, from_pandas=True)
         return pos, _build(ONBOARD_SCHEMA, out)
+
+    def log_replay(self, table: pa.Table, c: Computed, which: str, replay_id: str) -> pa.Table:
+        """LOG_REPLAY_SCHEMA rows of every computed frame for `which` = "teacher" | "student": its plan driven in
+        the log-replay closed loop (`shadow.log_replay`), NaN stored as null."""
+        model = self.teacher if which == "teacher" else self.student
+        n = c.rows.shape[0]
+        idx = pa.array(c.rows)
+        scores = c.log_replay[which].table()
+        cols = {**self._key(table, c.rows), "model_name": _const(model.name, n, pa.string()),
+                "model_version": _const(model.version, n, pa.string()),
+                **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+                **{name: scores[name] for name in scores.column_names}, **self._lineage(n, replay_id)}
+        return _build(LOG_REPLAY_SCHEMA, cols)
 
     def scenarios(self, meta: pa.Table, metrics: dict[str, np.ndarray], conditions: dict[str, np.ndarray],
                   window: np.ndarray, replay_id: str) -> pa.Table:

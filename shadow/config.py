@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shadow import featurize as fz
+from shadow.log_replay import LogReplayConfig
 from shadow.metrics import MetricsConfig
 
 
@@ -158,14 +159,17 @@ class PipelineConfig(BaseModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="divergence metric parameters")
     parity_tolerance_m: float = Field(0.01, ge=0, description="chip parity: the fleet-side emulation of the deployed "
                                       "artifact may be this far from the logged on-board plan at any waypoint [m]")
+    log_replay: LogReplayConfig = Field(default_factory=LogReplayConfig, description="log-replay closed loop each "
+                                        "model's plan is driven in from every frame (the log_replay table)")
 
     def history_frames(self) -> int:
         """Frames before a frame its features need (the ego history)."""
         return fz.HISTORY - 1
 
     def future_frames(self) -> int:
-        """Frames after a frame its driver metrics need (4 s of logged future)."""
-        return int(np.ceil(fz.HORIZON * fz.HORIZON_DT_S / self.frame_period_s - 1e-9))
+        """Frames after a frame its driver metrics and its log-replay window need (4 s of logged future each)."""
+        seconds = max(fz.HORIZON * fz.HORIZON_DT_S, self.log_replay.horizon_s)
+        return int(np.ceil(seconds / self.frame_period_s - 1e-9))
 
     def context_after(self) -> int:
         """Frames after a frame that must be loaded: its future, and the rest of a scenario window it opens."""

@@ -37,6 +37,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ingest.contract import Frames, arrow_to_frames
+from ingest.tables import LOG_REPLAY_FIELDS
 from shadow.featurize import segments_of
 from shadow.log_replay_checks import (at_fault, boxes_overlap, bounding_radius, comfort_signals, corridor_check,
                                       time_to_contact)
@@ -102,30 +103,8 @@ class LogReplayConfig(_Model):
         return max(1, int(round(self.horizon_s / self.step_s)))
 
 
-# name, Arrow type, description: the per-window record, in order
-SCORE_FIELDS: tuple[tuple[str, pa.DataType, str], ...] = (
-    ("score", pa.float32(), "combined score: NAVSIM's form, in [0, 1]"),
-    ("no_at_fault_collision", pa.float32(), "1 unless the ego caused a collision"),
-    ("drivable_area_compliance", pa.float32(), "1 unless a corner left the logged lanes' outer edges"),
-    ("ttc_within_bound", pa.float32(), "1 unless a time to collision fell below ttc_bound_s"),
-    ("ego_progress", pa.float32(), "progress along the logged path over the logged driver's, in [0, 1]"),
-    ("comfort", pa.float32(), "1 when every comfort signal stayed within its limit"),
-    ("collision", pa.bool_(), "any contact with a logged agent, at fault or not"),
-    ("at_fault_collision_s", pa.float32(), "time of the first at-fault contact [s]; null if none"),
-    ("min_ttc_s", pa.float32(), "smallest time to collision found within ttc_bound_s [s]; null if none"),
-    ("max_drivable_violation_m", pa.float32(), "farthest a corner came beyond the outer lane edges [m]"),
-    ("lane_known", pa.bool_(), "whether the logged frames carried lane context"),
-    ("progress_m", pa.float32(), "ego's progress along the logged path [m]"),
-    ("logged_progress_m", pa.float32(), "logged driver's progress over the same time [m]"),
-    ("min_lon_accel_mps2", pa.float32(), "strongest braking [m/s^2]"),
-    ("max_lon_accel_mps2", pa.float32(), "strongest acceleration [m/s^2]"),
-    ("max_abs_lat_accel_mps2", pa.float32(), "largest lateral acceleration [m/s^2]"),
-    ("max_abs_lon_jerk_mps3", pa.float32(), "largest longitudinal jerk [m/s^3]"),
-    ("max_abs_jerk_mps3", pa.float32(), "largest jerk magnitude [m/s^3]"),
-    ("max_abs_yaw_rate_radps", pa.float32(), "largest yaw rate [rad/s]"),
-    ("max_abs_yaw_accel_radps2", pa.float32(), "largest yaw acceleration [rad/s^2]"),
-    ("horizon_s", pa.float32(), "how much of the horizon the log covered and was scored [s]"),
-)
+# the per-window record, in order: the lake's log_replay table holds the same fields (one on-disk schema module)
+SCORE_FIELDS = LOG_REPLAY_FIELDS
 SCORE_SCHEMA = pa.schema([pa.field(n, t, metadata={"description": d}) for n, t, d in SCORE_FIELDS])
 
 

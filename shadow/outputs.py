@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DRIVE_CONTEXT_KEY = "flywheel.shadow.drive_context"
 # Write order within a unit: the pair's divergences file last, it marks the unit as replayed.
-TABLE_ORDER = ("decisions", "noise_floor", "scenarios", "onboard", "divergences")
+TABLE_ORDER = ("decisions", "log_replay", "noise_floor", "scenarios", "onboard", "divergences")
 
 
 def key_live_files(lake: Path, table: str, key: str, value: str, topic: str | None = None,
@@ -194,6 +194,8 @@ class Output:
 OUTPUT_TABLES: dict[str, tuple[str, str, str]] = {
     "teacher_decisions": ("decisions", "model", "teacher"),
     "student_decisions": ("decisions", "model", "student"),
+    "teacher_log_replay": ("log_replay", "model", "teacher"),
+    "student_log_replay": ("log_replay", "model", "student"),
     "noise_floor": ("noise_floor", "model", "teacher"),
     "scenarios": ("scenarios", "pair", "pair"),
     "onboard": ("onboard", "pair", "pair"),

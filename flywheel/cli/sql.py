@@ -194,8 +194,9 @@ def sql_cmd(
     timeout: Annotated[Optional[float], typer.Option(help="interrupt a query running longer, in seconds; default "
                                                      "sql.timeout_s", min=0.001)] = None,
 ) -> None:
-    """Query the lake with read-only SQL: tables frames, decisions, divergences, scenarios, noise_floor and the
-    divergence_summary / divergence_by_condition rollups. Files outside the lake cannot be read."""
+    """Query the lake with read-only SQL: tables frames, decisions, divergences, scenarios, noise_floor, onboard,
+    log_replay and the divergence_summary / divergence_by_condition rollups. Files outside the lake cannot be
+    read."""
     from shadow.catalog import Catalog, QueryError, QueryInterrupted, QueryRefused
 
     chosen = [name for name, v in (("QUERY", query), ("--file", file), ("--saved", saved)) if v is not None]

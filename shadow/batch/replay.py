@@ -281,7 +281,9 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     noise = shadow.noise_floor(table, c, rid)
     meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
     scen = shadow.scenarios(meta, c.metrics, c.conditions, p.window[c.rows], rid)
-    o_pos, onboard = shadow.onboard(table, c, p.inferred.cols, rid)
+    lr_t = shadow.log_replay(table, c, "teacher", rid)
+    lr_s = shadow.log_replay(table, c, "student", rid)
+    o_pos, onboard = shadow.onboard(table, c, rid)
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
     o_unit = c_unit[o_pos]
@@ -296,6 +298,8 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
         sel = c_unit == k
         outputs = unit_outputs(shadow.ids, {"teacher_decisions": dec_t.filter(pa.array(sel)),
                                             "student_decisions": dec_s.filter(pa.array(sel)),
+                                            "teacher_log_replay": lr_t.filter(pa.array(sel)),
+                                            "student_log_replay": lr_s.filter(pa.array(sel)),
                                             "noise_floor": noise.filter(pa.array(n_unit == k)),
                                             "scenarios": scen.filter(pa.array(emitter == k)),
                                             "onboard": onboard.filter(pa.array(o_unit == k)),

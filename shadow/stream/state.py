@@ -136,15 +136,16 @@ class PartitionState:
                 out.append((d, ok))
         return out
 
-    def keep_outputs(self, tables: dict[str, pa.Table], sel: np.ndarray, noise_sel: np.ndarray,
+    def keep_outputs(self, tables: dict[str, pa.Table], sel: np.ndarray, subsets: dict[str, np.ndarray],
                      offsets: np.ndarray) -> None:
         """Keep this partition's output rows of a computation and count its frames as computed.
 
-        `tables` (by `shadow.outputs.OUTPUT_TABLES` name): decisions and divergences over every computed row (n),
-        noise_floor over the noise-floor rows (k); `sel` (n,)
-        and `noise_sel` (k,) bool pick this partition's; `offsets` (n,) Kafka offsets of the computed rows."""
+        `tables` (by `shadow.outputs.OUTPUT_TABLES` name): one row per computed row (n), except those named in
+        `subsets`, whose rows are those of the computed rows at the given positions (noise_floor: the noise-floor
+        frames; onboard: the frames logging a whole on-board plan); `sel` (n,) bool picks this partition's rows;
+        `offsets` (n,) Kafka offsets of the computed rows."""
         for key, t in tables.items():
-            keep = t.filter(pa.array(noise_sel if key == "noise_floor" else sel))
+            keep = t.filter(pa.array(sel[subsets[key]] if key in subsets else sel))
             if keep.num_rows:
                 self.out[key].append(keep)
         offs, counts = np.unique(offsets[sel], return_counts=True)

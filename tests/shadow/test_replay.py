@@ -22,6 +22,8 @@ from ingest.synth import EPOCH_NS, synthetic_frames
 from retrain.models.architectures import Planner, PlannerConfig, export_onnx
 from shadow.config import ReplayConfig
 from shadow.batch.replay import replay
+from shadow.catalog import Catalog
+from shadow.log_replay import log_replay
 from shadow.spec import ModelSpec, write_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +44,8 @@ def make_model(root: Path, name: str, version: str, seed: int, cfg: PlannerConfi
     return path.parent
 
 
-def drive(i: int, n: int, lighting: int = 1, road: int = 1) -> Frames:
-    f = synthetic_frames(n, agents=5, waypoints=3, seed=i, start_ns=EPOCH_NS + i * 10**12)
+def drive(i: int, n: int, lighting: int = 1, road: int = 1, waypoints: int = 3) -> Frames:
+    f = synthetic_frames(n, agents=5, waypoints=waypoints, seed=i, start_ns=EPOCH_NS + i * 10**12)
     f.cols["lighting"][:] = lighting
     f.cols["road_type"][:] = road
     return f
@@ -143,7 +145,8 @@ def test_tables_rows_and_windows(models, tmp_path):
     small_lake(lake)
     report = replay(lake, models["teacher"], models["student"], ReplayConfig(group_frames=200))
     assert report.frames_replayed == sum(LENGTHS.values()) and report.units_deferred == 0
-    for table in ("decisions", "divergences", "scenarios", "noise_floor"):
+    for table in ("decisions", "divergences", "scenarios", "noise_floor", "log_replay"):
+        assert live_files(lake, table), table
         for f in live_files(lake, table):
             schema = pq.read_schema(f.path)
             assert schema.equals(TABLES[table].schema, check_metadata=False), (table, f.path)
@@ -171,6 +174,49 @@ def test_tables_rows_and_windows(models, tmp_path):
     assert noise.num_rows > 0 and float(pa.compute.max(noise["fde_4s"]).as_py()) < 1e-3
     assert noise["runtime_a"][0].as_py() != noise["runtime_b"][0].as_py()
     assert report.noise_floor["frames"] == noise.num_rows
+
+
+def test_every_models_plan_is_driven_in_the_log_replay(models, tmp_path):
+    """The log_replay table: one row per frame and model, teacher included, each the log-replay closed loop of that
+    model's stored plan from that frame over the drive's logged future."""
+    lake = tmp_path / "lake"
+    small_lake(lake)
+    replay(lake, models["teacher"], models["student"], ReplayConfig(group_frames=200))
+    frames = read(lake, "frames").sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    scores = {}
+    for which in ("teacher", "student"):
+        mid = IDS[0] if which == "teacher" else IDS[1]
+        lr = read(lake, "log_replay", mid).sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+        dec = read(lake, "decisions", mid).sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+        assert keys(lr, "drive_id", "seq") == keys(frames, "drive_id", "seq") == keys(dec, "drive_id", "seq")
+        assert set(lr["model_name"].to_pylist()) == {which}
+        traj = np.stack([np.stack(dec[c].to_pylist()) for c in ("traj_x", "traj_y")], axis=-1)
+        want = log_replay(frames, np.arange(frames.num_rows), traj,
+                          plan_dt_s=0.5)
+        assert np.unique(np.round(want.columns["score"], 3)).size > 1  # not a constant that any code would match
+        for col in ("score", "ego_progress", "progress_m", "max_abs_jerk_mps3", "horizon_s"):
+            np.testing.assert_allclose(lr[col].to_numpy(zero_copy_only=False), want.columns[col], rtol=1e-5,
+                                       atol=1e-5, err_msg=f"{which} {col}")
+        # the log covers 4 s after a frame except within 4 s of its drive's end
+        seq = lr["seq"].to_numpy()
+        last = np.array([LENGTHS[d] - 1 for d in lr["drive_id"].to_pylist()])
+        np.testing.assert_allclose(lr["horizon_s"].to_numpy(), np.minimum(4.0, (last - seq) * 0.1), atol=1e-5)
+        assert lr["lighting"].to_pylist() == frames["lighting"].cast(pa.string()).to_pylist()
+        scores[which] = lr
+    # the saved queries over it: per model and condition, and the frames where the student falls furthest behind
+    with Catalog(lake) as cat:
+        by_cond = cat.saved("closed_loop_by_condition", min_horizon_s=0).to_pylist()
+        for which, mid in (("teacher", IDS[0]), ("student", IDS[1])):
+            rows = [r for r in by_cond if r["model"] == mid]
+            assert sum(r["frames"] for r in rows) == scores[which].num_rows
+            night = [r for r in rows if r["lighting"] == "night"]
+            sel = np.array(scores[which]["lighting"].to_pylist()) == "night"
+            assert len(night) == 1 and night[0]["mean_score"] == pytest.approx(
+                float(scores[which]["score"].to_numpy()[sel].mean()), rel=1e-5)
+        gap = cat.saved("closed_loop_gap", limit=5).to_pylist()
+        diff = scores["teacher"]["score"].to_numpy() - scores["student"]["score"].to_numpy()
+        assert [r["gap"] for r in gap] == pytest.approx(np.sort(diff[diff > 0])[::-1][:5].tolist(), rel=1e-5)
+        assert all(r["pair"] == IDS[2] for r in gap)
 
 
 def test_incremental_replay_never_duplicates(models, tmp_path):
@@ -321,6 +367,8 @@ def test_exception_after_the_first_output_file_then_rerun(models, tmp_path, monk
 KILL_SCRIPT = """
 import os, sys
 from shadow.batch.replay import replay
+from shadow.catalog import Catalog
+from shadow.log_replay import log_replay
 from shadow.config import ReplayConfig
 replay(sys.argv[1], sys.argv[2], sys.argv[3], ReplayConfig(group_frames=100),
        progress=lambda done, total: os.kill(os.getpid(), 9) if done > 150 else None)

@@ -54,7 +54,8 @@ def produce(kafka: KafkaConfig, chunks: list[tuple], pause_s: float = 0.0, legac
 
 def fleet_chunks(lengths: dict[str, int], chunk: int) -> list[tuple]:
     """Round-robin chunks of drives, as vehicles stream them side by side."""
-    drives = {d: drive(i, n, lighting=[1, 2, 1, 3][i % 4], road=[1, 4, 3, 1][i % 4])
+    # 8 waypoints at 0.5 s: the whole on-board plan the onboard table compares
+    drives = {d: drive(i, n, lighting=[1, 2, 1, 3][i % 4], road=[1, 4, 3, 1][i % 4], waypoints=8)
               for i, (d, n) in enumerate(lengths.items())}
     starts = {d: list(range(0, n, chunk)) for d, n in lengths.items()}
     out = []
@@ -117,6 +118,15 @@ def test_stream_continues_a_batch_replay_and_matches_it(models, kafka_config, gr
         np.testing.assert_allclose(a[col].to_numpy(zero_copy_only=False), b[col].to_numpy(zero_copy_only=False),
                                    rtol=1e-4, atol=1e-4, err_msg=col)
     assert a["maneuver_student"].to_pylist() == b["maneuver_student"].to_pylist()
+    # the per-model log-replay rows and the on-board comparisons too
+    for table, key, cols in (("log_replay", IDS[0], ("score", "ego_progress", "horizon_s")),
+                             ("log_replay", IDS[1], ("score", "comfort", "min_ttc_s")),
+                             ("onboard", PAIR, ("fleet_score", "fleet_ade_4s", "emulation_score"))):
+        a, b = by_frame(read(lake_a, table, key)), by_frame(read(lake_b, table, key))
+        assert a.num_rows == b.num_rows == total, table
+        for col in cols:
+            np.testing.assert_allclose(a[col].to_numpy(zero_copy_only=False), b[col].to_numpy(zero_copy_only=False),
+                                       rtol=1e-4, atol=1e-4, err_msg=f"{table} {col}")
     sa = read(lake_a, "scenarios").sort_by([("drive_id", "ascending"), ("window_start_seq", "ascending")])
     sb = read(lake_b, "scenarios").sort_by([("drive_id", "ascending"), ("window_start_seq", "ascending")])
     assert sa.select(["drive_id", "window_start_seq", "window_end_seq", "frames", "lighting"]).equals(
