@@ -8,6 +8,11 @@ version stored with it is the sha256 of the file's bytes, so any edit of the fil
 
 Null aggregates (a window in which no plan conflicts with any agent has no minimum TTC) pass or fail as the bound's
 `if_null` says.
+
+A criterion's pass rate is the share of the windows it is evaluated on (its `enabled`, after the overrides for the
+window's conditions) that did not fail it; a window outside its `when` passes it (`criterion_pass_rates`). Its
+required rate is its optional `required_rate`, else `pass_rates.default` (`CriteriaFile.required_rate`): a
+promotion gate holds a candidate student to it (`retrain.cycle.gates.criteria_checks`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from importlib import resources
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -70,6 +75,15 @@ class Criterion(Bound):
     description: str = Field("", description="what it protects, in words")
     when: Bound | None = Field(None, description="applies only where this bound holds (else the window passes)")
     enabled: bool = Field(True, description="false: never evaluated (an override may enable it)")
+    required_rate: float | None = Field(None, description="share of the windows it is evaluated on that must pass "
+                                        "it (0..1); None: pass_rates.default")
+
+    @field_validator("required_rate")
+    @classmethod
+    def _rate(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v <= 1:  # NaN fails too
+            raise ValueError(f"required_rate {v} outside [0, 1]")
+        return v
 
 
 class CriterionOverride(_Model):
@@ -145,6 +159,16 @@ class CriteriaFile(_Model):
                                      f"known: {', '.join(self.criteria)}")
         return self
 
+    def evaluated(self) -> list[str]:
+        """Names of the criteria evaluated on some windows: enabled, or enabled by an override (file order)."""
+        on = {n for o in self.overrides for n, ov in o.criteria.items() if ov.enabled}
+        return [n for n, c in self.criteria.items() if c.enabled or n in on]
+
+    def required_rate(self, name: str) -> float:
+        """The pass rate criterion `name` must reach: its `required_rate`, else `pass_rates.default`."""
+        r = self.criteria[name].required_rate
+        return self.pass_rates.default if r is None else r
+
 
 @dataclass(frozen=True)
 class Criteria:
@@ -205,12 +229,8 @@ def _bound_ok(value: np.ndarray, lo: np.ndarray, hi: np.ndarray, if_null: np.nda
     return np.where(null, if_null, ok)
 
 
-def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> tuple[np.ndarray, list[list[str]]]:
-    """Judge G windows -> (passed (G,) bool, failed criterion names per window, in file order).
-
-    `windows` maps each WINDOW_METRICS name used by the criteria to (G,) numbers (NaN = null) and road_type,
-    lighting, weather to (G,) enum names or codes.
-    """
+def _override_masks(windows: Mapping[str, np.ndarray], criteria: Criteria) -> list[np.ndarray]:
+    """Per override of the file, (G,) bool: the windows its match selects."""
     g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
     cond = {k: _names(windows[k], k) for k in CONDITION_COLUMNS}
     masks = []
@@ -221,13 +241,61 @@ def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> t
             if allowed is not None:
                 m &= np.isin(cond[k], allowed)
         masks.append(m)
+    return masks
+
+
+def criterion_enabled(windows: Mapping[str, np.ndarray], criteria: Criteria) -> dict[str, np.ndarray]:
+    """Per criterion (file order), (G,) bool: the windows it is evaluated on, its `enabled` after the overrides for
+    each window's conditions (`windows`: road_type, lighting, weather as (G,) enum names or codes)."""
+    g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
+    masks = _override_masks(windows, criteria)
+    out = {}
+    for name, c in criteria.spec.criteria.items():
+        enabled = np.full(g, c.enabled)
+        for o, m in zip(criteria.spec.overrides, masks):
+            ov = o.criteria.get(name)
+            if ov is not None and ov.enabled is not None:
+                enabled[m] = ov.enabled
+        out[name] = enabled
+    return out
+
+
+def criterion_pass_rates(windows: Mapping[str, np.ndarray], failed: Sequence[Sequence[str]], criteria: Criteria,
+                         select: np.ndarray | None = None) -> dict[str, dict]:
+    """Pass rate of each criterion of the file (file order) over G judged windows, as plain records.
+
+    `windows`: road_type, lighting, weather as (G,) enum names or codes; `failed`: per window the names of the
+    criteria it failed (the scenarios table's `failed_criteria`); `select`: (G,) bool, the windows counted (all when
+    None). Each record: windows (selected windows the criterion is evaluated on), passed (those that did not fail
+    it), pass_rate (passed / windows; None for no windows), required (`CriteriaFile.required_rate`).
+    """
+    g = len(failed)
+    sel = np.ones(g, bool) if select is None else np.asarray(select, bool)
+    out = {}
+    for name, enabled in criterion_enabled(windows, criteria).items():
+        hit = np.array([name in f for f in failed], bool) if g else np.zeros(0, bool)
+        n = int((enabled & sel).sum())
+        k = int((enabled & sel & ~hit).sum())
+        out[name] = {"windows": n, "passed": k, "pass_rate": k / n if n else None,
+                     "required": criteria.spec.required_rate(name)}
+    return out
+
+
+def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> tuple[np.ndarray, list[list[str]]]:
+    """Judge G windows -> (passed (G,) bool, failed criterion names per window, in file order).
+
+    `windows` maps each WINDOW_METRICS name used by the criteria to (G,) numbers (NaN = null) and road_type,
+    lighting, weather to (G,) enum names or codes.
+    """
+    g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
+    masks = _override_masks(windows, criteria)
+    enabled_in = criterion_enabled(windows, criteria)  # the same rule the pass rates count with
     failed_any = np.zeros(g, bool)
     failures: list[tuple[str, np.ndarray]] = []
     for name, c in criteria.spec.criteria.items():
         lo = np.full(g, -np.inf if c.min is None else c.min)
         hi = np.full(g, np.inf if c.max is None else c.max)
         if_null = np.full(g, c.if_null == "pass")
-        enabled = np.full(g, c.enabled)
         for o, m in zip(criteria.spec.overrides, masks):
             ov = o.criteria.get(name)
             if ov is None:
@@ -238,8 +306,6 @@ def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> t
                 hi[m] = ov.max
             if ov.if_null is not None:
                 if_null[m] = ov.if_null == "pass"
-            if ov.enabled is not None:
-                enabled[m] = ov.enabled
         value = np.asarray(windows[c.metric], np.float64)
         ok = _bound_ok(value, lo, hi, if_null)
         if c.when is not None:
@@ -248,7 +314,7 @@ def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> t
                                 np.full(g, -np.inf if w.min is None else w.min),
                                 np.full(g, np.inf if w.max is None else w.max), np.full(g, w.if_null == "pass"))
             ok |= ~applies
-        bad = enabled & ~ok
+        bad = enabled_in[name] & ~ok
         failed_any |= bad
         failures.append((name, bad))
     failed = [[name for name, bad in failures if bad[i]] for i in range(g)]
