@@ -5,9 +5,12 @@
 Sections: summary; divergence before and after per condition (bar chart); bird's-eye plots of the top divergent
 scenarios (teacher, student before and after, the logged trajectory and the logged agents, read from the lake's
 frames, decisions and divergences tables); per chip size, CPU latency (measured), on-chip latency (roofline
-ESTIMATE) and divergence; the gate decision with its reasons; lineage. A section whose data is missing renders as
-"not available" with the reason, never an error: `ReportData` (retrain/report_data.py) is the adapter from a
-cycle's result JSON (and the lake) to what the sections draw, and documents the keys it reads.
+ESTIMATE) and divergence; the log-replay closed loop before and after, where mined and elsewhere, per sub-score; the
+fleet's divergence (teacher vs the decisions the vehicles logged) beside the emulation's per condition, and chip
+parity per vehicle and deployed model version (the fleet lake's onboard table, `report_fleet`); the gate decision with
+its reasons; lineage. A section whose data is missing renders as "not available" with the reason, never an error:
+`ReportData` (retrain/cycle/report_data.py) is the adapter from a cycle's result JSON (and the lake) to what the
+sections draw, and documents the keys it reads.
 """
 
 from __future__ import annotations
@@ -187,6 +190,51 @@ def section_gate(d: ReportData) -> str:
             + (closed if g["closed_loop"] else ""))
 
 
+def _signed(v: float | None) -> str | None:
+    return None if v is None else f"{v:+.4f}"
+
+
+def section_fleet(d: ReportData) -> str:
+    f = d.fleet
+    if f is None:
+        return not_available(d.missing.get("fleet", "no onboard rows in the lake given"))
+    cond = _table(["condition", "deployed model", "frames", "fleet divergence (mean score)",
+                   "emulation divergence (mean score)", "fleet &minus; emulation"],
+                  [[c["condition"], c["model"], c["frames"], c["fleet"], c["emulation"], _signed(c["gap"])]
+                   for c in f["by_condition"]])
+    intro = (f"<p>From the fleet lake's onboard table (pair {_e(f['pair'])}, {f['frames']} frames logging an on-board "
+             "decision): the teacher against the decision the vehicles logged (the fleet's real divergence) and "
+             "against the fleet-side emulation of the deployed artifact on the same frames.</p>")
+    if not f["parity"]:
+        return intro + cond + "<h3>Chip parity</h3>" + not_available(
+            f"no logged decision names the replayed student ({f['unchecked']} frames name another model)")
+    out = f["out_of_parity"]
+    verdict = (f'<p class="fail">{len(out)} vehicle{"s" * (len(out) != 1)} out of parity: {_e(", ".join(out))}</p>'
+               if out else '<p class="pass">every checked vehicle in parity</p>')
+    parity = _table(["vehicle", "deployed model", "version", "frames checked", "out of parity", "share out",
+                     "max error [m]", "mean error [m]", "in parity"],
+                    [[v["vehicle"], v["model"], v["version"], v["checked"], v["failed"], v["fail_rate"],
+                      v["max_err_m"], v["mean_err_m"], v["in_parity"]] for v in f["parity"]])
+    note = (f"<p>{f['unchecked']} frames log another model's decision than the replayed student's: not checked."
+            "</p>" if f["unchecked"] else "")
+    return (intro + cond + "<h3>Chip parity</h3><p>The fleet-side emulation against the decision logged on board, "
+            "per vehicle and deployed model version: a frame is out of parity when a waypoint lies farther than "
+            "the tolerance or the maneuver differs.</p>" + verdict + parity + note)
+
+
+def section_log_replay(d: ReportData) -> str:
+    lr = d.log_replay
+    if lr is None:
+        return not_available(d.missing.get("log_replay", "the result records no log-replay closed loop"))
+    head = ["figure"] + [f"{_e(label)} ({_fmt(n)} windows): {who}" for _, label, n in lr["sets"]
+                         for who in ("before", "after", "change")]
+    rows = [[r["label"]] + [x for key, _, _ in lr["sets"] for x in (r[key][0], r[key][1], _signed(r[key][2]))]
+            for r in lr["rows"]]
+    return ("<p>Each student's plans driven from every held-out window's first frame against the logged agents "
+            "(non-reactive log replay, NAVSIM's PDM-score form): means over the windows, higher is better; before is "
+            "the current student, after the candidate.</p>" + _table(head, rows))
+
+
 def section_lineage(d: ReportData) -> str:
     if not d.lineage:
         return not_available(d.missing.get("lineage", "the result records no lineage"))
@@ -195,7 +243,9 @@ def section_lineage(d: ReportData) -> str:
 
 SECTIONS = [("Summary", section_summary), ("Divergence per condition, before and after", section_conditions),
             ("Top divergent scenarios (bird's-eye)", section_scenes), ("Per chip", section_targets),
-            ("Gate decision", section_gate), ("Lineage", section_lineage)]
+            ("Log-replay closed loop", section_log_replay),
+            ("Fleet divergence and chip parity", section_fleet), ("Gate decision", section_gate),
+            ("Lineage", section_lineage)]
 
 
 def render_html(d: ReportData) -> str:

@@ -20,6 +20,10 @@ and the model ids replayed. Any other document (a hand-made or foreign result) i
 - targets: `targets` (a list of `retrain.compress.workflow.TargetResult` / `retrain.cycle.gates.target_summary` dicts, or a dict
   chip -> that); the held-out divergence of the verified chip (`candidate.verified_chip`) from `divergence`;
 - gate: `gate` = {passed, reasons, checks: [{name, value, limit, passed, detail}]}; `closed_loop` before/after;
+- fleet divergence and chip parity: the lake given (the fleet lake), its `onboard` rows of the mined pair
+  (`mining.pair`, else the before pair, else every pair), through the saved queries (`report_fleet.fleet_of`);
+- log-replay closed loop: `log_replay` (CycleResult; else `verify.json` `log_replay`), the figures of
+  `retrain.cycle.verify.log_replay_figures`;
 - lineage: `lineage`, `teacher.ref`, `parent.ref`, `registry.entries`, `snapshot`, `mining`.
 """
 
@@ -37,8 +41,9 @@ from pydantic import ValidationError
 from ingest.lake import split_pair_id
 from ingest.versions import check_version
 from retrain.cycle.mining import condition_of
+from retrain.cycle.report_fleet import _num, log_replay_of, safe_fleet_of, signal_of
 from retrain.cycle.results import RESULT_FORMAT_VERSION, CycleResult, VerifyRecord
-from shadow.catalog import Catalog
+from shadow.catalog import Catalog, QueryError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,8 @@ class ReportData:
     targets: list[dict] = field(default_factory=list)
     target_metric: str = "held-out mean score where mined"
     gate: dict | None = None
+    fleet: dict | None = None  # report_fleet.fleet_of: the fleet's divergence and chip parity
+    log_replay: dict | None = None  # report_fleet.log_replay_of: the log-replay closed loop before/after
     lineage: list[tuple[str, Any]] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
 
@@ -84,14 +91,6 @@ def get(doc: Any, *paths: str, default: Any = None) -> Any:
             if cur is not None:
                 return cur
     return default
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 def step_output(doc: dict, step: str) -> dict:
@@ -325,10 +324,24 @@ def from_cycle(result: CycleResult, lake: Path | None, job: dict, top_scenes: in
     doc = result.model_dump(mode="json")
     models = verified.models if verified else {}
     scene_lake = Path(verified.lake) if verified and Path(verified.lake).is_dir() else lake
-    _add_scenes(d, scene_lake, step_output(doc, "mine").get("items") or [], pairs.get("before"), pairs.get("after"),
+    items = step_output(doc, "mine").get("items") or []
+    _add_scenes(d, scene_lake, items, pairs.get("before"), pairs.get("after"),
                 {"teacher": models.get("teacher"), "student_before": models.get("before"),
                  "student_after": models.get("after")}, top_scenes)
+    _add_fleet(d, lake, result.mining.pair or pairs.get("before"),
+               result.log_replay or (verified.log_replay if verified else {}),
+               signal_of(result.mining.rule, result.mining.config.get("signal"), items))
     return d
+
+
+def _add_fleet(d: ReportData, lake: Path | None, pair: str | None, log_replay: Any, signal: str | None) -> None:
+    """The fleet's divergence and chip parity from the fleet lake, the log-replay closed loop from the result's
+    figures, and the mining signal in the lineage."""
+    d.fleet, why = safe_fleet_of(lake, pair if isinstance(pair, str) else None)
+    d.log_replay, why_not = log_replay_of(log_replay)
+    d.missing.update({k: v for k, v in (("fleet", why), ("log_replay", why_not)) if v is not None})
+    if signal is not None:
+        d.lineage.append(("mining signal", signal))
 
 
 def _cycle_targets(result: CycleResult) -> list[dict]:
@@ -383,6 +396,10 @@ def from_document(doc: dict, lake: Path | None, job: dict, top_scenes: int = 4) 
     scene_lake = verify_lake if isinstance(verify_lake, str) and Path(verify_lake).is_dir() else lake
     items = get(doc, "mining.items", "mined.items", default=None) or step_output(doc, "mine").get("items") or []
     _add_scenes(d, scene_lake, items, before, after, _models(before, after), top_scenes)
+    mining = get(doc, "mining") if isinstance(get(doc, "mining"), dict) else {}
+    _add_fleet(d, lake, get(mining, "pair") or before,
+               get(doc, "log_replay") or get(verified, "log_replay"),
+               signal_of(mining.get("rule"), get(mining, "config.signal"), items))
     return d
 
 
@@ -392,7 +409,17 @@ def _add_scenes(d: ReportData, scene_lake: Path | str | None, items: list, befor
     if scene_lake is None or not Path(scene_lake).is_dir():
         d.missing["scenes"] = d.missing.setdefault("conditions", "no lake given to read scenarios from")
         return
-    with Catalog(Path(scene_lake)) as catalog:
+    try:
+        _read_scenes(d, Path(scene_lake), items, before, after, models, top_scenes)
+    except (QueryError, OSError, ValueError) as exc:  # a lake it cannot read costs these sections, not the report
+        log.warning("report: scenes not available: %s", exc)
+        d.missing["scenes"] = f"the lake could not be read: {type(exc).__name__}: {exc}"
+        d.missing.setdefault("conditions", d.missing["scenes"])
+
+
+def _read_scenes(d: ReportData, scene_lake: Path, items: list, before: str | None, after: str | None,
+                 models: dict[str, str | None], top_scenes: int) -> None:
+    with Catalog(scene_lake) as catalog:
         if not d.conditions:
             if before and after:
                 d.conditions = conditions_from_lake(catalog, before, after)

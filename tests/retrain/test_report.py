@@ -68,7 +68,31 @@ def lake(tmp_path: Path) -> Path:
                  "model_version": model.split("-")[1], "traj_x": (25 * t).tolist(),
                  "traj_y": (bend * t ** 2).tolist(), "traj_yaw": [0.0] * 8} for d in DRIVES for s in range(N)]
         write(lake, "decisions", rows("decisions", recs), 0, model=model)
+    write(lake, "onboard", rows("onboard", onboard_records()), 0, pair=PAIR_BEFORE)
     return lake
+
+
+def onboard_records() -> list[dict]:
+    """The before student's logged decisions: d1 on veh-a (in parity), d2 on veh-b (6 frames out of parity, 0.9 m);
+    fleet scores: night 2.0 (emulation 1.5), rain 1.0 (1.0), nominal 0.5 (0.25)."""
+    fleet = {"night": (2.0, 1.5), "rain": (1.0, 1.0), "nominal": (0.5, 0.25)}
+    out = []
+    for drive, vehicle in (("d1", "veh-a"), ("d2", "veh-b")):
+        for s in range(N):
+            road, light, weather = condition(drive, s)
+            f, e = fleet["night" if light == "night" else "rain" if weather == "rain" else "nominal"]
+            bad = vehicle == "veh-b" and s < 6
+            out.append({"drive_id": drive, "vehicle_id": vehicle, "seq": s, "road_type": road, "lighting": light,
+                        "weather": weather, "decision_model": "student", "decision_model_version": "1.0",
+                        "fleet_score": f, "emulation_score": e, "parity_checked": True,
+                        "parity_max_err_m": 0.9 if bad else 0.004, "parity_maneuver_agree": True,
+                        "parity_ok": not bad})
+    return out
+
+
+LOG_REPLAY = {s: {"windows": w, "before": {"score": b, "comfort": 0.6, "ego_progress": 0.9},
+                  "after": {"score": a, "comfort": 0.7, "ego_progress": 0.88}, "change": a - b}
+              for s, w, b, a in (("mined", 120, 0.39, 0.41), ("elsewhere", 300, 0.69, 0.68))}
 
 
 def cycle_result(**overrides) -> dict:
@@ -90,6 +114,7 @@ def cycle_result(**overrides) -> dict:
                  "checks": [{"name": "mined_reduction", "value": 0.61, "limit": 0.5, "passed": True},
                             {"name": "collisions", "value": 2, "limit": 1, "passed": False}]},
         "lineage": {"parents": ["student:1.0", "teacher:1.0"], "dataset_sha256": "ab" * 32},
+        "log_replay": LOG_REPLAY,
     }
     doc.update(overrides)
     return doc
@@ -114,7 +139,8 @@ def test_full_report_from_result_and_lake(tmp_path, lake):
     text = out.read_text()
     s = sections(text)
     assert list(s) == ["Summary", "Divergence per condition, before and after", "Top divergent scenarios (bird&#x27;s-eye)",
-                       "Per chip", "Gate decision", "Lineage"]
+                       "Per chip", "Log-replay closed loop", "Fleet divergence and chip parity", "Gate decision",
+                       "Lineage"]
     assert "not available" not in text
     assert "20260102-000000-abcd" in s["Summary"] and PAIR_AFTER in s["Summary"]
     assert png_count(s["Divergence per condition, before and after"]) == 1 and "night" in text
@@ -153,13 +179,13 @@ def test_missing_sections_render_not_available(tmp_path):
     s = sections(text)
     assert "PASSED" in s["Gate decision"]
     for title in ("Divergence per condition, before and after", "Top divergent scenarios (bird&#x27;s-eye)",
-                  "Per chip", "Lineage"):
+                  "Per chip", "Log-replay closed loop", "Fleet divergence and chip parity", "Lineage"):
         assert "not available" in s[title], title
     assert png_count(text) == 0
     # garbage in every key still renders a page
     junk = {"targets": "x", "gate": [1], "lineage": 5, "divergence_by_condition": [1, None], "pairs": 3}
     text = render_report(junk, tmp_path / "junk.html", lake=tmp_path / "no-lake").read_text()
-    assert text.count("not available") >= 4 and text.endswith("</html>")
+    assert text.count("not available") >= 6 and text.endswith("</html>")
     # a broken section does not take the others with it
     doc = cycle_result(targets=[{"chip": "orin", "precision_mix": {"int8": 1}, "bytes": object()}])
     text = render_report(json.loads(json.dumps(doc, default=str)), tmp_path / "b.html", lake=None).read_text()
@@ -176,18 +202,20 @@ def test_report_of_a_cycle_result_with_its_step_records(tmp_path, lake):
     (work / "verify.json").write_text(json.dumps({"step": "verify", "output": {
         "lake": str(lake), "pairs": {"before": PAIR_BEFORE, "after": PAIR_AFTER}}}))
     (work / "mine.json").write_text(json.dumps({"step": "mine", "output": {"items": [
-        {"drive_id": "train-drive", "start_seq": 0, "end_seq": 9, "score": 9.0},  # not in the verification lake
-        {"drive_id": "d2", "start_seq": 10, "end_seq": 20, "score": 2.0}]}}))
+        {"drive_id": "train-drive", "start_seq": 0, "end_seq": 9, "score": 9.0,  # not in the verification lake
+         "signal": "fleet"},
+        {"drive_id": "d2", "start_seq": 10, "end_seq": 20, "score": 2.0, "signal": "emulation"}]}}))
     row = lambda s, c, b, a: {"set": s, "condition": c, "before": {"frames": 40, "mean_score": b},  # noqa: E731
                               "after": {"frames": 40, "mean_score": a}, "change": {"mean_score": (a - b) / b}}
     doc = {"cycle_id": "c0ffee", "work_dir": str(work), "status": "promoted", "passed": True, "reasons": [],
            "teacher": {"ref": "teacher:1.0"}, "parent": {"ref": "student:1.0", "checkpoint_source": "config"},
            "candidate": {"name": "student", "version": "1.1", "verified_chip": "cpu"},
-           "mining": {"rule": "score", "threshold": 0.7, "windows": 2},
+           "mining": {"rule": "score", "threshold": 0.7, "windows": 2, "config": {"signal": "auto"}},
            "snapshot": {"id": "5a5a", "content_sha256": "cd" * 32},
            "divergence": {"mined": {"before": {"mean_score": 3.0}, "after": {"mean_score": 1.0}},
                           "by_condition": [row("mined", "night", 3.0, 1.0), row("elsewhere", "nominal", 1.0, 1.05)]},
            "closed_loop": {"before": {"episodes": 2, "collisions": 0}, "after": {"episodes": 2, "collisions": 0}},
+           "log_replay": LOG_REPLAY,
            "targets": [{"chip": "cpu", "bytes": 300_000, "cpu_latency_ms_measured": 0.5, "latency_ms_estimate": 0.5,
                         "max_abs_error": 0.01, "size_budget_met": True, "latency_budget_met": True,
                         "verified": True, "precision_mix": {"int8": 3}}],
@@ -196,7 +224,7 @@ def test_report_of_a_cycle_result_with_its_step_records(tmp_path, lake):
                                 "detail": "mean_score where mined 3 -> 1 (-66.7%)"}]},
            "registry": {"status": "promoted", "entries": [{"ref": "student:1.1", "status": "promoted",
                                                           "parents": ["student:1.0", "teacher:1.0"]}]}}
-    text = render_report(doc, tmp_path / "report.html", lake=None).read_text()
+    text = render_report(doc, tmp_path / "report.html", lake=lake).read_text()
     s = sections(text)
     assert "not available" not in text
     assert "student:1.0" in s["Summary"] and "1.1" in s["Summary"] and "promoted" in s["Summary"]
@@ -207,3 +235,60 @@ def test_report_of_a_cycle_result_with_its_step_records(tmp_path, lake):
     per_chip = s["Per chip"]
     assert "held-out" in per_chip and ">1</td>" in per_chip  # the verified chip's held-out divergence
     assert "registered student:1.1" in s["Lineage"] and "cdcd" in s["Lineage"]
+    assert "emulation: 1 window, fleet: 1 window (requested auto)" in s["Lineage"]
+    assert "every checked vehicle in parity" not in s["Fleet divergence and chip parity"]  # veh-b is not
+    assert "+0.0200" in s["Log-replay closed loop"]
+
+
+def test_fleet_divergence_chip_parity_and_log_replay_sections(tmp_path, lake):
+    from retrain.cycle.report import render_report
+    from retrain.cycle.report_data import load_data
+
+    d = load_data(cycle_result(), lake)
+    by = {c["condition"]: c for c in d.fleet["by_condition"]}
+    assert d.fleet["pair"] == PAIR_BEFORE and d.fleet["frames"] == 2 * N and d.fleet["unchecked"] == 0
+    assert by["night"] == {"condition": "night", "model": "student 1.0", "frames": 30, "fleet": 2.0,
+                           "emulation": 1.5, "gap": 0.5}
+    assert (by["nominal"]["frames"], by["nominal"]["gap"], by["rain"]["frames"], by["rain"]["gap"]) == (30, 0.25, 60, 0)
+    assert [c["condition"] for c in d.fleet["by_condition"]] == ["night", "rain", "nominal"]  # most divergent first
+    veh = {v["vehicle"]: v for v in d.fleet["parity"]}
+    assert d.fleet["out_of_parity"] == ["veh-b"] and veh["veh-a"]["in_parity"] and veh["veh-a"]["failed"] == 0
+    assert (veh["veh-b"]["checked"], veh["veh-b"]["failed"], veh["veh-b"]["version"]) == (60, 6, "1.0")
+    assert veh["veh-b"]["fail_rate"] == pytest.approx(0.1) and veh["veh-b"]["max_err_m"] == pytest.approx(0.9)
+
+    s = sections(render_report(cycle_result(), tmp_path / "report.html", lake=lake).read_text())
+    fleet = s["Fleet divergence and chip parity"]
+    assert "1 vehicle out of parity: veh-b" in fleet and PAIR_BEFORE in fleet
+    assert "<td>night</td><td>student 1.0</td><td>30</td><td>2</td><td>1.5</td><td>+0.5000</td>" in fleet
+    assert re.search(r"<td>veh-b</td><td>student</td><td>1.0</td><td>60</td><td>6</td><td>0.1</td><td>0.9</td>",
+                     fleet)
+    replay = s["Log-replay closed loop"]
+    assert "where mined (120 windows): before" in replay and "elsewhere (300 windows): change" in replay
+    rows = re.findall(r"<tr><td>(.*?)</td>(.*?)</tr>", replay)
+    assert [r[0] for r in rows] == ["score (PDM form)", "ego progress", "comfort"]  # the score first, then verify's order
+    assert re.findall(r"<td>(.*?)</td>", rows[0][1]) == ["0.39", "0.41", "+0.0200", "0.69", "0.68", "-0.0100"]
+    assert re.findall(r"<td>(.*?)</td>", rows[2][1])[2] == "+0.1000"
+
+
+def test_fleet_and_log_replay_sections_not_available(tmp_path, lake):
+    import shutil
+
+    from retrain.cycle.report import render_report
+
+    other = cycle_result(mining={"rule": "score", "pair": f"{TEACHER}__student-9.9", "windows": 1, "items": []})
+    s = sections(render_report(other, tmp_path / "other.html", lake=lake).read_text())
+    assert f"not available: the lake holds no onboard rows of pair {TEACHER}__student-9.9" in \
+        s["Fleet divergence and chip parity"]
+    shutil.rmtree(lake / "onboard")  # a lake replayed from frames that log no on-board decision
+    s = sections(render_report(cycle_result(log_replay={}), tmp_path / "r.html", lake=lake).read_text())
+    assert "not available: the lake holds no onboard rows" in s["Fleet divergence and chip parity"]
+    assert "not available: the result records no log-replay closed loop" in s["Log-replay closed loop"]
+    assert "Gate decision" in s and "not available" not in s["Per chip"]
+    # a lake the catalog cannot read is named as the reason, the report still renders
+    (lake / "onboard" / f"pair={PAIR_BEFORE}" / f"date={DAY}").mkdir(parents=True)
+    write(lake, "onboard", rows("onboard", onboard_records()).replace_schema_metadata(
+        {b"flywheel.schema_version": b"99"}), 0, pair=PAIR_BEFORE)
+    s = sections(render_report(cycle_result(), tmp_path / "v.html", lake=lake).read_text())
+    assert "not available: the lake&#x27;s onboard table could not be read" in s["Fleet divergence and chip parity"]
+    assert "not available: the lake could not be read: UnknownVersion" in s["Top divergent scenarios (bird&#x27;s-eye)"]
+    assert "REJECTED" in s["Gate decision"] and "not available" not in s["Log-replay closed loop"]
