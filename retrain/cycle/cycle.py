@@ -22,7 +22,8 @@ exists, so a killed cycle continues where it stopped; the fine-tune also resumes
 5. verify    `retrain.cycle.verify`: shadow replay (`shadow.batch.replay`) of the current student and the candidate (both
              as `verification.chip` artifacts) on the snapshot's test drives, written as a lake of its own under
              work_dir/verify; the divergence where mined (test mined windows) and elsewhere (test ordinary
-             windows), per condition; closed-loop episodes in highway-env (`retrain.cycle.closed_loop`) for both, and
+             windows), per condition; the acceptance criteria's pass rates on the test scenario windows;
+             the log-replay closed loop; closed-loop episodes in highway-env (`retrain.cycle.closed_loop`) for both, and
              the expert as reference;
 6. gate      `retrain.cycle.gates` rules on those figures;
 7. register  the candidate in the registry with lineage (parents: current student and teacher; dataset: snapshot
@@ -293,7 +294,7 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         fp32=_fp32_models(reg, parent, compressed, config, work)))
     gate = GateDecision.model_validate(step("gate", lambda: evaluate_gates(config.gates, {
         "divergence": verified["divergence"], "closed_loop": verified["closed_loop"],
-        "log_replay": verified.get("log_replay"),
+        "log_replay": verified.get("log_replay"), "criteria": verified.get("criteria"),
         "targets": compressed}).model_dump(mode="json")))
 
     def do_register() -> dict:
@@ -312,7 +313,7 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
         mining={k: v for k, v in mined.to_dict().items() if k != "items"}, snapshot=snap_rec,
         finetune=ft.model_dump(mode="json", exclude={"history"}) | {"evaluations": len(ft.history)},
         divergence=verified["divergence"], closed_loop=verified["closed_loop"],
-        log_replay=verified.get("log_replay") or {},
+        log_replay=verified.get("log_replay") or {}, criteria=verified.get("criteria"),
         targets=[target_summary(t) for t in compressed], gate=gate.model_dump(mode="json"), registry=registered,
         steps=step.timing, wall_s=time.perf_counter() - t0)
     write_json_atomic(work / "result.json", result.model_dump(mode="json"))
@@ -417,6 +418,15 @@ def format_result(r: CycleResult) -> str:
         lines.append("log-replay closed loop (held-out windows, PDM-form score, higher is better): " + "; ".join(
             f"{w} {_f(x['before']['score'])} -> {_f(x['after']['score'])} ({x['windows']} windows)"
             for w, x in r.log_replay.items()))
+    if r.criteria is not None:
+        o = r.criteria.overall
+        lines += ["", "acceptance criteria on held-out scenario windows (pass rate before -> after)",
+                  f"{'criterion':<24} {'required':>8} {'windows':>7} {'all':>16} {f'mined ({o.mined.windows})':>16} "
+                  f"{f'elsewhere ({o.elsewhere.windows})':>16}"]
+        for name, x in [("(every criterion)", r.criteria.overall), *r.criteria.criteria.items()]:
+            lines.append(f"{name:<24} {x.required:>8.1%} {x.all.windows:>7d} " + " ".join(
+                f"{_f(y.before.pass_rate, '.1%'):>6} -> {_f(y.after.pass_rate, '.1%'):>6}"
+                for y in (x.all, x.mined, x.elsewhere)))
     lines += ["", f"closed loop ({', '.join(cl.conditions)})",
               f"{'policy':<14} {'episodes':>8} {'collisions':>10} {'rate':>6} {'mean min TTC s':>14} "
               f"{'min TTC s':>9} {'comfortable':>11}"]

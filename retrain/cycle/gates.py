@@ -15,6 +15,10 @@ Checks (each can be switched off or re-tuned):
 - log-replay closed loop (every held-out mined and ordinary window driven for 4 s among the logged agents,
   `shadow.log_replay`): the candidate's mean PDM-form score at most `log_replay_margin` below the current
   student's, where mined and elsewhere;
+- acceptance criteria (`shadow.criteria`, on the held-out scenario windows both students were judged on), one check
+  per criterion and one for the windows passing every criterion (`criteria_checks`): the candidate's pass rate
+  fails when it is below the criterion's required rate while the current student's met it, or when it is more
+  than the margin below the current student's (`criteria_margin`, at least `criteria_margin_windows` windows);
 - per target chip: size budget met, latency budget met (estimate on chips, measured on the CPU target), and the
   numeric verification (chip rules obeyed, error against the FP32 reference within tolerance) passed;
 - per target chip, compression: at least as compressed as the current student on that chip (`compression_checks`):
@@ -61,6 +65,13 @@ class GateConfig(BaseModel):
     log_replay: bool = Field(True, description="check the log-replay closed loop where mined and elsewhere")
     log_replay_margin: float = Field(0.0, ge=0, le=1, description="the mean log-replay score (0..1) may fall at "
                                      "most this much below the current student's (0: not worse)")
+    criteria: bool = Field(True, description="check every acceptance criterion's pass rate on the held-out scenario "
+                           "windows, and the windows passing all of them (criteria_checks)")
+    criteria_margin: float = Field(0.02, ge=0, le=1, description="a criterion's pass rate (0..1) may fall at most "
+                                   "this much below the current student's on the same windows (0.02 = 2 points)")
+    criteria_margin_windows: int = Field(1, ge=0, description="... and at least this many windows' worth: on few "
+                                         "held-out windows one window near a bound is more than the margin (1 of 36 "
+                                         "is 2.8 points) and flips with noise")
     budgets: bool = Field(True, description="every target's size and latency budgets must be met")
     verification: bool = Field(True, description="every target's numeric verification must have passed")
     compression: bool = Field(True, description="on every chip the candidate is at least as compressed as the "
@@ -114,6 +125,9 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
 
     figures = {"divergence": {"mined": {"before": {metric: .., "frames": n}, "after": {...}}, "elsewhere": {...}},
                "closed_loop": {"before": {"collisions", "mean_min_ttc_s", "comfortable_rate"}, "after": {...}},
+               "log_replay": {"mined" | "elsewhere": {"windows", "before": {"score"}, "after": {...}}},
+               "criteria": {"overall": {...}, "criteria": {name: {"required", "all": {"windows", "before":
+                            {"passed", "pass_rate"}, "after": {...}}}}},   # retrain.cycle.verify.criteria_figures
                "targets": [TargetResult dicts]}
     """
     checks: list[Check] = []
@@ -166,6 +180,8 @@ def evaluate_gates(config: GateConfig, figures: dict) -> GateDecision:
                                            f"{config.comfort_margin}"))
     if config.log_replay:
         checks += log_replay_checks(config, figures.get("log_replay") or {})
+    if config.criteria:
+        checks += criteria_checks(config, figures.get("criteria") or {})
     targets = figures.get("targets") or []
     if (config.budgets or config.verification) and not targets:
         checks.append(Check(name="targets", passed=False, detail="no compressed targets"))
@@ -204,6 +220,58 @@ def log_replay_checks(config: GateConfig, figures: dict) -> list[Check]:
                          detail=f"log-replay score {'where mined' if where == 'mined' else where} {_g(b)} -> {_g(a)} "
                                 f"over {rec.get('windows', 0)} windows; may fall at most {config.log_replay_margin}"))
     return out
+
+
+def criteria_checks(config: GateConfig, figures: dict) -> list[Check]:
+    """One check per acceptance criterion (`criterion_<name>`) and one for the windows passing every criterion
+    (`criteria_all`, required `pass_rates.default`), on all held-out windows (`figures`:
+    `retrain.cycle.verify.criteria_figures`; its mined / elsewhere split is reported, not gated). The candidate's
+    pass rate fails when
+
+    - it is below the required rate while the current student's met it: a candidate never breaks a bar its
+      predecessor met, but a current student below the bar is judged against itself alone (the flywheel must be
+      able to improve a student that does not meet the bar yet, one cycle at a time);
+    - it is below the current student's by more than max(`criteria_margin`, `criteria_margin_windows` / windows).
+
+    A criterion without figures or without windows fails."""
+    rates = figures.get("criteria") or {}
+    if not rates:
+        return [Check(name="criteria", passed=False, detail="no pass rates of the acceptance criteria on the "
+                                                            "held-out windows")]
+    return [_criterion_check(config, f"criterion_{n}", f"criterion {n}", r) for n, r in rates.items()] + [
+        _criterion_check(config, "criteria_all", "every criterion (windows passing all)", figures.get("overall"))]
+
+
+def _criterion_check(config: GateConfig, name: str, label: str, rec: dict | None) -> Check:
+    rec = rec or {}
+    cmp = rec.get("all") or {}
+    n = int(cmp.get("windows") or 0)
+    before, after = cmp.get("before") or {}, cmp.get("after") or {}
+    b, a, req = _num(before.get("pass_rate")), _num(after.get("pass_rate")), _num(rec.get("required"))
+    if not n or b is None or a is None or req is None:
+        return Check(name=name, passed=False, value=a, limit=req,
+                     detail=f"{label}: no pass rates to compare on the held-out windows ({n} windows, before "
+                            f"{_pct(b)}, after {_pct(a)}, required {_pct(req)})")
+    allowed = max(config.criteria_margin, config.criteria_margin_windows / n)
+    floor = b - allowed if b < req else max(b - allowed, req)
+    figures = f"{label}: pass rate {_pct(b)} -> {_pct(a)} ({after.get('passed')}/{n} held-out windows)"
+    problems = []
+    if a < req <= b:
+        problems.append(f"below its required {_pct(req)}, which the current student met")
+    if a < b - allowed - 1e-9:  # k/n figures: the tolerance keeps an exact one-window drop within the margin
+        problems.append(f"{_pts(b - a)} below the current student's; may fall at most {_pts(allowed)}")
+    basis = "met by the current student" if b >= req else "not met by the current student: judged against it"
+    return Check(name=name, passed=not problems, value=a, limit=floor,
+                 detail=f"{figures}: " + ("; ".join(problems) if problems else
+                                          f"required {_pct(req)} ({basis}), may fall at most {_pts(allowed)}"))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _pts(x: float) -> str:
+    return f"{x * 100:.1f} points"
 
 
 def compression_checks(config: GateConfig, t: dict) -> list[Check]:

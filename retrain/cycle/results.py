@@ -165,6 +165,41 @@ class ClosedLoop(Record):
         return None if v == {} else v
 
 
+class PassRate(Record):
+    """One student's windows that passed (a criterion, or all of them) and their share."""
+
+    passed: int
+    pass_rate: float | None = Field(None, description="passed / windows (0..1); None for no windows")
+
+
+class PassRateComparison(Record):
+    """Both students on the same scenario windows."""
+
+    windows: int = Field(description="held-out windows evaluated (the criterion enabled there)")
+    before: PassRate = Field(description="the current student")
+    after: PassRate = Field(description="the candidate")
+    change: float | None = Field(None, description="after - before pass rate")
+
+
+class CriterionPassRates(Record):
+    """A criterion's pass rates on all held-out windows (gated), where mined and elsewhere (reported)."""
+
+    required: float = Field(description="the pass rate the criteria file requires of it")
+    all: PassRateComparison
+    mined: PassRateComparison = Field(description="windows holding a held-out mined frame")
+    elsewhere: PassRateComparison = Field(description="the other held-out windows")
+
+
+class CriteriaPassRates(Record):
+    """Acceptance criteria (`shadow.criteria`) on the held-out scenario windows of both students
+    (`retrain.cycle.verify.criteria_figures`)."""
+
+    version: str = Field(description="the criteria file's version (sha256 of its bytes)")
+    path: str | None = Field(None, description="the criteria file the windows were judged with")
+    overall: CriterionPassRates = Field(description="windows passing every criterion, against pass_rates.default")
+    criteria: dict[str, CriterionPassRates] = Field(description="criterion name -> its pass rates")
+
+
 class TargetSummary(Record):
     """What the cycle reports of one chip's artifact: latency on the chip is an ESTIMATE, on this CPU measured."""
 
@@ -222,6 +257,8 @@ class VerifyRecord(Record):
     divergence: Divergence
     log_replay: dict = Field(default_factory=dict, description="log-replay closed loop of both students on the "
                              "held-out windows (retrain.cycle.verify.log_replay_figures); absent from older records")
+    criteria: CriteriaPassRates | None = Field(None, description="pass rates of the acceptance criteria on the "
+                                               "held-out windows; absent from older records")
     closed_loop: ClosedLoop
 
 
@@ -247,6 +284,9 @@ class CycleResult(Record):
     log_replay: dict = Field(default_factory=dict, description="log-replay closed loop on the held-out windows: "
                              "where mined and elsewhere, windows, before/after mean score and sub-scores, change "
                              "(retrain.cycle.verify.log_replay_figures; empty in records made before it)")
+    criteria: CriteriaPassRates | None = Field(None, description="acceptance criteria on the held-out scenario "
+                                               "windows: per criterion and overall, required rate, before/after "
+                                               "pass rates (None in records made before it)")
     targets: list[TargetSummary] = Field(description="per chip: bytes, measured CPU latency, ESTIMATED chip latency, "
                                                      "budgets")
     gate: GateDecision

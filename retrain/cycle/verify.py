@@ -5,7 +5,9 @@
 Shadow replay (`shadow.batch.replay`) of the current student ("before") and the candidate ("after") on the
 snapshot's test drives, written as a lake of their own under `out`: the divergence where mined (test mined windows)
 and elsewhere (test ordinary windows), overall, per condition and per road type; the FP32 models too when given (the
-fine-tune's effect without the compression's, for attribution). Both students are also driven through every
+fine-tune's effect without the compression's, for attribution); the pass rate of every acceptance criterion
+(`shadow.criteria`, the file the replay judged with) on the held-out scenario windows, overall, where mined and
+elsewhere. Both students are also driven through every
 held-out mined and ordinary window in the log-replay closed loop (`shadow.log_replay`: their plans followed for 4 s
 while the logged agents replay; NAVSIM's PDM score and its sub-scores). Then the same seeded closed-loop episodes in
 highway-env (`retrain.cycle.closed_loop`) for both, with the expert as reference.
@@ -29,6 +31,7 @@ from shadow.batch.replay import replay
 from ingest.contract import FRAME_SCHEMA, arrow_to_frames
 from shadow.catalog import Catalog
 from shadow.config import ReplayConfig
+from shadow.criteria import CONDITION_COLUMNS, Criteria, criterion_pass_rates, load_criteria
 from shadow.featurize import segments_of
 from shadow.log_replay import LogReplayConfig, log_replay
 from shadow.models import load_model
@@ -118,6 +121,69 @@ def divergence_figures(before: pa.Table, after: pa.Table, roles: pa.Table) -> di
     return out
 
 
+def criteria_figures(windows: pa.Table, mined: pa.Table, criteria: Criteria) -> dict:
+    """Pass rates of two students on the same G scenario windows, per criterion `criteria` evaluates and overall.
+
+    `windows`: one row per window both were judged on: drive_id, window_start_seq, window_end_seq, road_type,
+    lighting, weather, b_passed, b_failed, a_passed, a_failed (before / after: the scenarios table's `passed` and
+    `failed_criteria`); `mined`: drive_id, seq of the held-out mined frames. A window is "mined" when it holds one.
+    Returns {"version", "path", "overall" | criterion name: {"required", "all" | "mined" | "elsewhere": {"windows",
+    "before" | "after": {"passed", "pass_rate"}, "change": after - before pass rate}}}; overall counts the windows
+    passing every criterion against `pass_rates.default`. Pass rates are None on no windows.
+    """
+    by_drive: dict[str, list[int]] = {}
+    for d, q in zip(mined["drive_id"].to_pylist(), mined["seq"].to_pylist()):
+        by_drive.setdefault(d, []).append(q)
+    seqs = {d: np.sort(np.asarray(q, np.int64)) for d, q in by_drive.items()}
+    in_mined = np.zeros(windows.num_rows, bool)
+    for i, (d, lo, hi) in enumerate(zip(windows["drive_id"].to_pylist(), windows["window_start_seq"].to_pylist(),
+                                        windows["window_end_seq"].to_pylist())):
+        q = seqs.get(d)
+        j = 0 if q is None else int(np.searchsorted(q, lo))  # first mined seq >= the window's start
+        in_mined[i] = q is not None and j < q.size and q[j] <= hi
+    sets = {"all": np.ones(windows.num_rows, bool), "mined": in_mined, "elsewhere": ~in_mined}
+    cond = {k: np.asarray(windows[k].to_pylist(), object) for k in CONDITION_COLUMNS}
+    failed = {w: [list(f or ()) for f in windows[f"{w[0]}_failed"].to_pylist()] for w in ("before", "after")}
+    passed = {w: np.asarray(windows[f"{w[0]}_passed"].to_pylist(), bool) for w in ("before", "after")}
+    names = criteria.spec.evaluated()
+
+    def pair(rec: dict[str, dict]) -> dict:
+        b, a = rec["before"], rec["after"]
+        change = None if b["pass_rate"] is None else a["pass_rate"] - b["pass_rate"]
+        return {"windows": b["windows"], **{w: {"passed": r["passed"], "pass_rate": r["pass_rate"]}
+                                            for w, r in rec.items()}, "change": change}
+
+    out: dict = {"version": criteria.version, "path": None if criteria.path is None else str(criteria.path),
+                 "overall": {"required": criteria.spec.pass_rates.default}, "criteria": {n: {} for n in names}}
+    for where, sel in sets.items():
+        per = {w: criterion_pass_rates(cond, failed[w], criteria, sel) for w in ("before", "after")}
+        for n in names:
+            out["criteria"][n]["required"] = per["before"][n]["required"]
+            out["criteria"][n][where] = pair({w: per[w][n] for w in per})
+        n_all = int(sel.sum())
+        out["overall"][where] = pair({w: {"windows": n_all, "passed": int(passed[w][sel].sum()),
+                                          "pass_rate": float(passed[w][sel].mean()) if n_all else None}
+                                      for w in passed})
+    return out
+
+
+def scenario_windows(cat: Catalog, before: str, after: str, criteria: Criteria) -> pa.Table:
+    """The scenario windows both pairs were judged on, joined (the `windows` of `criteria_figures`); raises
+    VerificationError when a pair's windows were judged with another criteria file than `criteria`."""
+    versions = cat.arrow("SELECT DISTINCT pair, criteria_version FROM scenarios WHERE pair IN ($b, $a)",
+                         {"b": before, "a": after}).to_pylist()
+    other = [r for r in versions if r["criteria_version"] != criteria.version]
+    if other:
+        raise VerificationError(f"the verification lake's scenario windows were judged with another criteria file "
+                                f"({other}) than {criteria.path or 'the default'} (version {criteria.version})")
+    return cat.arrow(
+        "SELECT b.drive_id, b.window_start_seq, b.window_end_seq, b.road_type::VARCHAR AS road_type, "
+        "b.lighting::VARCHAR AS lighting, b.weather::VARCHAR AS weather, b.passed AS b_passed, "
+        "b.failed_criteria AS b_failed, a.passed AS a_passed, a.failed_criteria AS a_failed "
+        "FROM scenarios b JOIN scenarios a USING (drive_id, window_start_seq) WHERE b.pair = $b AND a.pair = $a "
+        "ORDER BY b.drive_id, b.window_start_seq", {"b": before, "a": after})
+
+
 def closed_loop_figures(records: list[dict]) -> dict:
     """Per policy, over every scenario and condition: episodes, collisions, collision_rate, mean and smallest
     minimum TTC [s], ttc_unsafe_rate, comfortable_rate, mean_speed_mps, progress_vs_expert (episode-weighted), from
@@ -162,11 +228,14 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
         raise VerificationError(f"two of the replayed models have the same model id: {pairs}")
     cols = ("drive_id, seq, score, ade_4s, fde_4s, miss_4s, maneuver_disagree, lighting::VARCHAR AS lighting, "
             "weather::VARCHAR AS weather, road_type::VARCHAR AS road_type")
+    criteria = load_criteria(cfg.replay.criteria)  # the file the replay judged the windows with
     with Catalog(lake) as cat:
         rows = {w: cat.arrow(f"SELECT {cols} FROM divergences WHERE pair = $p", {"p": p}) for w, p in pairs.items()}
+        windows = scenario_windows(cat, pairs["before"], pairs["after"], criteria)
     roles = test.select(["drive_id", "seq", "role"])
     roles = roles.filter(pc.not_equal(roles["role"], "context"))
     divergence = divergence_figures(rows["before"], rows["after"], roles)
+    criteria_rates = criteria_figures(windows, roles.filter(pc.equal(roles["role"], "mined")), criteria)
     if "after_fp32" in rows:  # the same figures for the FP32 models: what the fine-tune did before compression
         fp = divergence_figures(rows["before_fp32"], rows["after_fp32"], roles)
         divergence["fp32"] = {k: fp[k] for k in ("mined", "elsewhere", "by_condition")}
@@ -180,7 +249,7 @@ def verify(cfg: VerificationConfig, snap: Snapshot, teacher: Path, parent: Path,
         tell("closed loop", i + 1, len(cfg.conditions), {"condition": cond})
     agg = closed_loop_figures(records)
     return {"lake": str(lake), "pairs": pairs, "models": model_ids, "execution": execution, "divergence": divergence,
-            "log_replay": replayed,
+            "log_replay": replayed, "criteria": criteria_rates,
             "closed_loop": {"before": agg["before"], "after": agg["after"], "expert": agg.get("expert", {}),
                             "conditions": cfg.conditions, "records": records}}
 

@@ -255,6 +255,10 @@ def test_gates_on_figures():
                            "after": {"collisions": 1, "mean_min_ttc_s": 4.8, "episodes": 8}},
            "log_replay": {"mined": {"windows": 40, "before": {"score": 0.40}, "after": {"score": 0.45}},
                           "elsewhere": {"windows": 90, "before": {"score": 0.70}, "after": {"score": 0.70}}},
+           "criteria": {"overall": {"required": 0.9, "all": {"windows": 36, "before": {"pass_rate": 30 / 36},
+                                                             "after": {"pass_rate": 34 / 36}}},
+                        "criteria": {"fde_4s": {"required": 0.9, "all": {"windows": 36, "before": {"pass_rate": 0.9},
+                                                                         "after": {"pass_rate": 0.9}}}}},
            "targets": [{"chip": "orin", "size_budget_met": True, "latency_budget_met": True, "verified": True,
                         "bytes": 600_000, "latency_ms_estimate": 0.05, "int8_matmul_share": 0.95,
                         "integer_matmul_share": 0.95, "baseline": {
@@ -269,6 +273,7 @@ def test_gates_on_figures():
     d = evaluate_gates(GateConfig(), fig)
     assert any("held-out mined frames" in r for r in d.reasons)
     assert not evaluate_gates(GateConfig(), {}).passed  # a missing figure never passes
+    assert not evaluate_gates(GateConfig(), {**fig, "criteria": None}).passed
     fig["divergence"]["mined"]["after"]["frames"] = 100
     fig["closed_loop"]["after"]["collisions"] = 1
     fig["targets"][0]["latency_budget_met"] = True
@@ -288,7 +293,7 @@ def test_gate_rejects_a_candidate_that_gives_the_compression_back():
             "integer_matmul_share": 1.0}
     ok = {"chip": "journey6", "size_budget_met": True, "latency_budget_met": True, "verified": True, "bytes": 650_000,
           "latency_ms_estimate": 0.043, "int8_matmul_share": 0.96, "integer_matmul_share": 1.0, "baseline": base}
-    cfg = GateConfig(mined_reduction=None, elsewhere_increase=None, closed_loop=False, log_replay=False)
+    cfg = GateConfig(mined_reduction=None, elsewhere_increase=None, closed_loop=False, log_replay=False, criteria=False)
     assert evaluate_gates(cfg, {"targets": [ok]}).passed  # +8% size, +7.5% latency: within 10%
     cases = {"journey6_compression_int8_share": {"int8_matmul_share": 0.60},  # products fell back to INT16
              "journey6_compression_integer_share": {"integer_matmul_share": 0.9},
@@ -303,6 +308,37 @@ def test_gate_rejects_a_candidate_that_gives_the_compression_back():
     d = evaluate_gates(cfg, {"targets": [{**ok, "baseline": None}]})
     assert not d.passed and d.reasons == ["journey6: no current student on this chip to compare the compression with"]
     assert evaluate_gates(cfg.model_copy(update={"compression": False}), {"targets": [{**ok, "bytes": 10**7}]}).passed
+
+
+def test_criteria_pass_rates_from_the_verification_lake(cycle_run, world):
+    """The per-criterion pass rates of verify.json, the result and its summary match the lake's scenario windows
+    counted here directly; a lake judged with another criteria file is refused."""
+    from retrain.cycle.verify import VerificationError, scenario_windows
+    from shadow.catalog import Catalog
+    from shadow.criteria import load_criteria, parse_criteria
+
+    result, _, work, _ = cycle_run
+    rec = json.loads((work / "verify.json").read_text())["output"]
+    fig = rec["criteria"]
+    assert result.criteria.model_dump() == fig and fig["version"] == load_criteria().version
+    with Catalog(Path(rec["lake"])) as cat:
+        for who in ("before", "after"):
+            rows = cat.arrow("SELECT passed, failed_criteria FROM scenarios WHERE pair = $p",
+                             {"p": rec["pairs"][who]}).to_pylist()
+            n = len(rows)
+            assert n > 0 and fig["overall"]["all"]["windows"] == n
+            assert fig["overall"]["all"][who]["passed"] == sum(r["passed"] for r in rows)
+            for name, c in fig["criteria"].items():  # every default criterion is enabled on every window
+                assert c["all"]["windows"] == n and c["required"] == 0.9
+                assert c["all"][who]["passed"] == sum(name not in r["failed_criteria"] for r in rows)
+                assert c["mined"]["windows"] + c["elsewhere"]["windows"] == n and c["mined"]["windows"] > 0
+        assert set(fig["criteria"]) == set(load_criteria().spec.criteria)
+        with pytest.raises(VerificationError, match="another criteria file"):
+            scenario_windows(cat, rec["pairs"]["before"], rec["pairs"]["after"],
+                             parse_criteria("criteria: {a: {metric: mean_ade_4s, max: 1}}"))
+    names = {c["name"] for c in result.gate["checks"]}
+    assert {f"criterion_{n}" for n in fig["criteria"]} | {"criteria_all"} <= names
+    assert "acceptance criteria on held-out scenario windows" in format_result(result)
 
 
 def test_bad_configs_are_refused(world):
