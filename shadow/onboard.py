@@ -33,6 +33,7 @@ from shadow.metrics import pair_metrics
 from shadow.models import LoadedModel, load_model
 from shadow.plugins import FeatureCache
 
+MIN_STEP_M = 0.05  # [m] a logged plan's waypoint step shorter than this keeps the heading before it
 _CERTAIN = 30.0  # logit gap that makes a logged maneuver a near one-hot distribution (e^-30 ~ 1e-13)
 
 
@@ -53,9 +54,27 @@ def run_deployed(model_dir: str, drive: pa.Table) -> dict:
             "dt_s": model.spec.horizon_dt_s}
 
 
+def plan_headings(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Headings (n, T) [rad] of plans given as waypoints x, y (n, T) [m] in the ego frame: the direction of each
+    waypoint's step from the one before (from the ego at the origin for the first). A step shorter than
+    MIN_STEP_M has no direction worth the name (a stopped car's plan jitters by centimetres, and arctan2 of that
+    swings across +-pi): the heading before it is kept, the ego's own (0) before any step."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    dx = np.diff(x, axis=1, prepend=0.0)
+    dy = np.diff(y, axis=1, prepend=0.0)
+    moved = np.hypot(dx, dy) >= MIN_STEP_M
+    heading = np.where(moved, np.arctan2(dy, dx), 0.0)
+    # forward fill: each waypoint takes the heading of the last step that moved (0 before the first one)
+    t = np.arange(x.shape[1])[None, :]
+    last = np.maximum.accumulate(np.where(moved, t, -1), axis=1)
+    filled = np.take_along_axis(heading, np.maximum(last, 0), axis=1)
+    return np.where(last >= 0, filled, 0.0)
+
+
 def logged_decision(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The logged plans of frames `rows` of a frames table: (whole (n,) bool: T waypoints at the featurizer's
-    spacing; traj (n, T, 3) float32 [m, m, rad], headings from the waypoints' directions, zero where not whole;
+    spacing; traj (n, T, 3) float32 [m, m, rad], headings from the waypoints' directions (`plan_headings`), zero
+    where not whole;
     maneuver (n,) int codes)."""
     n = rows.shape[0]
     idx = pa.array(rows)
@@ -68,9 +87,7 @@ def logged_decision(table: pa.Table, rows: np.ndarray) -> tuple[np.ndarray, np.n
         off = np.asarray(px.offsets)[:-1][whole]
         j = off[:, None] + np.arange(fz.HORIZON)[None, :]
         x, y = px.values.to_numpy()[j], py.values.to_numpy()[j]
-        prev_x = np.concatenate([np.zeros((x.shape[0], 1)), x[:, :-1]], axis=1)
-        prev_y = np.concatenate([np.zeros((y.shape[0], 1)), y[:, :-1]], axis=1)
-        traj[whole] = np.stack([x, y, np.arctan2(y - prev_y, x - prev_x)], axis=-1)
+        traj[whole] = np.stack([x, y, plan_headings(x, y)], axis=-1)
     maneuver = table["maneuver"].take(idx).combine_chunks().indices.to_numpy().astype(np.int64)
     return whole, traj, maneuver
 

@@ -72,6 +72,9 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
          lake: LakeOpt = None,
          pair: Annotated[Optional[str], typer.Option(help="pair id to mine by score (default: the only one)")] = None,
          max_windows: Annotated[Optional[int], typer.Option(help="mined windows at most")] = None,
+         signal: Annotated[Optional[str], typer.Option(help="by score: the divergence ranked: auto (the fleet's "
+                                                       "logged decisions where the frames have them), fleet or "
+                                                       "emulation")] = None,
          max_per_drive: Annotated[Optional[int], typer.Option(help="windows per drive at most (by score)")] = None,
          snapshots: Annotated[Path, typer.Option(help="snapshot directory")] = Path("data/snapshots"),
          seed: Annotated[int, typer.Option(help="seeds the drive split and the ordinary draw")] = 0,
@@ -83,7 +86,7 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
     from retrain.cycle.mining import mine as run_mine
 
     query = _query(sql, file, by_score)
-    fields = {k: v for k, v in {"sql": query, "pair": pair, "max_windows": max_windows,
+    fields = {k: v for k, v in {"sql": query, "pair": pair, "max_windows": max_windows, "signal": signal,
                                 "max_per_drive": max_per_drive}.items() if v is not None}
     try:
         cfg = MiningConfig(**fields)
@@ -93,7 +96,8 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
     Console().print(_counts_table(result))
     if result.threshold is not None:
         console.print(f"threshold {result.threshold:.4g} (noise floor {result.noise_floor}); {result.eligible} "
-                      f"windows above it, {len(result.items)} kept")
+                      f"windows above it, {len(result.items)} kept; judged by "
+                      + ", ".join(f"{k}: {v}" for k, v in result.counts("signal").items()))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), default=str))
     if no_snapshot:

@@ -172,7 +172,8 @@ class MiningResult:
                 "noise_floor": self.noise_floor, "eligible": self.eligible, "config": self.config,
                 "windows": len(self.items), "frames": sum(i.frames for i in self.items),
                 "by_condition": self.counts("condition"), "by_road_type": self.counts("road_type"),
-                "by_source": self.counts("source"),
+                "by_source": self.counts("source"), "signal": self.signal,
+                "by_signal": self.counts("signal") if self.rule == "score" else {},
                 "drives": len({i.drive_id for i in self.items}), "items": [asdict(i) for i in self.items]}
 
     @classmethod

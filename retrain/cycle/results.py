@@ -54,6 +54,10 @@ class MiningSummary(Record):
     by_road_type: dict[str, int]
     by_source: dict[str, int] = Field(default_factory=dict, description="mined windows per source (imports' "
                                       "format, else fleet); absent from records made before sources")
+    signal: str | None = Field(None, description="by score: the divergence signals that judged the mined windows "
+                               "(fleet, emulation or fleet+emulation); None for SQL mining and older records")
+    by_signal: dict[str, int] = Field(default_factory=dict, description="mined windows per signal; absent from "
+                                      "records made before the fleet signal")
     drives: int
 
 

@@ -302,11 +302,16 @@ def test_fleet_signal_needs_the_students_logged_decisions(lake, shadow_lake):
 
 def test_mining_result_records_its_signal(shadow_lake):
     from retrain.cycle.mining import MiningResult
+    from retrain.cycle.results import MiningSummary
 
     res = mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, max_windows=20, max_per_drive=10))
     d = res.to_dict()
     back = MiningResult.from_dict(d)
     assert back.signal == "fleet+emulation" and back.items == res.items and back.to_dict() == d
+    # the cycle's summary of it carries the signals
+    summary = MiningSummary(**{k: v for k, v in d.items() if k != "items"})
+    assert summary.signal == "fleet+emulation" and sum(summary.by_signal.values()) == len(res.items)
+    assert set(summary.by_signal) == {"fleet", "emulation"}
     # a record made before the fleet signal: its items name none, it mined by the emulation
     for it in d["items"]:
         del it["signal"]

@@ -23,6 +23,7 @@ from shadow.plugins import featurize_files
 from shadow.spec import read_spec, write_spec
 from sim.config import FleetConfig, ScenarioMix
 from sim.fleet import simulate_fleet
+from shadow.onboard import logged_decision, plan_headings
 from sim.onboard import REFERENCE_STUDENT, OnboardConfig
 from sim.truth import read_truth, truth_path
 
@@ -100,3 +101,19 @@ def test_training_targets_keep_the_drivers_maneuver(shadow_fleet):
     for feats in (featurize_drive_files(files), featurize_files(files)):
         assert [names[int(m)] for m in feats.maneuver] == list(expert)
     assert (logged != featurize_drive_files(files).maneuver).any()  # the student chose otherwise somewhere
+
+
+def test_a_stopped_cars_plan_keeps_its_heading():
+    """Waypoints jittering by centimetres around a stopped car have no direction: the heading before them is kept
+    (the ego's own, 0), not arctan2 of the jitter, which swings across +-pi and made fleet_score blow up."""
+    x = np.array([[0.01, 0.02, 0.0, 0.03, 0.5, 1.0, 1.0, 1.01]])
+    y = np.array([[0.01, -0.02, 0.02, 0.0, 0.5, 0.5, 1.5, 1.5]])
+    np.testing.assert_allclose(plan_headings(x, y)[0], [0, 0, 0, 0, np.arctan2(0.5, 0.47), 0, np.pi / 2, np.pi / 2],
+                               atol=1e-9)
+    # the whole comparison: a teacher that stays put (yaw 0) against the logged jitter of a stopped car
+    jitter = np.random.default_rng(0).normal(0, 0.01, (2, 8))
+    table = pa.table({"plan_x": [jitter[0].astype(np.float32).tolist()],
+                      "plan_y": [jitter[1].astype(np.float32).tolist()], "plan_dt_s": [0.5],
+                      "maneuver": pa.array([0]).dictionary_encode()})
+    whole, traj, _ = logged_decision(table, np.array([0]))
+    assert whole[0] and np.abs(traj[0, :, 2]).max() == 0.0
