@@ -25,9 +25,11 @@ DEMO_CYCLE: dict[str, Any] = {
     # a short fine-tune: 1,300 steps of 256 frames at 1.5e-3, QAT over the second half. Its val set is 5 drives, where
     # one window can swing the objective (measured: one val drive's ordinary window 0.37 -> 2.38 while the other
     # four improved), so the whole schedule runs (patience 10) and the best evaluated state is kept. Every mined
-    # frame of a batch is a teacher-labelled perturbed copy (share 1.0): the student's gap between train and held-out
-    # mined windows is the limit here (FP32 on the demo's test drives: where mined -46.2% at share 0.5, -49.4% at 1.0,
-    # -50.7% at 1.0 with 1,300 steps, -50.3% with 1,600; train windows -75%)
+    # frame of a batch is a teacher-labelled perturbed copy (share 1.0), a tenth of them with the ego stopped
+    # (augment.stop_prob, its default): the student's gap between train and held-out mined windows is the limit here
+    # (FP32 on the demo's test drives: where mined -46.2% at share 0.5, -49.4% at 1.0, -50.7% at 1.0 with 1,300
+    # steps, -50.3% with 1,600; train windows -75%. Mined by the fleet signal: -46.5% without stopped copies, a val
+    # drive waiting 20 s at a roundabout 0.37 -> 4.18; -53.5% with them, that drive 0.37 -> 1.42)
     "finetune": {"steps": 1300, "batch_size": 256, "lr": 1.5e-3, "eval_every": 100, "patience": 10,
                  "augment": {"share": 1.0, "bank_copies": 4}},
     "compress": {"latency_runs": 50, "latency_warmup": 5},

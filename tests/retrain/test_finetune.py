@@ -157,7 +157,7 @@ def test_augmented_finetune_never_ends_worse_than_its_start(setup, tmp_path):
 
 def test_augmentation_bank_is_copy_major_and_deterministic():
     x = _agents()
-    cfg = AugmentConfig(share=0.5, bank_copies=3)
+    cfg = AugmentConfig(share=0.5, bank_copies=3, stop_prob=0.0)
     a, b = bank(x, cfg, np.random.default_rng([0, 1])), bank(x, cfg, np.random.default_rng([0, 1]))
     assert all(np.array_equal(a[k], b[k]) for k in x)
     assert a["agents"].shape == (3 * 64, *x["agents"].shape[1:])
@@ -183,7 +183,7 @@ def _agents(n=64, seed=0):
 def test_perturb_keeps_the_featurizer_layout():
     x = _agents()
     before = {k: v.copy() for k, v in x.items()}
-    y = perturb(x, AugmentConfig(share=1.0, drop_prob=0.5), np.random.default_rng(1))
+    y = perturb(x, AugmentConfig(share=1.0, drop_prob=0.5, stop_prob=0.0), np.random.default_rng(1))
     assert all(np.array_equal(x[k], before[k]) for k in x)  # inputs untouched
     assert np.array_equal(y["ego_hist"], x["ego_hist"]) and np.array_equal(y["lane"], x["lane"])
     assert y["agents"].dtype == np.float32 and y["agents"].shape == x["agents"].shape
@@ -203,7 +203,8 @@ def test_perturb_keeps_the_featurizer_layout():
 
 def test_perturb_without_noise_is_the_identity():
     x = _agents()
-    cfg = AugmentConfig(share=1.0, position_noise_m=0, velocity_noise_mps=0, heading_noise_rad=0, drop_prob=0)
+    cfg = AugmentConfig(share=1.0, position_noise_m=0, velocity_noise_mps=0, heading_noise_rad=0, drop_prob=0,
+                        stop_prob=0)
     y = perturb(x, cfg, np.random.default_rng(0))
     assert all(np.allclose(y[k], x[k]) for k in x)
 
@@ -231,3 +232,18 @@ def test_decay_toward_the_start_keeps_the_candidate_near_the_student(setup, tmp_
     assert size(shrunk) < 0.9 * size(start) < size(near)  # AdamW's decay shrank the weights (9 steps of 4%)
     with pytest.raises(ValueError, match="decay_toward"):
         FinetuneConfig(decay_toward="one")
+
+
+def test_stopped_copies_hold_the_ego_still_where_it_is():
+    # a copy whose ego is stopped: its whole history at the current position, heading unchanged, no speed,
+    # acceleration or yaw rate; timing and validity as logged, the lane as logged, the agents perturbed as usual
+    x = _agents(n=400)
+    y = perturb(x, AugmentConfig(share=1.0, stop_prob=0.5), np.random.default_rng(3))
+    stopped = (y["ego_hist"][..., 4] == 0).all(axis=1) & (y["ego_hist"][..., 0:2] == 0).all(axis=(1, 2))
+    assert 150 < stopped.sum() < 250  # about half
+    e = y["ego_hist"][stopped]
+    assert (e[..., 2] == 1).all() and (e[..., 3] == 0).all() and (e[..., 4:7] == 0).all()
+    assert np.array_equal(e[..., 7:], x["ego_hist"][stopped][..., 7:])
+    assert np.array_equal(y["ego_hist"][~stopped], x["ego_hist"][~stopped]) and np.array_equal(y["lane"], x["lane"])
+    none = perturb(x, AugmentConfig(share=1.0, stop_prob=0.0), np.random.default_rng(3))
+    assert np.array_equal(none["ego_hist"], x["ego_hist"])
