@@ -51,7 +51,8 @@ class Computed:
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
     cols: dict[str, np.ndarray]  # Frames.cols of the whole source table (the logged agents of the onboard rows)
-    log_replay: dict[str, LogReplayScores]  # "teacher", "student": each plan driven from its frame, (n,) windows
+    log_replay: dict[str, LogReplayScores]  # "teacher", "student": each plan driven from its frame (every computed
+    # row; the teacher's only where its row is not stored yet); .rows are source rows, a subset of `rows`
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Inferred:
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
     segments: np.ndarray  # (N,) contiguous runs of one drive over the whole source table (featurize.segments_of)
-    teacher_reused: int = 0  # rows whose teacher outputs were stored ones, not run
+    teacher_reused: int = 0
+    teacher_driven: np.ndarray | None = None  # (n,) bool: rows whose teacher log-replay row is needed (None: all)  # rows whose teacher outputs were stored ones, not run
 
 
 def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -197,11 +199,12 @@ class Shadow:
         return self.measure(self.infer(table, mask, noise_mask))
 
     def infer(self, table: pa.Table, mask: np.ndarray, noise_mask: np.ndarray | None = None,
-              teacher_known: Known | None = None) -> "Inferred":
+              teacher_known: Known | None = None, teacher_driven: np.ndarray | None = None) -> "Inferred":
         """The model half of `compute`: featurize once, teacher, student, and the teacher on the noise runtime.
 
         `teacher_known`: the teacher's stored outputs for some rows; the teacher runs only on the others (the noise
-        floor still runs where `noise_mask` says)."""
+        floor still runs where `noise_mask` says). `teacher_driven` (N,) bool: the rows whose teacher plan must be
+        driven in the log-replay closed loop (default all; a replay leaves out those whose row is stored)."""
         frames = arrow_to_frames(table.select(FRAME_SCHEMA.names))
         segments = fz.segments_of(table)
         feats = fz.featurize(frames, segments=segments, with_targets=True)
@@ -243,7 +246,9 @@ class Shadow:
         tn = None
         if noise_pos.size:
             tn = self.noise_teacher.predict({k: np.ascontiguousarray(v[noise_pos]) for k, v in inputs.items()})
-        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, segments, int(reused.sum()))
+        driven = None if teacher_driven is None else np.asarray(teacher_driven, bool)[rows]
+        return Inferred(frames.cols, rows, f.traj, f.traj_mask, t, s, noise_pos, tn, segments, int(reused.sum()),
+                        driven)
 
     def measure(self, inf: "Inferred") -> Computed:
         """The numpy half of `compute`: every divergence metric of what `infer` produced."""
@@ -261,8 +266,13 @@ class Shadow:
         # every plan driven from its own frame among the logged agents: the frames after it are in the table (the
         # context the drivers load covers PipelineConfig.future_frames, the log-replay horizon included)
         frames = Frames(inf.cols, fz.HORIZON_DT_S)  # the spacing of the logged on-board plan is not read here
-        lr = {which: log_replay(frames, rows, out[0], model.spec.horizon_dt_s, inf.segments, self.config.log_replay)
-              for which, out, model in (("teacher", t, self.teacher), ("student", s, self.student))}
+        pos = {"teacher": np.arange(rows.shape[0]) if inf.teacher_driven is None else
+               np.flatnonzero(inf.teacher_driven), "student": np.arange(rows.shape[0])}
+        lr = {}
+        for which, out, model in (("teacher", t, self.teacher), ("student", s, self.student)):
+            p = pos[which]
+            lr[which] = log_replay(frames, rows[p], out[0][p], model.spec.horizon_dt_s, inf.segments,
+                                   self.config.log_replay)
         return Computed(rows, t, s, m, conditions, inf.noise_pos, noise, inf.cols, lr)
 
     # ------------------------------------------------------------------------------------------------ table rows
@@ -349,18 +359,21 @@ class Shadow:
             out[k] = pa.array(v, ONBOARD_SCHEMA.field(k).type, from_pandas=True)
         return pos, _build(ONBOARD_SCHEMA, out)
 
-    def log_replay(self, table: pa.Table, c: Computed, which: str, replay_id: str) -> pa.Table:
-        """LOG_REPLAY_SCHEMA rows of every computed frame for `which` = "teacher" | "student": its plan driven in
-        the log-replay closed loop (`shadow.log_replay`), NaN stored as null."""
+    def log_replay(self, table: pa.Table, c: Computed, which: str, replay_id: str) -> tuple[np.ndarray, pa.Table]:
+        """LOG_REPLAY_SCHEMA rows for `which` = "teacher" | "student" of the computed frames its plan was driven
+        from in the log-replay closed loop (`shadow.log_replay`; every one, but the teacher's stored ones), NaN
+        stored as null, with their positions in `c.rows`."""
         model = self.teacher if which == "teacher" else self.student
-        n = c.rows.shape[0]
-        idx = pa.array(c.rows)
+        rows = c.log_replay[which].rows
+        pos = np.searchsorted(c.rows, rows)  # c.rows ascends
+        n = rows.shape[0]
+        idx = pa.array(rows)
         scores = c.log_replay[which].table()
-        cols = {**self._key(table, c.rows), "model_name": _const(model.name, n, pa.string()),
+        cols = {**self._key(table, rows), "model_name": _const(model.name, n, pa.string()),
                 "model_version": _const(model.version, n, pa.string()),
                 **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
                 **{name: scores[name] for name in scores.column_names}, **self._lineage(n, replay_id)}
-        return _build(LOG_REPLAY_SCHEMA, cols)
+        return pos, _build(LOG_REPLAY_SCHEMA, cols)
 
     def scenarios(self, meta: pa.Table, metrics: dict[str, np.ndarray], conditions: dict[str, np.ndarray],
                   window: np.ndarray, replay_id: str) -> pa.Table:

@@ -259,13 +259,18 @@ def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig, lak
     mine = unit_of >= 0
     noise = mine & (seq % config.noise_every == 0)
     known = stored_decisions(lake, shadow.teacher_id, topic, partition, table) if config.reuse_teacher else None
+    driven = None
     if known is not None:
+        # and its log-replay rows: a frame whose row is stored is not driven again (it would not be written)
+        driven = np.ones(table.num_rows, bool)
+        for a, b in covered(lake, "log_replay", "model", shadow.teacher_id, topic, partition).ranges:
+            driven &= ~((off >= a) & (off <= b))
         # a frame with stored teacher decisions usually has its noise floor stored too: not computed again
         stored = np.zeros(table.num_rows, bool)
         stored[known.rows] = True
         for a, b in covered(lake, "noise_floor", "model", shadow.teacher_id, topic, partition).ranges:
             noise &= ~(stored & (off >= a) & (off <= b))
-    inferred = shadow.infer(table, mine | (window >= 0), noise, known)
+    inferred = shadow.infer(table, mine | (window >= 0), noise, known, driven)
     return _Prepared(topic, partition, index, group, table, unit_of, window, emitter, inferred)
 
 
@@ -281,8 +286,8 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     noise = shadow.noise_floor(table, c, rid)
     meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
     scen = shadow.scenarios(meta, c.metrics, c.conditions, p.window[c.rows], rid)
-    lr_t = shadow.log_replay(table, c, "teacher", rid)
-    lr_s = shadow.log_replay(table, c, "student", rid)
+    lr_t_pos, lr_t = shadow.log_replay(table, c, "teacher", rid)
+    lr_s_pos, lr_s = shadow.log_replay(table, c, "student", rid)
     o_pos, onboard = shadow.onboard(table, c, rid)
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
@@ -298,8 +303,8 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
         sel = c_unit == k
         outputs = unit_outputs(shadow.ids, {"teacher_decisions": dec_t.filter(pa.array(sel)),
                                             "student_decisions": dec_s.filter(pa.array(sel)),
-                                            "teacher_log_replay": lr_t.filter(pa.array(sel)),
-                                            "student_log_replay": lr_s.filter(pa.array(sel)),
+                                            "teacher_log_replay": lr_t.filter(pa.array(c_unit[lr_t_pos] == k)),
+                                            "student_log_replay": lr_s.filter(pa.array(c_unit[lr_s_pos] == k)),
                                             "noise_floor": noise.filter(pa.array(n_unit == k)),
                                             "scenarios": scen.filter(pa.array(emitter == k)),
                                             "onboard": onboard.filter(pa.array(o_unit == k)),

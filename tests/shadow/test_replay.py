@@ -124,7 +124,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"teacher": make_model(root, "teacher", "v1", 0, TEACHER_CFG),
             "student": make_model(root, "student", "v1", 1, STUDENT_CFG),
             "student2": make_model(root, "student", "v2", 2, STUDENT_CFG),
-            "student3": make_model(root, "student", "v3", 3, STUDENT_CFG)}
+            "student3": make_model(root, "student", "v3", 3, STUDENT_CFG),
+            "student4": make_model(root, "student", "v4", 4, STUDENT_CFG)}
 
 
 LENGTHS = {"d0": 230, "d1": 170, "d2": 120, "d3": 95}
@@ -253,6 +254,8 @@ def test_a_new_student_reuses_the_teachers_stored_decisions(models, tmp_path):
     small_lake(lake)
     replay(lake, models["teacher"], models["student"], ReplayConfig())
     shutil.copytree(lake, tmp_path / "copy")
+    teacher_lr_mtimes = {f.path.stat().st_mtime_ns for f in live_files(lake, "log_replay")
+                         if "teacher-v1" in str(f.path)}
     reused = replay(lake, models["teacher"], models["student2"], ReplayConfig())
     rerun = replay(tmp_path / "copy", models["teacher"], models["student2"], ReplayConfig(reuse_teacher=False))
     assert reused.teacher_reused == reused.frames_computed == rerun.frames_computed > 0
@@ -273,6 +276,19 @@ def test_a_new_student_reuses_the_teachers_stored_decisions(models, tmp_path):
     later = replay(tmp_path / "copy", models["teacher"], models["student3"], ReplayConfig())
     assert later.teacher_reused == later.frames_computed and later.noise_frames > 0
     check_exactly_once(tmp_path / "copy", LENGTHS, "teacher-v1", "student-v3", "teacher-v1__student-v3")
+    # the teacher's log-replay rows: written once, by the first replay (its files untouched since), and a lake whose
+    # teacher decisions are stored without them (made before the table) gets them from the reused decisions
+    n = sum(LENGTHS.values())
+    assert read(lake, "log_replay", "teacher-v1").num_rows == n
+    assert {f.path.stat().st_mtime_ns for f in live_files(lake, "log_replay") if "teacher-v1" in str(f.path)} == \
+        teacher_lr_mtimes
+    assert read(lake, "log_replay", "student-v2").num_rows == n
+    shutil.rmtree(tmp_path / "copy" / "log_replay")
+    again = replay(tmp_path / "copy", models["teacher"], models["student4"], ReplayConfig())
+    assert again.teacher_reused == again.frames_computed == n
+    lr = read(tmp_path / "copy", "log_replay", "teacher-v1").sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    first = read(lake, "log_replay", "teacher-v1").sort_by([("drive_id", "ascending"), ("seq", "ascending")])
+    assert lr.num_rows == n and np.allclose(lr["score"].to_numpy(), first["score"].to_numpy(), atol=1e-5)
 
 
 def test_compacted_frames_files_replay_only_uncovered_offsets(models, tmp_path):
