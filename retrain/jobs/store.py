@@ -233,8 +233,10 @@ class JobStore:
     def claim(self, owner: str, lease_s: float, max_attempts: int = 3) -> Job | None:
         """Take the next job: first one whose runner died (lease expired), else the oldest queued one whose student
         has no running job. Returns None when there is nothing to do."""
-        now = time.time()
         with self._write() as con:
+            # the clock is read once the write lock is held: read before, a claim that waited for another runner's
+            # finish stamped its job as started before the job it queued behind had finished
+            now = time.time()
             for row in con.execute("SELECT * FROM jobs WHERE state = 'running' AND lease_expires < ? "
                                    "ORDER BY created_at", (now,)).fetchall():
                 if row["cancel_requested"]:
