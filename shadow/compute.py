@@ -50,7 +50,7 @@ class Computed:
     conditions: dict[str, np.ndarray]  # road_type, lighting, weather (n,) enum codes; source (n,) names
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: dict[str, np.ndarray]  # pair_metrics of the teacher against itself on the second runtime, (k,) each
-    cols: dict[str, np.ndarray]  # Frames.cols of the whole source table (the logged agents of the onboard rows)
+    agents: dict[str, np.ndarray]  # the logged agents of the rows in each one's ego frame (agents_in_ego_frame)
     log_replay: dict[str, LogReplayScores]  # "teacher", "student": each plan driven from its frame (every computed
     # row; the teacher's only where its row is not stored yet); .rows are source rows, a subset of `rows`
 
@@ -77,8 +77,8 @@ class Inferred:
     noise_pos: np.ndarray  # (k,) positions in `rows` of the noise-floor frames
     noise: tuple[np.ndarray, np.ndarray] | None  # the teacher on the noise runtime, (k, T, 3) and (k, 6)
     segments: np.ndarray  # (N,) contiguous runs of one drive over the whole source table (featurize.segments_of)
-    teacher_reused: int = 0
-    teacher_driven: np.ndarray | None = None  # (n,) bool: rows whose teacher log-replay row is needed (None: all)  # rows whose teacher outputs were stored ones, not run
+    teacher_reused: int = 0  # rows whose teacher outputs were stored ones, not run
+    teacher_driven: np.ndarray | None = None  # (n,) bool: rows whose teacher log-replay row is needed (None: all)
 
 
 def agents_in_ego_frame(cols: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -273,7 +273,7 @@ class Shadow:
             p = pos[which]
             lr[which] = log_replay(frames, rows[p], out[0][p], model.spec.horizon_dt_s, inf.segments,
                                    self.config.log_replay)
-        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise, inf.cols, lr)
+        return Computed(rows, t, s, m, conditions, inf.noise_pos, noise, agents, lr)
 
     # ------------------------------------------------------------------------------------------------ table rows
 
@@ -281,6 +281,10 @@ class Shadow:
         idx = pa.array(rows)
         return {name: table[name].take(idx) for name in ("drive_id", "vehicle_id", "seq", "timestamp",
                                                          "kafka_partition", "kafka_offset")}
+
+    def _conditions(self, table: pa.Table, rows: np.ndarray) -> dict[str, pa.Array]:
+        idx = pa.array(rows)
+        return {k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")}
 
     def _lineage(self, n: int, replay_id: str) -> dict[str, pa.Array]:
         return {"replay_id": _const(replay_id, n, pa.string()),
@@ -311,9 +315,7 @@ class Shadow:
         """DIVERGENCES_SCHEMA rows of every computed frame."""
         n = c.rows.shape[0]
         m = c.metrics
-        idx = pa.array(c.rows)
-        cols = {**self._key(table, c.rows), **self._pair_cols(n),
-                **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+        cols = {**self._key(table, c.rows), **self._pair_cols(n), **self._conditions(table, c.rows),
                 "maneuver_teacher": _enum(m["maneuver_teacher"], "maneuver"),
                 "maneuver_student": _enum(m["maneuver_student"], "maneuver"),
                 "maneuver_disagree": pa.array(m["maneuver_disagree"]), **self._lineage(n, replay_id)}
@@ -347,13 +349,10 @@ class Shadow:
     def onboard(self, table: pa.Table, c: Computed, replay_id: str) -> tuple[np.ndarray, pa.Table]:
         """ONBOARD_SCHEMA rows of the computed frames that log a whole on-board plan (`shadow.onboard`), with their
         positions in `c.rows`."""
-        agents = agents_in_ego_frame(c.cols, c.rows)
         pos, m = onboard_rows(table, c.rows, c.teacher, c.student, (self.student.name, self.student.version),
-                              c.metrics["score"], lambda p: take_agents(agents, p), self.config)
+                              c.metrics["score"], lambda p: take_agents(c.agents, p), self.config)
         n = pos.shape[0]
-        idx = pa.array(c.rows[pos])
-        out = {**self._key(table, c.rows[pos]), **self._pair_cols(n),
-               **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+        out = {**self._key(table, c.rows[pos]), **self._pair_cols(n), **self._conditions(table, c.rows[pos]),
                **self._lineage(n, replay_id)}
         for k, v in m.items():
             out[k] = pa.array(v, ONBOARD_SCHEMA.field(k).type, from_pandas=True)
@@ -367,13 +366,28 @@ class Shadow:
         rows = c.log_replay[which].rows
         pos = np.searchsorted(c.rows, rows)  # c.rows ascends
         n = rows.shape[0]
-        idx = pa.array(rows)
         scores = c.log_replay[which].table()
         cols = {**self._key(table, rows), "model_name": _const(model.name, n, pa.string()),
-                "model_version": _const(model.version, n, pa.string()),
-                **{k: table[k].take(idx) for k in ("road_type", "lighting", "weather", "tags")},
+                "model_version": _const(model.version, n, pa.string()), **self._conditions(table, rows),
                 **{name: scores[name] for name in scores.column_names}, **self._lineage(n, replay_id)}
         return pos, _build(LOG_REPLAY_SCHEMA, cols)
+
+    def frame_rows(self, table: pa.Table, c: Computed, replay_id: str
+                   ) -> tuple[dict[str, pa.Table], dict[str, np.ndarray]]:
+        """Every per-frame output of a computation, by `shadow.outputs.OUTPUT_TABLES` name (all but the scenario
+        windows, which both drivers build as their windows complete), and for the tables that hold only some of
+        the computed frames, their rows' positions in `c.rows` (the others: one row per computed frame, in order)."""
+        lr_t_pos, lr_t = self.log_replay(table, c, "teacher", replay_id)
+        lr_s_pos, lr_s = self.log_replay(table, c, "student", replay_id)
+        o_pos, onboard = self.onboard(table, c, replay_id)
+        rows = {"teacher_decisions": self.decisions(table, c, "teacher", replay_id),
+                "student_decisions": self.decisions(table, c, "student", replay_id),
+                "teacher_log_replay": lr_t, "student_log_replay": lr_s,
+                "noise_floor": self.noise_floor(table, c, replay_id), "onboard": onboard,
+                "divergences": self.divergences(table, c, replay_id)}
+        subsets = {"teacher_log_replay": lr_t_pos, "student_log_replay": lr_s_pos, "noise_floor": c.noise_pos,
+                   "onboard": o_pos}
+        return rows, subsets
 
     def scenarios(self, meta: pa.Table, metrics: dict[str, np.ndarray], conditions: dict[str, np.ndarray],
                   window: np.ndarray, replay_id: str) -> pa.Table:

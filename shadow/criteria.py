@@ -244,11 +244,13 @@ def _override_masks(windows: Mapping[str, np.ndarray], criteria: Criteria) -> li
     return masks
 
 
-def criterion_enabled(windows: Mapping[str, np.ndarray], criteria: Criteria) -> dict[str, np.ndarray]:
+def criterion_enabled(windows: Mapping[str, np.ndarray], criteria: Criteria,
+                      masks: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per criterion (file order), (G,) bool: the windows it is evaluated on, its `enabled` after the overrides for
-    each window's conditions (`windows`: road_type, lighting, weather as (G,) enum names or codes)."""
+    each window's conditions (`windows`: road_type, lighting, weather as (G,) enum names or codes; `masks`: the
+    overrides' windows when the caller has them, `_override_masks`)."""
     g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
-    masks = _override_masks(windows, criteria)
+    masks = _override_masks(windows, criteria) if masks is None else masks
     out = {}
     for name, c in criteria.spec.criteria.items():
         enabled = np.full(g, c.enabled)
@@ -289,7 +291,7 @@ def evaluate_windows(windows: Mapping[str, np.ndarray], criteria: Criteria) -> t
     """
     g = len(np.asarray(windows[CONDITION_COLUMNS[0]]))
     masks = _override_masks(windows, criteria)
-    enabled_in = criterion_enabled(windows, criteria)  # the same rule the pass rates count with
+    enabled_in = criterion_enabled(windows, criteria, masks)  # the same rule the pass rates count with
     failed_any = np.zeros(g, bool)
     failures: list[tuple[str, np.ndarray]] = []
     for name, c in criteria.spec.criteria.items():

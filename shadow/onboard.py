@@ -63,8 +63,8 @@ def plan_headings(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     waypoint's step from the one before (from the ego at the origin for the first), where that step says where the
     car points. A step shorter than MIN_STEP_M, or one turning back more than 90 degrees from the heading so far,
     keeps the heading before it (the ego's own, 0, before the first): a stopped or creeping car's plan jitters back
-    and forth and sideways by tenths of a metre, and arctan2 of a backward step is pi off (a car never turns round between two
-    waypoints 0.5 s apart; one reversing keeps pointing forward)."""
+    and forth and sideways by tenths of a metre, and arctan2 of a backward step is pi off (a car never turns round
+    between two waypoints 0.5 s apart; one reversing keeps pointing forward)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     dx = np.diff(x, axis=1, prepend=0.0)
     dy = np.diff(y, axis=1, prepend=0.0)

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import ENUMS
 from ingest.lake import LakeFile, live_files, remove_stale_temporaries
+from ingest.lake_index import SeqRanges
 from shadow.batch.frames_index import FileInfo, PartitionIndex, load_context
 from shadow.criteria import pass_rates
 from shadow.compute import WINDOW_META, Inferred, Shadow
@@ -261,17 +262,25 @@ def _prepare(shadow: Shadow, job: tuple, caches: dict, config: ReplayConfig, lak
     known = stored_decisions(lake, shadow.teacher_id, topic, partition, table) if config.reuse_teacher else None
     driven = None
     if known is not None:
+        def stored_in(table_name: str) -> np.ndarray:  # rows whose offsets the teacher's rows of that table cover
+            return _in_ranges(off, covered(lake, table_name, "model", shadow.teacher_id, topic, partition))
+
         # and its log-replay rows: a frame whose row is stored is not driven again (it would not be written)
-        driven = np.ones(table.num_rows, bool)
-        for a, b in covered(lake, "log_replay", "model", shadow.teacher_id, topic, partition).ranges:
-            driven &= ~((off >= a) & (off <= b))
+        driven = ~stored_in("log_replay")
         # a frame with stored teacher decisions usually has its noise floor stored too: not computed again
         stored = np.zeros(table.num_rows, bool)
         stored[known.rows] = True
-        for a, b in covered(lake, "noise_floor", "model", shadow.teacher_id, topic, partition).ranges:
-            noise &= ~(stored & (off >= a) & (off <= b))
+        noise &= ~(stored & stored_in("noise_floor"))
     inferred = shadow.infer(table, mine | (window >= 0), noise, known, driven)
     return _Prepared(topic, partition, index, group, table, unit_of, window, emitter, inferred)
+
+
+def _in_ranges(off: np.ndarray, ranges: SeqRanges) -> np.ndarray:
+    """(N,) bool: the offsets `off` (N,) that lie in one of `ranges`."""
+    out = np.zeros(off.shape, bool)
+    for a, b in ranges.ranges:
+        out |= (off >= a) & (off <= b)
+    return out
 
 
 def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConfig, report: ReplayReport,
@@ -280,18 +289,11 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     table, unit_of, emitter, index = p.table, p.unit_of, p.emitter, p.index
     c = shadow.measure(p.inferred)
     rid = report.replay_id
-    dec_t = shadow.decisions(table, c, "teacher", rid)
-    dec_s = shadow.decisions(table, c, "student", rid)
-    div = shadow.divergences(table, c, rid)
-    noise = shadow.noise_floor(table, c, rid)
+    frame_rows, subsets = shadow.frame_rows(table, c, rid)
     meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
     scen = shadow.scenarios(meta, c.metrics, c.conditions, p.window[c.rows], rid)
-    lr_t_pos, lr_t = shadow.log_replay(table, c, "teacher", rid)
-    lr_s_pos, lr_s = shadow.log_replay(table, c, "student", rid)
-    o_pos, onboard = shadow.onboard(table, c, rid)
     c_unit = unit_of[c.rows]
     n_unit = c_unit[c.noise_pos]
-    o_unit = c_unit[o_pos]
     drive = table["drive_id"].to_numpy(zero_copy_only=False)
     seq = table["seq"].to_numpy()
     off = table["kafka_offset"].to_numpy()
@@ -301,14 +303,9 @@ def _finish(shadow: Shadow, coverage: Coverage, p: _Prepared, config: ReplayConf
     report.teacher_reused += p.inferred.teacher_reused
     for k, u in enumerate(p.group):
         sel = c_unit == k
-        outputs = unit_outputs(shadow.ids, {"teacher_decisions": dec_t.filter(pa.array(sel)),
-                                            "student_decisions": dec_s.filter(pa.array(sel)),
-                                            "teacher_log_replay": lr_t.filter(pa.array(c_unit[lr_t_pos] == k)),
-                                            "student_log_replay": lr_s.filter(pa.array(c_unit[lr_s_pos] == k)),
-                                            "noise_floor": noise.filter(pa.array(n_unit == k)),
-                                            "scenarios": scen.filter(pa.array(emitter == k)),
-                                            "onboard": onboard.filter(pa.array(o_unit == k)),
-                                            "divergences": div.filter(pa.array(sel))})
+        rows = {name: t.filter(pa.array(c_unit[subsets[name]] == k if name in subsets else sel))
+                for name, t in frame_rows.items()}
+        outputs = unit_outputs(shadow.ids, {**rows, "scenarios": scen.filter(pa.array(emitter == k))})
         m = unit_of == k
         ended = {d for d in np.unique(drive[m]).tolist() if index.ranges[d].max <= int(seq[m & (drive == d)].max())
                  and index.ended(d, config.drive_end_idle_s, time.time())}

@@ -140,10 +140,9 @@ class PartitionState:
                      offsets: np.ndarray) -> None:
         """Keep this partition's output rows of a computation and count its frames as computed.
 
-        `tables` (by `shadow.outputs.OUTPUT_TABLES` name): one row per computed row (n), except those named in
-        `subsets`, whose rows are those of the computed rows at the given positions (noise_floor: the noise-floor
-        frames; onboard: the frames logging a whole on-board plan); `sel` (n,) bool picks this partition's rows;
-        `offsets` (n,) Kafka offsets of the computed rows."""
+        `tables`, `subsets`: `shadow.compute.Shadow.frame_rows` (by `shadow.outputs.OUTPUT_TABLES` name: one row
+        per computed row (n), except the tables in `subsets`, whose rows are the computed rows at those positions);
+        `sel` (n,) bool picks this partition's rows; `offsets` (n,) Kafka offsets of the computed rows."""
         for key, t in tables.items():
             keep = t.filter(pa.array(sel[subsets[key]] if key in subsets else sel))
             if keep.num_rows:

@@ -215,21 +215,13 @@ class StreamWorker:
             table = pa.concat_tables(tables)
             c = self.shadow.compute(table, np.concatenate(masks))
             rid = self.replay_id
-            o_pos, onboard = self.shadow.onboard(table, c, rid)
-            t_pos, t_lr = self.shadow.log_replay(table, c, "teacher", rid)
-            s_pos, s_lr = self.shadow.log_replay(table, c, "student", rid)
-            out = {"teacher_decisions": self.shadow.decisions(table, c, "teacher", rid),
-                   "student_decisions": self.shadow.decisions(table, c, "student", rid),
-                   "teacher_log_replay": t_lr, "student_log_replay": s_lr,
-                   "divergences": self.shadow.divergences(table, c, rid),
-                   "noise_floor": self.shadow.noise_floor(table, c, rid), "onboard": onboard}
+            out, subsets = self.shadow.frame_rows(table, c, rid)
             meta = table.select(list(WINDOW_META)).take(pa.array(c.rows))
             offsets = meta["kafka_offset"].to_numpy()
             parts = meta["kafka_partition"].to_numpy()
             for state in {id(w[0]): w[0] for w in work}.values():
                 sel = parts == state.partition
-                state.keep_outputs(out, sel, {"noise_floor": c.noise_pos, "onboard": o_pos,
-                                              "teacher_log_replay": t_pos, "student_log_replay": s_pos}, offsets)
+                state.keep_outputs(out, sel, subsets, offsets)
             for state, d, ok, start in work:
                 idx = np.flatnonzero((c.rows >= start) & (c.rows < start + d.rows.num_rows))
                 d.emitted = d.emitted | ok

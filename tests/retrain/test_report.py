@@ -265,7 +265,8 @@ def test_fleet_divergence_chip_parity_and_log_replay_sections(tmp_path, lake):
     replay = s["Log-replay closed loop"]
     assert "where mined (120 windows): before" in replay and "elsewhere (300 windows): change" in replay
     rows = re.findall(r"<tr><td>(.*?)</td>(.*?)</tr>", replay)
-    assert [r[0] for r in rows] == ["score (PDM form)", "ego progress", "comfort"]  # the score first, then verify's order
+    # the score first, then verify's order
+    assert [r[0] for r in rows] == ["score (PDM form)", "ego progress", "comfort"]
     assert re.findall(r"<td>(.*?)</td>", rows[0][1]) == ["0.39", "0.41", "+0.0200", "0.69", "0.68", "-0.0100"]
     assert re.findall(r"<td>(.*?)</td>", rows[2][1])[2] == "+0.1000"
 
