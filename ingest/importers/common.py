@@ -311,7 +311,7 @@ def _limit_agents(rows: dict[str, np.ndarray], ex: np.ndarray, ey: np.ndarray, d
     return {k: v[keep] for k, v in rows.items()}
 
 
-def _plans_on_grid(plan: PlanObs | None, grid: np.ndarray, ex: np.ndarray, ey: np.ndarray, psi: np.ndarray,
+def plans_on_grid(plan: PlanObs | None, grid: np.ndarray, ex: np.ndarray, ey: np.ndarray, psi: np.ndarray,
                    opts: ImportOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The latest plan issued at most 1 s before each frame, sampled at k * plan_dt_s after the frame's time, in the
     frame's ego frame: counts (F,), x, y (P,). Waypoints beyond the plan's end are left out."""
@@ -319,27 +319,52 @@ def _plans_on_grid(plan: PlanObs | None, grid: np.ndarray, ex: np.ndarray, ey: n
     if plan is None or not plan.t_ns.size:
         return np.zeros(n, np.uint32), np.zeros(0, np.float32), np.zeros(0, np.float32)
     which = np.searchsorted(plan.t_ns, grid, side="right") - 1
-    counts = np.zeros(n, np.uint32)
-    xs, ys = [], []
+    m = np.maximum(which, 0)
+    dt_ns = grid - plan.t_ns[m]
+    lens = np.diff(plan.off)
+    # a usable plan has two waypoints or more, their times increasing (a NaN step passes, as np.diff(t) <= 0 says)
+    bad = np.concatenate([[0], np.cumsum(np.diff(plan.tfs_s) <= 0)])
+    ends = np.clip(plan.off[1:] - 1, 0, bad.shape[0] - 1)
+    usable = (lens >= 2) & (bad[ends] - bad[np.minimum(plan.off[:-1], ends)] == 0)
+    frames = np.flatnonzero((which >= 0) & (dt_ns <= 1e9) & usable[m])
     k = np.arange(1, opts.plan_waypoints + 1) * opts.plan_dt_s
-    for i in range(n):
-        m = which[i]
-        if m < 0 or grid[i] - plan.t_ns[m] > 1e9:
-            continue
-        s, e = plan.off[m], plan.off[m + 1]
-        tfs = plan.tfs_s[s:e]
-        if tfs.size < 2 or np.any(np.diff(tfs) <= 0):
-            continue
-        want = k + (grid[i] - plan.t_ns[m]) * 1e-9
-        want = want[want <= tfs[-1]]
-        px = np.interp(want, tfs, plan.x[s:e]) - ex[i]
-        py = np.interp(want, tfs, plan.y[s:e]) - ey[i]
-        c, sn = np.cos(psi[i]), np.sin(psi[i])
-        xs.append(c * px + sn * py)
-        ys.append(-sn * px + c * py)
-        counts[i] = want.shape[0]
-    cat = (lambda p: np.concatenate(p).astype(np.float32)) if xs else (lambda p: np.zeros(0, np.float32))
-    return counts, cat(xs), cat(ys)
+    want = (k[None, :] + (dt_ns[frames] * 1e-9)[:, None]).ravel()
+    qf = np.repeat(frames, k.shape[0])
+    qm = m[qf]
+    keep = want <= plan.tfs_s[plan.off[qm + 1] - 1]  # waypoints beyond the plan's end are left out
+    want, qf, qm = want[keep], qf[keep], qm[keep]
+    counts = np.bincount(qf, minlength=n).astype(np.uint32)
+    if not want.size:
+        return counts, np.zeros(0, np.float32), np.zeros(0, np.float32)
+    # np.interp of every query in its own plan at once: the waypoints at or before it, by one sort of points and
+    # queries together (a point equal to the query sorts first), then numpy's own formula and NaN fallbacks
+    pm = np.repeat(np.arange(lens.shape[0]), lens)
+    is_point = np.concatenate([np.ones(pm.shape[0], bool), np.zeros(want.shape[0], bool)])
+    order = np.lexsort((~is_point, np.concatenate([plan.tfs_s, want]), np.concatenate([pm, qm])))
+    before = np.cumsum(is_point[order])
+    at = np.empty(order.shape[0], np.int64)
+    at[order] = before
+    j = at[pm.shape[0]:] - plan.off[qm] - 1       # last waypoint at or before the query, -1 if none
+    last = plan.off[qm + 1] - plan.off[qm] - 1
+    lo = plan.off[qm] + np.clip(j, 0, np.maximum(last - 1, 0))
+    hi = lo + 1
+    t0, t1 = plan.tfs_s[lo], plan.tfs_s[hi]
+
+    def interp(v: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            slope = (v[hi] - v[lo]) / (t1 - t0)
+            out = slope * (want - t0) + v[lo]
+            nan = np.isnan(out)
+            out[nan] = (slope * (want - t1) + v[hi])[nan]
+        flat = np.isnan(out) & (v[lo] == v[hi])
+        out[flat] = v[lo][flat]
+        out = np.where(j < 0, v[plan.off[qm]], out)
+        return np.where(j >= last, v[plan.off[qm] + last], out)
+
+    px = interp(plan.x) - ex[qf]
+    py = interp(plan.y) - ey[qf]
+    c, sn = np.cos(psi[qf]), np.sin(psi[qf])
+    return counts, (c * px + sn * py).astype(np.float32), (-sn * px + c * py).astype(np.float32)
 
 
 def build_frames(src: SourceDrive, fmt: str, opts: ImportOptions) -> Frames:
@@ -375,7 +400,7 @@ def build_frames(src: SourceDrive, fmt: str, opts: ImportOptions) -> Frames:
     dense = np.empty(first.shape[0], np.int64)
     dense[np.argsort(first)] = np.arange(1, first.shape[0] + 1)
     agent_id = dense[np.searchsorted(np.unique(rows["id"]), rows["id"])] if rows["id"].size else np.zeros(0)
-    plan_count, plan_x, plan_y = _plans_on_grid(src.plan, grid, ex, ey, psi, opts)
+    plan_count, plan_x, plan_y = plans_on_grid(src.plan, grid, ex, ey, psi, opts)
     tag = f"{SOURCE_TAG_PREFIX}{fmt}"
     cols = {
         "timestamp_ns": grid, "ego_x": ex, "ego_y": ey, "ego_heading": psi, "ego_speed": speed,

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from flywheel.cli.main import app
 from ingest.importers import samples
-from ingest.importers.common import ImportFailed, ImportOptions
+from ingest.importers.common import ImportFailed, ImportOptions, PlanObs, plans_on_grid
 from ingest.importers.mcap import export_mcap
 from ingest.importers.ros2_samples import write_ros2
 from ingest.importers.run import import_sources
@@ -237,3 +237,51 @@ def test_cli_import_reports_and_fails_clearly(tmp_path):
     assert res.exit_code == 1 and "truncated" in res.output
     res = runner.invoke(app, ["import", "--format", "kitti", str(src)])
     assert res.exit_code != 0 and "--format must be one of" in res.output
+
+
+def _plans_one_by_one(plan, grid, ex, ey, psi, opts):
+    """The on-board plans frame by frame with np.interp: the reference the vectorised `plans_on_grid` must match."""
+    n = grid.shape[0]
+    which = np.searchsorted(plan.t_ns, grid, side="right") - 1
+    counts, xs, ys = np.zeros(n, np.uint32), [np.zeros(0)], [np.zeros(0)]
+    k = np.arange(1, opts.plan_waypoints + 1) * opts.plan_dt_s
+    for i in range(n):
+        m = which[i]
+        if m < 0 or grid[i] - plan.t_ns[m] > 1e9:
+            continue
+        s, e = plan.off[m], plan.off[m + 1]
+        tfs = plan.tfs_s[s:e]
+        if tfs.size < 2 or np.any(np.diff(tfs) <= 0):
+            continue
+        want = k + (grid[i] - plan.t_ns[m]) * 1e-9
+        want = want[want <= tfs[-1]]
+        px = np.interp(want, tfs, plan.x[s:e]) - ex[i]
+        py = np.interp(want, tfs, plan.y[s:e]) - ey[i]
+        c, sn = np.cos(psi[i]), np.sin(psi[i])
+        xs.append(c * px + sn * py)
+        ys.append(-sn * px + c * py)
+        counts[i] = want.shape[0]
+    return counts, np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+
+
+def test_plans_on_grid_equals_interpolating_frame_by_frame():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lens = rng.integers(0, 12, rng.integers(1, 30))
+        tfs = np.concatenate([np.sort(rng.uniform(-0.5, 5, n)) if rng.random() > 0.1 else rng.uniform(0, 5, n)
+                              for n in lens])
+        if rng.random() < 0.2 and tfs.size > 3:
+            tfs[rng.integers(0, tfs.size)] = tfs[0]  # a repeated waypoint time: that plan is not used
+        x, y = rng.normal(0, 50, tfs.size), rng.normal(0, 50, tfs.size)
+        if rng.random() < 0.2 and x.size:
+            x[rng.integers(0, x.size)] = np.inf  # numpy's NaN fallbacks in np.interp, reproduced
+        plan = PlanObs(np.sort(rng.integers(0, 20_000_000_000, lens.size)),
+                       np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), tfs, x, y)
+        grid = np.arange(0, 22_000_000_000, 100_000_000)
+        ex, ey, psi = rng.normal(0, 10, grid.size), rng.normal(0, 10, grid.size), rng.uniform(-3, 3, grid.size)
+        opts = ImportOptions(plan_waypoints=int(rng.integers(1, 12)), plan_dt_s=float(rng.choice([0.1, 0.5, 1.0])))
+        with np.errstate(invalid="ignore"):
+            expect = _plans_one_by_one(plan, grid, ex, ey, psi, opts)
+        for got, want in zip(plans_on_grid(plan, grid, ex, ey, psi, opts), expect):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
