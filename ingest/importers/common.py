@@ -167,6 +167,12 @@ class ImportReport:
         return sum(d.frames for d in self.drives)
 
 
+def group_rows(off: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Indices of the groups [off[i], off[i+1]) for i in `order`, concatenated: (sum of their lengths,) int64."""
+    lens = (off[1:] - off[:-1])[order]
+    return np.repeat(off[:-1][order] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
+
+
 def safe_id(value: str) -> str:
     """A source's name made into a contract id (printable, no '/', at most 128 characters)."""
     out = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(value)).strip("_") or "unnamed"

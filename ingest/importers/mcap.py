@@ -2,13 +2,15 @@
 
 An MCAP file may hold several drives on any channel whose schema is `flywheel.v1.Frame` with protobuf encoding; other
 channels (camera, lidar, ...) are ignored. Frames are grouped by drive id, ordered by seq, checked for contiguity
-from 0 and against the frame contract, and written with `ingest.lake.write_drive`. Import is an offline tool, so it
-converts message by message; everything downstream works on columns.
+from 0 and against the frame contract, and written with `ingest.lake.write_drive`. The messages are decoded all at
+once, column-wise (`drives`: `ingest.importers.mcap_scan` and `ingest.importers.pbcolumns`), falling back to upb
+message by message for what that decoder does not take (`drives_reference`).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,10 @@ from mcap.reader import make_reader
 from mcap.writer import Writer
 
 from ingest.contract import COLUMNS, ChunkRejected, Frames, frames_to_arrow, validate
-from ingest.importers.common import ImportFailed, ImportOptions, Progress, SourceDrive
+from ingest.importers import pbcolumns
+from ingest.importers.common import ImportFailed, ImportOptions, Progress, SourceDrive, group_rows
+from ingest.importers.mcap_scan import scan
+from ingest.importers.pbcolumns import Unsupported
 from ingest.lake import read_drive, write_drive
 from ingest.wire import drive_pb2 as pb
 
@@ -101,9 +106,101 @@ def export_mcap(drive_files: list[Path], out: Path) -> Path:
     return out
 
 
-def _drives(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
+def drives(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
     """(drive id, vehicle id, frames) of every drive in an MCAP file of `flywheel.v1.Frame` messages, each checked
-    for seq 0..n-1 exactly once and one vehicle; ValueError (ImportFailed) names the file and the drive."""
+    for seq 0..n-1 exactly once and one vehicle; ValueError (ImportFailed) names the file and the drive.
+
+    Decoded column-wise (`ingest.importers.pbcolumns`, every message at once); a file holding what that decoder
+    leaves to upb is read message by message instead (`drives_reference`, the same results), and the log says so.
+    """
+    try:
+        return _drives_columnar(path, progress)
+    except Unsupported as exc:
+        log.info("%s: decoded message by message with upb (%s)", path, exc)
+        return drives_reference(path, progress)
+
+
+_FRAME_SCALARS = [c.name for c in COLUMNS if c.level == "frame" and c.name not in ("agent_count", "plan_count",
+                                                                                     "tag_count")]
+_WANT = {**{k: None for k in (*_FRAME_SCALARS, "drive_id", "vehicle_id", "seq", "plan_dt_s", "plan_x", "plan_y",
+                              "tags")}, "agents": {k: None for k in _AGENT_FIELDS.values()}}
+
+
+def _drives_columnar(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
+    schemas: dict = {}
+    channels: dict = {}
+    seen = [0]
+    batches = []
+    with open(path, "rb") as fh:
+        try:
+            for b in scan(fh, lambda ch, sc: sc is not None and sc.name == SCHEMA_NAME
+                          and ch.message_encoding == "protobuf", schemas, channels, progress, seen=seen,
+                          count_all=True):
+                try:
+                    batches.append(pbcolumns.decode(pb.Frame.DESCRIPTOR, b.buf, b.starts, b.ends, _WANT))
+                except pbcolumns.WireError as exc:
+                    i = exc.index
+                    raise ImportFailed(path, f"message {b.index[i]} at log time {b.log_time[i]}",
+                                       f"undecodable {SCHEMA_NAME} message: {exc.detail}") from None
+        except ImportFailed:
+            raise
+        except (McapError, EOFError, ValueError, KeyError, OSError, struct.error) as exc:
+            raise ImportFailed(path, f"after message {seen[0]}", f"unreadable MCAP ({type(exc).__name__}: "
+                               f"{exc})") from None
+    if not batches:
+        return []
+    d = _concat(batches)
+    out = []
+    ids = d.col("drive_id")
+    for drive_id in np.unique(ids).tolist():
+        rows = np.flatnonzero(ids == drive_id)
+        rows = rows[np.argsort(d.col("seq")[rows], kind="stable")]
+        if not np.array_equal(d.col("seq")[rows], np.arange(rows.shape[0])):
+            raise ImportFailed(path, f"drive {drive_id}", f"does not hold seq 0..{rows.shape[0] - 1} exactly once")
+        vehicles = set(d.col("vehicle_id")[rows].tolist())
+        if len(vehicles) != 1:
+            raise ImportFailed(path, f"drive {drive_id}", f"names several vehicles {sorted(vehicles)}")
+        nx, ny = d.counts("plan_x")[rows], d.counts("plan_y")[rows]
+        if (nx != ny).any():
+            seq = int(d.col("seq")[rows][np.argmax(nx != ny)])
+            raise ImportFailed(path, f"drive {drive_id}", f"drive {drive_id} seq {seq}: plan_x and plan_y lengths "
+                               "differ")
+        off = {k: np.concatenate([[0], np.cumsum(d.counts(k))]).astype(np.int64) for k in ("agents", "plan_x", "tags")}
+        a, p, t = (group_rows(off[k], rows) for k in ("agents", "plan_x", "tags"))
+        agents = d.sub("agents")
+        cols = {name: d.col(name)[rows] for name in _FRAME_SCALARS}
+        cols.update({long: agents.col(short)[a] for long, short in _AGENT_FIELDS.items()})
+        cols.update(agent_count=d.counts("agents")[rows], plan_count=nx, plan_x=d.col("plan_x")[p],
+                    plan_y=d.col("plan_y")[p], tag_count=d.counts("tags")[rows],
+                    tag=np.asarray(d.col("tags"), dtype=object)[t])
+        dts = d.col("plan_dt_s")[rows]
+        if np.unique(dts).shape[0] > 1:
+            raise ImportFailed(path, f"drive {drive_id}", f"plan_dt_s changes within the drive: "
+                               f"{sorted(set(dts.astype(np.float64).tolist()))}")
+        frames = Frames({c.name: np.asarray(cols[c.name]).astype(c.dtype) for c in COLUMNS},
+                        float(dts[0]) if dts.size else 0.1)
+        out.append((drive_id, vehicles.pop(), frames))
+    return out
+
+
+def _concat(parts: list) -> "pbcolumns.Decoded":
+    """The Decoded of several batches as one (batches of one file's messages, in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = pbcolumns.Decoded(sum(p.n for p in parts))
+    for name, col in parts[0].cols.items():
+        out.cols[name] = (sum((p.col(name) for p in parts), []) if isinstance(col, list)
+                          else np.concatenate([p.col(name) for p in parts]))
+    for name in parts[0].cnt:
+        out.cnt[name] = np.concatenate([p.counts(name) for p in parts])
+    for name in parts[0].subs:
+        out.subs[name] = _concat([p.sub(name) for p in parts])
+    return out
+
+
+def drives_reference(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
+    """`drives`, message by message with upb (the reference `drives` is held to, and the path for what the
+    columnar decoder leaves to upb)."""
     by_drive: dict[str, list[pb.Frame]] = {}
     where = "the file header"
     with open(path, "rb") as fh:
@@ -143,7 +240,7 @@ def _drives(path: Path, progress=None) -> list[tuple[str, str, Frames]]:
 def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
     """`flywheel import --format mcap`: every drive of the file as contract frames (validated by the caller, which
     adds the tag `source:mcap` to frames without a source tag)."""
-    for drive_id, vehicle_id, frames in _drives(path, progress):
+    for drive_id, vehicle_id, frames in drives(path, progress):
         yield SourceDrive(record=f"drive {drive_id}", drive_id=drive_id, vehicle_id=opts.vehicle_id or vehicle_id,
                           frames=frames)
 
@@ -155,7 +252,7 @@ def import_mcap(path: Path, drives_dir: Path) -> list[Path]:
     of the file is written then (every drive is checked before the first is written).
     """
     checked = []
-    for drive_id, vehicle_id, frames in _drives(path):
+    for drive_id, vehicle_id, frames in drives(path):
         try:
             validate(frames)
         except ChunkRejected as exc:

@@ -112,18 +112,19 @@ class _Filler:
 
 def scan(fh, select: Callable[[Channel, Schema | None], bool], schemas: dict[int, Schema],
          channels: dict[int, Channel], progress: Callable[[int], None] | None = None,
-         batch_bytes: int = 256 << 20, seen: list[int] | None = None) -> Iterator[Batch]:
+         batch_bytes: int = 256 << 20, seen: list[int] | None = None, count_all: bool = False) -> Iterator[Batch]:
     """Batches of the messages on channels `select(channel, schema)` accepts; `schemas` and `channels` are filled
-    as the file declares them (before the first message that uses them); `seen[0]` counts the selected messages
-    read so far (for an error's location)."""
+    as the file declares them (before the first message that uses them). `Batch.index` and `seen[0]` (messages
+    read so far, for an error's location) count the selected messages, or every message with `count_all`."""
     if os.fstat(fh.fileno()).st_size < 8:
         raise McapError("not an MCAP file (shorter than its magic)")
     # closed when the last view of it goes (an error's traceback may still hold views of chunks)
     view = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-    yield from _scan(view, select, schemas, channels, progress, batch_bytes, seen if seen is not None else [0])
+    yield from _scan(view, select, schemas, channels, progress, batch_bytes, seen if seen is not None else [0],
+                     count_all)
 
 
-def _scan(view, select, schemas, channels, progress, batch_bytes, seen) -> Iterator[Batch]:
+def _scan(view, select, schemas, channels, progress, batch_bytes, seen, count_all) -> Iterator[Batch]:
     size = len(view)
     if bytes(view[:8]) != _MAGIC:
         raise McapError("not an MCAP file (no magic at its start)")
@@ -152,6 +153,8 @@ def _scan(view, select, schemas, channels, progress, batch_bytes, seen) -> Itera
                 if want(item[5]):
                     meta.append((at, at + item[1], item[6], seen[0], item[5]))
                     seen[0] += 1
+                elif count_all:
+                    seen[0] += 1
             else:
                 _walk(mv, at, at + item[1], meta)
             at += item[1]
@@ -173,6 +176,8 @@ def _scan(view, select, schemas, channels, progress, batch_bytes, seen) -> Itera
                 channel_id, _, log_time, _ = _MESSAGE.unpack_from(mv, body)
                 if want(channel_id):
                     meta.append((body + _MESSAGE.size, at, log_time, seen[0], channel_id))
+                    seen[0] += 1
+                elif count_all:
                     seen[0] += 1
             elif op in (_OP_SCHEMA, _OP_CHANNEL):
                 _declare(op, bytes(mv[body:at]), schemas, channels)

@@ -38,7 +38,7 @@ from mcap_ros2.decoder import DecoderFactory
 
 from ingest.importers.cdr import CdrError, Decoded, Program, Unsupported, decode
 from ingest.importers.common import (AgentObs, EgoTrack, ImportFailed, ImportOptions, PlanObs, Progress, SourceDrive,
-                                     safe_id)
+                                     group_rows, safe_id)
 from ingest.importers.mcap_scan import scan
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,12 @@ def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> I
         plan_t, off, tfs, px, py = plan
         order = np.argsort(plan_t, kind="stable")
         lens = np.diff(off)[order]
-        idx = _groups(off, order)
+        idx = group_rows(off, order)
         plan_obs = PlanObs(plan_t[order], np.concatenate([[0], np.cumsum(lens)]), tfs[idx], px[idx], py[idx])
     yield SourceDrive(record=f"{Path(path).name}", drive_id=safe_id(Path(path).stem),
                       vehicle_id=opts.vehicle_id or "ros2",
                       ego=EgoTrack(ego["t"], ego["x"], ego["y"], ego["h"], ego["v"], None, ego["w"]), agents=agents,
                       plan=plan_obs)
-
-
-def _groups(off: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Indices of groups [off[i], off[i+1]) for i in `order`, concatenated: (sum of their lengths,) int64."""
-    lens = (off[1:] - off[:-1])[order]
-    return np.repeat(off[:-1][order] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 def read_reference(path: Path, opts: ImportOptions, progress: Progress | None) -> tuple[dict, AgentObs, tuple]:
@@ -308,7 +302,7 @@ def read_columnar(path: Path, opts: ImportOptions, progress: Progress | None) ->
     counts = cat(plans, 1, np.int64)
     off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     o = np.argsort(cat(plans, 5, np.int64), kind="stable")
-    idx = _groups(off, o)
+    idx = group_rows(off, o)
     plan = (cat(plans, 0, np.int64)[o], np.concatenate([[0], np.cumsum(counts[o])]).astype(np.int64),
             cat(plans, 2)[idx], cat(plans, 3)[idx], cat(plans, 4)[idx])
     return ego_cols, ag, plan

@@ -11,10 +11,15 @@ object_type = 2, states = 3; ObjectState.center_x = 2, center_y = 3, length = 5,
 velocity_x = 9, velocity_y = 10, valid = 11. Every other field (the map, dynamic states, lidar) is skipped by the
 parser. One scenario is one drive: the SDC's track is the ego, the others are agents; states with `valid` false are
 missing observations. Times are relative, so they are placed after `ImportOptions.base_time_ns`.
+
+The records of a file are decoded together, column-wise, by `ingest.importers.pbcolumns` from the declared
+message types (the same fields, the same rules as upb); what that decoder leaves to upb (a group, a field of another
+wire type) is decoded record by record (`read_reference`), and the log says so.
 """
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +29,11 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from ingest.importers import pbcolumns
 from ingest.importers.common import (AgentObs, EgoTrack, ImportFailed, ImportOptions, Progress, SourceDrive,
                                      safe_id)
+
+log = logging.getLogger(__name__)
 
 # Track.ObjectType: UNSET, VEHICLE, PEDESTRIAN, CYCLIST, OTHER -> AgentClass codes
 TYPE_TO_CLASS = {0: 0, 1: 1, 2: 5, 3: 4, 4: 0}
@@ -101,14 +109,95 @@ def records(path: Path, progress: Progress | None = None) -> Iterator[tuple[int,
 
 
 def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
-    """One drive per Scenario record (see the module docstring)."""
+    """One drive per Scenario record (see the module docstring): the records of a file decoded together
+    (`ingest.importers.pbcolumns`, in batches of about 256 MB), or one by one with upb where that decoder leaves
+    them to it (the reference, `read_reference`)."""
+    batch: list[tuple[int, int, bytes]] = []
+    size = 0
+    for record in records(path, progress):
+        batch.append(record)
+        size += len(record[2])
+        if size >= _BATCH_BYTES:
+            yield from _batch(path, batch, opts)
+            batch, size = [], 0
+    if batch:
+        yield from _batch(path, batch, opts)
+
+
+_BATCH_BYTES = 256 << 20
+_STATE = ("center_x", "center_y", "length", "width", "heading", "velocity_x", "velocity_y", "valid")
+_WANT = {"timestamps_seconds": None, "scenario_id": None, "sdc_track_index": None,
+         "tracks": {"id": None, "object_type": None, "states": {k: None for k in _STATE}}}
+
+
+def _batch(path: Path, batch: list[tuple[int, int, bytes]], opts: ImportOptions) -> list[SourceDrive]:
+    lens = np.asarray([len(r[2]) for r in batch], np.int64)
+    ends = np.cumsum(lens)
+    buf = np.frombuffer(b"".join(r[2] for r in batch), np.uint8)
+    try:
+        sc = pbcolumns.decode(Scenario.DESCRIPTOR, buf, ends - lens, ends, _WANT)
+    except pbcolumns.Unsupported as exc:
+        log.info("%s: decoded record by record with upb (%s)", path, exc)
+        return [_reference(path, index, at, data, opts) for index, at, data in batch]
+    except pbcolumns.WireError as exc:
+        index, at, _ = batch[exc.index]
+        raise ImportFailed(path, f"record {index} at byte {at}", f"not a Scenario: {exc.detail}") from None
+    tracks, states = sc.sub("tracks"), sc.sub("tracks").sub("states")
+    n_ts, n_tracks, n_states = sc.counts("timestamps_seconds"), sc.counts("tracks"), tracks.counts("states")
+    ts_off, tr_off = np.cumsum(n_ts) - n_ts, np.cumsum(n_tracks) - n_tracks
+    st_off = np.cumsum(n_states) - n_states
+    v = np.stack([states.col(k).astype(np.float64) for k in _STATE], axis=1)
+    out = []
+    for i, (index, at, _) in enumerate(batch):
+        sid = sc.col("scenario_id")[i]
+        where = f"record {index} at byte {at} (scenario {sid or '?'})"
+        ts = sc.col("timestamps_seconds")[ts_off[i]:ts_off[i] + n_ts[i]].astype(np.float64)
+        sdc = int(sc.col("sdc_track_index")[i])
+        if not ts.size:
+            raise ImportFailed(path, where, "no timestamps_seconds")
+        if not sc.has["sdc_track_index"][i] or not 0 <= sdc < n_tracks[i]:
+            raise ImportFailed(path, where, f"sdc_track_index {sdc} is not one of its {n_tracks[i]} tracks")
+        tr = tr_off[i] + np.arange(n_tracks[i])
+        wrong = np.flatnonzero(n_states[tr] != ts.size)
+        if wrong.size:
+            t = tr[wrong[0]]
+            raise ImportFailed(path, where, f"track {tracks.col('id')[t]} has {n_states[t]} states for {ts.size} "
+                               "timestamps")
+        t_ns = opts.base_time_ns + np.round(ts * 1e9).astype(np.int64)
+        s = v[st_off[tr[0]]:st_off[tr[0]] + tr.shape[0] * ts.size] if tr.size else v[:0]
+        s = s.reshape(tr.shape[0], ts.size, 8)
+        valid = s[:, :, 7] != 0
+        e, ev = s[sdc], valid[sdc]
+        ego = EgoTrack(t_ns[ev], e[ev, 0], e[ev, 1], e[ev, 4], np.hypot(e[:, 5], e[:, 6])[ev])
+        others = np.arange(tr.shape[0]) != sdc
+        ok = valid & others[:, None]
+        k = np.flatnonzero(ok.ravel())
+        flat = s.reshape(-1, 8)[k]
+        per_track = ok.sum(axis=1)
+        cls = np.asarray([TYPE_TO_CLASS.get(int(o), 0) for o in tracks.col("object_type")[tr].tolist()], np.int32)
+        agents = AgentObs(np.tile(t_ns, tr.shape[0])[k], np.repeat(tracks.col("id")[tr].astype(np.int64), per_track),
+                          np.repeat(cls, per_track), flat[:, 0], flat[:, 1], flat[:, 5], flat[:, 6], flat[:, 4],
+                          flat[:, 2], flat[:, 3], np.ones(k.shape[0]))
+        drive = SourceDrive(record=where, drive_id=safe_id(f"waymo-{sid or where}"),
+                            vehicle_id=opts.vehicle_id or "waymo", ego=ego, agents=agents)
+        drive.dropped["agent_invalid_state"] += int((~valid & others[:, None]).sum())
+        out.append(drive)
+    return out
+
+
+def read_reference(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
+    """`read`, record by record with upb: the reference the columnar path is held to."""
     for index, at, data in records(path, progress):
-        where = f"record {index} at byte {at}"
-        try:
-            sc = Scenario.FromString(data)
-        except (DecodeError, RuntimeError, ValueError) as exc:
-            raise ImportFailed(path, where, f"not a Scenario: {exc}") from None
-        yield _scenario(path, where, sc, opts)
+        yield _reference(path, index, at, data, opts)
+
+
+def _reference(path: Path, index: int, at: int, data: bytes, opts: ImportOptions) -> SourceDrive:
+    where = f"record {index} at byte {at}"
+    try:
+        sc = Scenario.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ImportFailed(path, where, f"not a Scenario: {exc}") from None
+    return _scenario(path, where, sc, opts)
 
 
 def _scenario(path: Path, where: str, sc, opts: ImportOptions) -> SourceDrive:
