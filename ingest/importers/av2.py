@@ -36,10 +36,20 @@ def files_of(src: Path) -> list[Path]:
     return sorted(src.rglob("scenario_*.parquet")) if src.is_dir() else [src]
 
 
+def _distinct(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(names, index per row): each distinct value as `str()` makes it of the Python value (a null: 'None'), and
+    every row's index into them."""
+    enc = column.combine_chunks().dictionary_encode()
+    values = enc.dictionary.to_pylist()
+    names = np.asarray([str(v) for v in values] + ["None"], dtype=object)
+    index = enc.indices.fill_null(len(values)).to_numpy(zero_copy_only=False).astype(np.int64)
+    return names, index
+
+
 def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
     """The drive of one scenario file (see the module docstring)."""
-    try:
-        table = pq.read_table(path)
+    try:  # one file of a few hundred kB: the reader's threads cost more than they save
+        table = pq.ParquetFile(path).read(use_threads=False)
     except (pa.ArrowException, OSError) as exc:
         raise ImportFailed(path, "the file", f"not a readable Parquet file ({exc})") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
@@ -60,18 +70,23 @@ def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> I
         raise ImportFailed(path, where, f"a numeric column holds nulls or text ({exc})") from None
     if step.size and step.min() < 0:
         raise ImportFailed(path, f"{where}: row {int(np.argmin(step))}", "negative timestep")
-    track = np.asarray(table["track_id"].to_pylist(), dtype=object)
-    otype = table["object_type"].to_pylist()
+    # per distinct value, not per row: the track ids and object types through their dictionaries
+    track_names, track = _distinct(table["track_id"])
+    type_names, otype = _distinct(table["object_type"])
     t_ns = int(start[0]) + step * AV2_PERIOD_NS
-    is_ego = track == EGO_TRACK
+    is_ego = (track_names == EGO_TRACK)[track]
     if not is_ego.any():
         raise ImportFailed(path, where, f"no ego track ({EGO_TRACK!r})")
     ego = EgoTrack(t_ns[is_ego], cols["position_x"][is_ego], cols["position_y"][is_ego], cols["heading"][is_ego],
                    np.hypot(cols["velocity_x"], cols["velocity_y"])[is_ego])
     other = ~is_ego
-    names, codes = np.unique(track[other].astype(str), return_inverse=True)
-    cls = np.asarray([TYPE_TO_CLASS.get(str(o), 0) for o in np.asarray(otype, dtype=object)[other]], np.int32)
-    size = np.asarray([TYPICAL_SIZE[c] for c in cls], np.float64).reshape(-1, 2)
+    # agent ids: the rank of the track's name among the agents' names (as np.unique of the names numbers them)
+    used = np.unique(track[other])
+    rank = np.zeros(track_names.shape[0], np.int64)
+    _, rank[used] = np.unique(track_names[used], return_inverse=True)
+    codes = rank[track[other]]
+    cls = np.asarray([TYPE_TO_CLASS.get(name, 0) for name in type_names.tolist()], np.int32)[otype[other]]
+    size = np.asarray([TYPICAL_SIZE[c] for c in range(6)], np.float64)[cls].reshape(-1, 2)
     agents = AgentObs(t_ns[other], codes.astype(np.int64), cls, cols["position_x"][other], cols["position_y"][other],
                       cols["velocity_x"][other], cols["velocity_y"][other], cols["heading"][other], size[:, 0],
                       size[:, 1], np.ones(int(other.sum())))

@@ -9,18 +9,22 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from flywheel.cli.main import app
 from ingest.importers import samples
-from ingest.importers.common import ImportFailed, ImportOptions, PlanObs, plans_on_grid
+from ingest.contract import frames_to_arrow
+from ingest.importers import waymo
+from ingest.importers.common import (ImportFailed, ImportOptions, ImportReport, PlanObs, SourceDrive, convert_file,
+                                     plans_on_grid)
 from ingest.importers.mcap import export_mcap
 from ingest.importers.ros2_samples import write_ros2
-from ingest.importers.run import import_sources
+from ingest.importers.run import drive_tables, import_sources
 from ingest.lake import list_drive_files, read_drive, write_drive
-from ingest.synth import synthetic_drive
+from ingest.synth import synthetic_drive, synthetic_frames
 
 SC = samples.scene(steps=91, agents=8, seed=1, missing=0.1)
 
@@ -285,3 +289,19 @@ def test_plans_on_grid_equals_interpolating_frame_by_frame():
         for got, want in zip(plans_on_grid(plan, grid, ex, ey, psi, opts), expect):
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+
+
+def test_drive_tables_equal_converting_each_drive(tmp_path):
+    scenes = [(f"s{i}", samples.scene(steps=20 + i, agents=3 + i, seed=i)) for i in range(3)]
+    path = samples.write_waymo(tmp_path / "w.tfrecord", scenes)
+    opts = ImportOptions(plan_dt_s=0.25)
+    converted = convert_file(path, "waymo", waymo.read(path, opts), opts, ImportReport("waymo"))
+    synth = synthetic_frames(30, agents=2)
+    synth.cols["decision_model"] = np.full(30, "m", dtype=object)  # a deployed model on the frames of one drive
+    synth.cols["decision_model_version"] = np.full(30, "1", dtype=object)
+    converted.append((SourceDrive("r", "drive-9", "veh-9", frames=synth), synth))
+    tables = drive_tables(converted)
+    assert len(tables) == 4
+    for (src, frames), table in zip(converted, tables):
+        expect = pa.Table.from_batches([frames_to_arrow(frames, src.drive_id, src.vehicle_id, 0)])
+        assert table.schema == expect.schema and table.equals(expect), src.drive_id
