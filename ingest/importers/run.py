@@ -1,8 +1,9 @@
 """One entry point for every format: `import_sources(format, sources, out)`, behind `flywheel import`.
 
 Each source file is read and converted completely (resampled, validated by the ingest server's checks) before any of
-its drives is written, each drive atomically; a bad record raises `ImportFailed` (file and record named) and leaves
-nothing of that file in the drive directory. Files converted before it stay, so an import can be rerun after the
+its drives is written; drives are written under temporary names, fsynced, and made visible by renaming in batches
+(`ingest.lake.DriveBatch`); a bad record raises `ImportFailed` (file and record named) and leaves nothing of that
+file in the drive directory. Files converted before it are made visible first, so an import can be rerun after the
 bad file is removed: drive files are replaced, not duplicated.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from ingest.contract import COLUMNS, DECISION_MODEL_COLUMNS, FRAME_SCHEMA, Frames, frames_to_arrow
 from ingest.importers.common import DriveReport, ImportOptions, ImportReport, SourceDrive, convert_file
-from ingest.lake import write_drive
+from ingest.lake import DriveBatch
 
 FORMATS = {
     "ros2": "ingest.importers.ros2",
@@ -28,6 +29,8 @@ FORMATS = {
     "mcap": "ingest.importers.mcap",
 }
 """Format name -> module with `read(path, options, progress)` yielding `SourceDrive`s."""
+COMMIT_DRIVES = 256
+"""Drives written before they are made visible together (and their directories fsynced once)."""
 
 
 def source_files(fmt: str, sources: list[Path]) -> list[Path]:
@@ -76,29 +79,50 @@ def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOpti
                    progress: Callable[[Path, int], None] | None = None, writers: int = 4) -> ImportReport:
     """Import every source of format `fmt` into drive directory `out`; returns what was written and dropped.
 
-    `progress(file, bytes_read)` is called as files are read; `writers` threads write the drive files. Raises ImportFailed for a bad record (see above),
-    ValueError for an unknown format, FileNotFoundError for a missing source.
+    `progress(file, bytes_read)` is called as files are read; `writers` threads write the drive files. Raises
+    ImportFailed for a bad record (see above), ValueError for an unknown format, FileNotFoundError for a missing
+    source.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     opts = options or ImportOptions()
     module = importlib.import_module(FORMATS[fmt])
     report = ImportReport(fmt)
-    # drive files are written (and fsynced) by a small pool while the next source file converts: a drive's fsyncs
-    # wait on the disk, not the CPU, and cost as much as converting a 10 s scenario
+    # drive files are written (and fsynced) by a small pool while the next source file converts: a drive's fsync
+    # waits on the disk, not the CPU. They become visible in batches (ingest.lake.DriveBatch: the files of several
+    # source files renamed together, one directory fsync for all), and a failure makes every file converted before
+    # it visible, whole, before the error rises
     pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="import-write")
-    pending: list[tuple[Future, SourceDrive, int]] = []
+    batch, pending = DriveBatch(), []
+
+    def settle() -> None:
+        nonlocal batch, pending
+        try:
+            for fut, src, n in pending:
+                report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n, str(fut.result())))
+        except BaseException:
+            wait([f for f, _, _ in pending])
+            batch.abort()
+            raise
+        batch.commit()
+        batch, pending = DriveBatch(), []
+
     try:
         for path in source_files(fmt, sources):
             tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
-            converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
+            try:
+                converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
+            except BaseException:
+                settle()
+                raise
             for (src, frames), table in zip(converted, drive_tables(converted)):
-                pending.append((pool.submit(write_drive, Path(out), table), src, frames.num_frames))
+                pending.append((pool.submit(batch.write, Path(out), table), src, frames.num_frames))
             report.files += 1
             if progress is not None:
                 progress(path, path.stat().st_size)
+            if len(pending) >= COMMIT_DRIVES:
+                settle()
+        settle()
     finally:
-        pool.shutdown(wait=True)  # every drive converted before a failure is written whole, then the error rises
-    for fut, src, n in pending:
-        report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n, str(fut.result())))
+        pool.shutdown(wait=True)
     return report

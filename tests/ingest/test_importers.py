@@ -6,6 +6,7 @@ the file written."""
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from ingest.importers.common import (ImportFailed, ImportOptions, ImportReport, 
 from ingest.importers.mcap import export_mcap
 from ingest.importers.ros2_samples import write_ros2
 from ingest.importers.run import drive_tables, import_sources
-from ingest.lake import list_drive_files, read_drive, write_drive
+from ingest.lake import DriveBatch, list_drive_files, read_drive, write_drive
 from ingest.synth import synthetic_drive, synthetic_frames
 
 SC = samples.scene(steps=91, agents=8, seed=1, missing=0.1)
@@ -305,3 +306,30 @@ def test_drive_tables_equal_converting_each_drive(tmp_path):
     for (src, frames), table in zip(converted, tables):
         expect = pa.Table.from_batches([frames_to_arrow(frames, src.drive_id, src.vehicle_id, 0)])
         assert table.schema == expect.schema and table.equals(expect), src.drive_id
+
+
+def test_drive_batch_is_invisible_until_commit_and_writes_what_write_drive_writes(tmp_path):
+    tables = [synthetic_drive(f"drive-{i}", f"veh-{i % 2}", 20 + i, agents=2) for i in range(5)]
+    batch = DriveBatch()
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(lambda t: batch.write(tmp_path / "b", t), tables))
+    assert list_drive_files(tmp_path / "b") == [] and len(list((tmp_path / "b").rglob(".*.tmp"))) == 5
+    batch.commit()
+    assert sorted(paths) == list_drive_files(tmp_path / "b") and not list((tmp_path / "b").rglob(".*.tmp"))
+    for t, p in zip(tables, paths):
+        assert p.read_bytes() == write_drive(tmp_path / "w", t).read_bytes()
+    aborted = DriveBatch()
+    aborted.write(tmp_path / "c", tables[0])
+    aborted.abort()
+    assert not list((tmp_path / "c").rglob("*.parquet*")) and not list((tmp_path / "c").rglob(".*"))
+
+
+def test_a_bad_file_after_good_ones_leaves_the_good_ones_whole(tmp_path):
+    good = _write("av2", tmp_path / "src", name="good")
+    bad = tmp_path / "src2" / "scenario_bad.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(ImportFailed, match="scenario_bad.parquet"):
+        import_sources("av2", [good, bad], tmp_path / "drives")
+    assert [p.name for p in list_drive_files(tmp_path / "drives")] == ["av2-good.drive.parquet"]
+    assert not list((tmp_path / "drives").rglob(".*.tmp"))
