@@ -10,6 +10,7 @@ opened read-only; a file that is not SQLite, or lacks a table or column, raises 
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,21 @@ EGO_SQL = ("SELECT timestamp, x, y, qw, qx, qy, qz, vx, vy, acceleration_x, angu
 # every column numeric (the track's rowid stands for its token, the class is mapped in SQL), so the rows become one
 # float64 array at once; a NULL becomes NaN: an invalid state, dropped and counted by the resampling
 _CLASS_SQL = "CASE c.name " + " ".join(f"WHEN '{k}' THEN {v}" for k, v in CATEGORY_TO_CLASS.items()) + " ELSE 0 END"
-BOX_SQL = (f"SELECT lp.timestamp, t.rowid, {_CLASS_SQL}, lb.x, lb.y, lb.vx, lb.vy, lb.yaw, lb.length, lb.width, "
-           "lb.confidence FROM lidar_box lb JOIN lidar_pc lp ON lb.lidar_pc_token = lp.token "
+# the class per track, not per box: one value fewer to fetch for each of the boxes (the join keeps the same boxes)
+BOX_SQL = ("SELECT lp.timestamp, t.rowid, lb.x, lb.y, lb.vx, lb.vy, lb.yaw, lb.length, lb.width, lb.confidence "
+           "FROM lidar_box lb JOIN lidar_pc lp ON lb.lidar_pc_token = lp.token "
            "JOIN track t ON lb.track_token = t.token JOIN category c ON t.category_token = c.token")
+TRACK_SQL = f"SELECT t.rowid, {_CLASS_SQL} FROM track t JOIN category c ON t.category_token = c.token"
+
+
+def _numeric(con: sqlite3.Connection, sql: str, width: int) -> np.ndarray:
+    """The rows of a query of numeric columns as float64 (R, width), streamed from the cursor into one array (a
+    list of row tuples first costs as much again); a NULL (NaN) or a text value takes the general conversion, as
+    before: NaN for NULL, ValueError for text."""
+    try:
+        return np.fromiter(itertools.chain.from_iterable(con.execute(sql)), np.float64).reshape(-1, width)
+    except (TypeError, ValueError):
+        return np.array(con.execute(sql).fetchall(), np.float64).reshape(-1, width)
 
 
 def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> Iterator[SourceDrive]:
@@ -43,26 +56,28 @@ def read(path: Path, opts: ImportOptions, progress: Progress | None = None) -> I
     try:
         log_row = con.execute("SELECT logfile, vehicle_name FROM log").fetchone()
         where = "table ego_pose"
-        ego_rows = con.execute(EGO_SQL).fetchall()
+        e = _numeric(con, EGO_SQL, 11)
         where = "tables lidar_box, lidar_pc, track, category"
-        box_rows = con.execute(BOX_SQL).fetchall()
+        b = _numeric(con, BOX_SQL, 10)
+        tracks = _numeric(con, TRACK_SQL, 2)
     except sqlite3.Error as exc:
         raise ImportFailed(path, where, f"not a nuPlan log database ({type(exc).__name__}: {exc})") from None
     finally:
         con.close()
-    if not ego_rows:
+    if not e.size:
         raise ImportFailed(path, "table ego_pose", "no ego pose")
     logfile, vehicle = (log_row or (path.stem, None))
-    e = np.array(ego_rows, np.float64).reshape(-1, 11)
     qw, qx, qy, qz = e[:, 3], e[:, 4], e[:, 5], e[:, 6]
     heading = np.arctan2(2.0 * (qw * qz + qx * qy), 1.0 - 2.0 * (qy * qy + qz * qz))
     ego = EgoTrack(e[:, 0].astype(np.int64) * 1000, e[:, 1], e[:, 2], heading, np.hypot(e[:, 7], e[:, 8]),
                    e[:, 9], e[:, 10])
     agents = AgentObs.empty()
-    if box_rows:
-        b = np.array(box_rows, np.float64).reshape(-1, 11)
-        agents = AgentObs(b[:, 0].astype(np.int64) * 1000, b[:, 1].astype(np.int64), b[:, 2].astype(np.int32),
-                          *(b[:, i] for i in range(3, 11)))
+    if b.size:
+        track = b[:, 1].astype(np.int64)
+        order = np.argsort(tracks[:, 0], kind="stable")
+        cls = tracks[order, 1][np.searchsorted(tracks[order, 0], b[:, 1])]  # every box's track is there (the join)
+        agents = AgentObs(b[:, 0].astype(np.int64) * 1000, track, cls.astype(np.int32),
+                          *(b[:, i] for i in range(2, 10)))
     if progress is not None:
         progress(path.stat().st_size)
     yield SourceDrive(record=f"log {logfile}", drive_id=safe_id(f"nuplan-{logfile or path.stem}"),

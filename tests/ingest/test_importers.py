@@ -333,3 +333,14 @@ def test_a_bad_file_after_good_ones_leaves_the_good_ones_whole(tmp_path):
         import_sources("av2", [good, bad], tmp_path / "drives")
     assert [p.name for p in list_drive_files(tmp_path / "drives")] == ["av2-good.drive.parquet"]
     assert not list((tmp_path / "drives").rglob(".*.tmp"))
+
+
+def test_nuplan_nulls_are_invalid_states(tmp_path):
+    db = samples.write_nuplan(tmp_path / "n.db", samples.scene(steps=30, agents=3, seed=4, missing=0.0), "log-n")
+    con = sqlite3.connect(db)
+    con.execute("UPDATE lidar_box SET vx = NULL WHERE rowid = (SELECT min(rowid) FROM lidar_box)")
+    con.execute("UPDATE ego_pose SET x = NULL WHERE rowid = (SELECT min(rowid) + 7 FROM ego_pose)")
+    con.commit()
+    con.close()
+    report = import_sources("nuplan", [db], tmp_path / "drives")
+    assert report.dropped["agent_invalid_state"] == 1 and report.dropped["ego_invalid_state"] == 1
