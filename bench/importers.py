@@ -8,13 +8,17 @@ scenario files of 110 steps, one nuPlan log (ego poses at 50 Hz, boxes at 10 Hz)
 TrackedObjects and a Trajectory per step) and the project's own MCAP of the imported drives. The import (read,
 resample, validate, write drive files atomically) runs once to warm up and then `--runs` times; the figure is the
 best run. Reference in the same run, per format: writing the same drives as drive files alone
-(`ingest.lake.write_drive`, one after the other, each fsynced), the part every importer shares. Target: >= 20,000 frames/s per format. Last line: one JSON object.
+(`ingest.lake.write_drive`, one after the other, each fsynced twice), the part every importer shares (the importers
+write through `ingest.lake.DriveBatch`, one fsync per drive, and overlap it with converting). Target: >= 20,000
+frames/s per format. The host's CPU features and load average are printed first: the figures are wall-clock times
+on a shared machine. Last line: one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -96,6 +100,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", type=Path, default=ROOT / "data" / "bench" / "importers")
     args = ap.parse_args()
+    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, features "
+          f"{' '.join(cpu_features()) or 'unknown'}; load average {os.getloadavg()[0]:.2f}")
     shutil.rmtree(args.dir, ignore_errors=True)
     t0 = time.perf_counter()
     sources = write_sources(args.dir / "src", args.frames, args.agents)
@@ -111,7 +117,8 @@ def main() -> None:
         print(f"{fmt:7s} {frames:7,d} frames in {dt:6.3f} s = {fps[fmt]:9,.0f} frames/s "
               f"({'met' if fps[fmt] >= TARGET else 'MISSED'}: target {TARGET:,}); writing its drive files alone "
               f"{ref[fmt]:9,.0f} frames/s, ratio {fps[fmt] / ref[fmt]:.2f}")
-    host = {"cpu": platform.processor() or platform.machine(), "features": cpu_features()}
+    host = {"cpu": platform.processor() or platform.machine(), "features": cpu_features(), "cpus": os.cpu_count(),
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
     print(json.dumps({"frames_per_s": {k: round(v) for k, v in fps.items()}, "target_frames_per_s": TARGET,
                       "reference_write_frames_per_s": {k: round(v) for k, v in ref.items()},
                       "ratio_to_reference": {k: round(fps[k] / ref[k], 3) for k in fps}, "agents": args.agents,

@@ -374,12 +374,9 @@ def _drive_file(drives: Path, table: pa.Table) -> tuple[pa.Table, Path, dict[str
 
 
 class DriveBatch:
-    """Drive files made durable together, then visible together: `write` (from any thread) stores a drive as
-    `write_drive` does (checked, the same file) under a hidden temporary name and fsyncs it; `commit` renames every
-    written one and fsyncs each directory once; `abort` removes the temporaries. A batch of n drives costs n + (its
-    directories) fsyncs instead of `write_drive`'s 2n. Nothing of a batch is visible before `commit`; temporary
-    names carry host and pid as `write_drive`'s do. Local drive directories only.
-    """
+    """Drives made durable, then visible together: `write` (any thread) stores a drive as `write_drive` does under
+    a hidden temporary name (host and pid in it) and fsyncs it; `commit_all` renames them and fsyncs each directory
+    once (n + directories fsyncs instead of 2n); `abort` removes them. Local drive directories only."""
 
     def __init__(self) -> None:
         self._done: list[tuple[Path, Path]] = []  # (temporary, final path)
@@ -405,9 +402,13 @@ class DriveBatch:
             self._done.append((tmp, path))
         return path
 
-    def commit(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
+    @staticmethod
+    def commit_all(batches: list["DriveBatch"]) -> None:
+        """Commit batches in order (a later one's drive replaces an earlier one's), one fsync per directory."""
+        done = []
+        for b in batches:
+            with b._lock:
+                done, b._done = done + b._done, []
         for tmp, path in done:
             os.replace(tmp, path)
         for directory in sorted({path.parent for _, path in done}):

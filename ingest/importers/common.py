@@ -445,7 +445,14 @@ def with_source_tag(frames: Frames, fmt: str) -> Frames:
 def convert_file(path: Path, fmt: str, drives: Iterator[SourceDrive], opts: ImportOptions,
                  report: ImportReport) -> list[tuple[SourceDrive, Frames]]:
     """Every drive of one source file resampled and validated (nothing written); ImportFailed names the record."""
-    out = []
+    return list(convert_drives(path, fmt, drives, opts, report))
+
+
+def convert_drives(path: Path, fmt: str, drives: Iterator[SourceDrive], opts: ImportOptions,
+                   report: ImportReport) -> Iterator[tuple[SourceDrive, Frames]]:
+    """`convert_file` drive by drive, each yielded once resampled and validated; the file is whole only when the
+    iterator ends (the check that no two of its drives share an id comes after the last one)."""
+    seen: list[SourceDrive] = []
     for src in drives:
         try:
             for what in ("drive_id", "vehicle_id"):
@@ -457,10 +464,10 @@ def convert_file(path: Path, fmt: str, drives: Iterator[SourceDrive], opts: Impo
                 raise
             raise ImportFailed(path, src.record, str(exc)) from None
         report.dropped.update(src.dropped)
-        out.append((src, frames))
-    seen: dict[str, str] = {}
-    for src, _ in out:
-        if src.drive_id in seen:
-            raise ImportFailed(path, src.record, f"drive id {src.drive_id} also comes from {seen[src.drive_id]}")
-        seen[src.drive_id] = src.record
-    return out
+        seen.append(src)
+        yield src, frames
+    first: dict[str, str] = {}
+    for src in seen:
+        if src.drive_id in first:
+            raise ImportFailed(path, src.record, f"drive id {src.drive_id} also comes from {first[src.drive_id]}")
+        first[src.drive_id] = src.record

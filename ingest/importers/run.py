@@ -1,8 +1,8 @@
 """One entry point for every format: `import_sources(format, sources, out)`, behind `flywheel import`.
 
-Each source file is read and converted completely (resampled, validated by the ingest server's checks) before any of
-its drives is written; drives are written under temporary names, fsynced, and made visible by renaming in batches
-(`ingest.lake.DriveBatch`); a bad record raises `ImportFailed` (file and record named) and leaves nothing of that
+Each drive is resampled and validated by the ingest server's checks, then written under a temporary name and
+fsynced; a source file's drives become visible (renamed, in batches of files: `ingest.lake.DriveBatch`) only once
+the whole file has converted. A bad record raises `ImportFailed` (file and record named) and leaves nothing of that
 file in the drive directory. Files converted before it are made visible first, so an import can be rerun after the
 bad file is removed: drive files are replaced, not duplicated.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ingest.contract import COLUMNS, DECISION_MODEL_COLUMNS, FRAME_SCHEMA, Frames, frames_to_arrow
-from ingest.importers.common import DriveReport, ImportOptions, ImportReport, SourceDrive, convert_file
+from ingest.importers.common import DriveReport, ImportOptions, ImportReport, SourceDrive, convert_drives
 from ingest.lake import DriveBatch
 
 FORMATS = {
@@ -31,6 +31,8 @@ FORMATS = {
 """Format name -> module with `read(path, options, progress)` yielding `SourceDrive`s."""
 COMMIT_DRIVES = 256
 """Drives written before they are made visible together (and their directories fsynced once)."""
+TABLE_GROUP = 16
+"""Drives converted to Arrow together (`drive_tables`) and handed to the writers."""
 
 
 def source_files(fmt: str, sources: list[Path]) -> list[Path]:
@@ -88,35 +90,51 @@ def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOpti
     opts = options or ImportOptions()
     module = importlib.import_module(FORMATS[fmt])
     report = ImportReport(fmt)
-    # drive files are written (and fsynced) by a small pool while the next source file converts: a drive's fsync
-    # waits on the disk, not the CPU. They become visible in batches (ingest.lake.DriveBatch: the files of several
-    # source files renamed together, one directory fsync for all), and a failure makes every file converted before
-    # it visible, whole, before the error rises
+    # drive files are written (and fsynced) by a small pool as the drives convert: a drive's fsync waits on the
+    # disk, not the CPU. They stay under temporary names (ingest.lake.DriveBatch) until their file has converted
+    # whole, and become visible in batches of files (one directory fsync for all); a failure makes every file
+    # converted before it visible, whole, before the error rises, and removes what the failing file had written
     pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="import-write")
-    batch, pending = DriveBatch(), []
+    ready: list[DriveBatch] = []
+    pending: list = []
 
     def settle() -> None:
-        nonlocal batch, pending
         try:
             for fut, src, n in pending:
                 report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n, str(fut.result())))
         except BaseException:
             wait([f for f, _, _ in pending])
-            batch.abort()
+            for b in ready:
+                b.abort()
             raise
-        batch.commit()
-        batch, pending = DriveBatch(), []
+        finally:
+            pending.clear()
+        DriveBatch.commit_all(ready)
+        ready.clear()
 
     try:
         for path in source_files(fmt, sources):
             tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
+            mine, writes, group = DriveBatch(), [], []
+
+            def submit() -> None:
+                for (src, frames), table in zip(group, drive_tables(group)):
+                    writes.append((pool.submit(mine.write, Path(out), table), src, frames.num_frames))
+                group.clear()
+
             try:
-                converted = convert_file(path, fmt, module.read(path, opts, tick), opts, report)
+                for converted in convert_drives(path, fmt, module.read(path, opts, tick), opts, report):
+                    group.append(converted)
+                    if len(group) >= TABLE_GROUP:
+                        submit()
+                submit()
             except BaseException:
+                wait([f for f, _, _ in writes])
+                mine.abort()
                 settle()
                 raise
-            for (src, frames), table in zip(converted, drive_tables(converted)):
-                pending.append((pool.submit(batch.write, Path(out), table), src, frames.num_frames))
+            ready.append(mine)
+            pending.extend(writes)
             report.files += 1
             if progress is not None:
                 progress(path, path.stat().st_size)

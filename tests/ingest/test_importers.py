@@ -23,7 +23,7 @@ from ingest.importers.common import (ImportFailed, ImportOptions, ImportReport, 
                                      plans_on_grid)
 from ingest.importers.mcap import export_mcap
 from ingest.importers.ros2_samples import write_ros2
-from ingest.importers.run import drive_tables, import_sources
+from ingest.importers.run import TABLE_GROUP, drive_tables, import_sources
 from ingest.lake import DriveBatch, list_drive_files, read_drive, write_drive
 from ingest.synth import synthetic_drive, synthetic_frames
 
@@ -314,7 +314,7 @@ def test_drive_batch_is_invisible_until_commit_and_writes_what_write_drive_write
     with ThreadPoolExecutor(3) as pool:
         paths = list(pool.map(lambda t: batch.write(tmp_path / "b", t), tables))
     assert list_drive_files(tmp_path / "b") == [] and len(list((tmp_path / "b").rglob(".*.tmp"))) == 5
-    batch.commit()
+    DriveBatch.commit_all([batch])
     assert sorted(paths) == list_drive_files(tmp_path / "b") and not list((tmp_path / "b").rglob(".*.tmp"))
     for t, p in zip(tables, paths):
         assert p.read_bytes() == write_drive(tmp_path / "w", t).read_bytes()
@@ -344,3 +344,17 @@ def test_nuplan_nulls_are_invalid_states(tmp_path):
     con.close()
     report = import_sources("nuplan", [db], tmp_path / "drives")
     assert report.dropped["agent_invalid_state"] == 1 and report.dropped["ego_invalid_state"] == 1
+
+
+def test_a_bad_record_late_in_a_file_removes_what_its_file_had_written(tmp_path):
+    good = [(f"g{i}", samples.scene(steps=12, agents=1, seed=i)) for i in range(TABLE_GROUP + 4)]
+    bad = samples.scene(steps=12, agents=1, seed=99)
+    bad.ego["speed"][:] = 500.0  # every ego state impossible: no frame
+    first = _write("av2", tmp_path / "src", name="first")
+    path = samples.write_waymo(tmp_path / "w.tfrecord", good + [("bad", bad)])
+    import_sources("av2", [first], tmp_path / "drives")
+    with pytest.raises(ImportFailed, match="scenario bad"):
+        import_sources("waymo", [path], tmp_path / "drives")
+    # the drives of the bad file's first records were being written when it failed: none is left, not even hidden
+    assert [p.name for p in list_drive_files(tmp_path / "drives")] == ["av2-first.drive.parquet"]
+    assert not [p for p in (tmp_path / "drives").rglob("*") if p.name.startswith(".")]
