@@ -77,6 +77,57 @@ def drive_tables(converted: list[tuple[SourceDrive, Frames]]) -> list[pa.Table]:
     return out
 
 
+class _Writes:
+    """The drives of an import on their way to disk: converted ones grouped (across files) for `drive_tables`, then
+    written by the pool into their file's DriveBatch; `settle` makes every file converted whole visible."""
+
+    def __init__(self, out: Path, pool: ThreadPoolExecutor, report: ImportReport) -> None:
+        self.out, self.pool, self.report = out, pool, report
+        self.group: list[tuple[SourceDrive, Frames, DriveBatch]] = []
+        self.files: list[tuple[DriveBatch, list]] = []  # each file's batch and its writes, in file order
+
+    def open_file(self) -> DriveBatch:
+        self.files.append((DriveBatch(), []))
+        return self.files[-1][0]
+
+    def add(self, src: SourceDrive, frames: Frames, batch: DriveBatch) -> None:
+        self.group.append((src, frames, batch))
+        if len(self.group) >= TABLE_GROUP:
+            self.submit()
+
+    def submit(self) -> None:
+        group, self.group = self.group, []
+        writes = {id(b): ws for b, ws in self.files}
+        for (src, frames, batch), table in zip(group, drive_tables([(s, f) for s, f, _ in group])):
+            writes[id(batch)].append((self.pool.submit(batch.write, self.out, table), src, frames.num_frames))
+
+    def written(self) -> int:
+        return sum(len(ws) for _, ws in self.files) + len(self.group)
+
+    def drop_file(self, batch: DriveBatch) -> None:
+        """A file that failed: what it had written goes, nothing of it is left to write."""
+        self.group = [g for g in self.group if g[2] is not batch]
+        ws = next(ws for b, ws in self.files if b is batch)
+        self.files = [(b, w) for b, w in self.files if b is not batch]
+        wait([f for f, _, _ in ws])
+        batch.abort()
+
+    def settle(self) -> None:
+        self.submit()
+        files, self.files = self.files, []
+        try:
+            for _, ws in files:
+                for fut, src, n in ws:
+                    self.report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n,
+                                                          str(fut.result())))
+        except BaseException:
+            wait([f for _, ws in files for f, _, _ in ws])
+            for b, _ in files:
+                b.abort()
+            raise
+        DriveBatch.commit_all([b for b, _ in files])
+
+
 def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOptions | None = None,
                    progress: Callable[[Path, int], None] | None = None, writers: int = 4) -> ImportReport:
     """Import every source of format `fmt` into drive directory `out`; returns what was written and dropped.
@@ -95,52 +146,24 @@ def import_sources(fmt: str, sources: list[Path], out: Path, options: ImportOpti
     # whole, and become visible in batches of files (one directory fsync for all); a failure makes every file
     # converted before it visible, whole, before the error rises, and removes what the failing file had written
     pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="import-write")
-    ready: list[DriveBatch] = []
-    pending: list = []
-
-    def settle() -> None:
-        try:
-            for fut, src, n in pending:
-                report.drives.append(DriveReport(src.drive_id, src.vehicle_id, src.record, n, str(fut.result())))
-        except BaseException:
-            wait([f for f, _, _ in pending])
-            for b in ready:
-                b.abort()
-            raise
-        finally:
-            pending.clear()
-        DriveBatch.commit_all(ready)
-        ready.clear()
-
+    w = _Writes(Path(out), pool, report)
     try:
         for path in source_files(fmt, sources):
             tick = (lambda n, p=path: progress(p, n)) if progress is not None else None
-            mine, writes, group = DriveBatch(), [], []
-
-            def submit() -> None:
-                for (src, frames), table in zip(group, drive_tables(group)):
-                    writes.append((pool.submit(mine.write, Path(out), table), src, frames.num_frames))
-                group.clear()
-
+            mine = w.open_file()
             try:
-                for converted in convert_drives(path, fmt, module.read(path, opts, tick), opts, report):
-                    group.append(converted)
-                    if len(group) >= TABLE_GROUP:
-                        submit()
-                submit()
+                for src, frames in convert_drives(path, fmt, module.read(path, opts, tick), opts, report):
+                    w.add(src, frames, mine)
             except BaseException:
-                wait([f for f, _, _ in writes])
-                mine.abort()
-                settle()
+                w.drop_file(mine)
+                w.settle()
                 raise
-            ready.append(mine)
-            pending.extend(writes)
             report.files += 1
             if progress is not None:
                 progress(path, path.stat().st_size)
-            if len(pending) >= COMMIT_DRIVES:
-                settle()
-        settle()
+            if w.written() >= COMMIT_DRIVES:
+                w.settle()
+        w.settle()
     finally:
         pool.shutdown(wait=True)
     return report
