@@ -210,9 +210,13 @@ def _grid(ego: EgoTrack, opts: ImportOptions, dropped: Counter) -> tuple[np.ndar
     return grid[ok], lo[ok], hi[ok]
 
 
-def _lerp(t: np.ndarray, lo: np.ndarray, hi: np.ndarray, at: np.ndarray, values: np.ndarray) -> np.ndarray:
+def _weights(t: np.ndarray, lo: np.ndarray, hi: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Interpolation weights of times `at` between samples t[lo] and t[hi] (0 where they coincide)."""
     span = (t[hi] - t[lo]).astype(np.float64)
-    w = np.divide((at - t[lo]).astype(np.float64), span, out=np.zeros_like(span), where=span > 0)
+    return np.divide((at - t[lo]).astype(np.float64), span, out=np.zeros_like(span), where=span > 0)
+
+
+def _mix(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values[lo] * (1 - w) + values[hi] * w
 
 
@@ -289,11 +293,12 @@ def _agents_on_grid(ag: AgentObs, grid: np.ndarray, opts: ImportOptions, dropped
     d[first] = 0.0
     cs = np.cumsum(d)
     unwrapped = h[first][agent] + cs - cs[first][agent]
+    w = _weights(t, lo, hi, at)  # the same for every agent column
     rows = {"frame": qg}
     for name, a in (("x", ag.x), ("y", ag.y), ("vx", ag.vx), ("vy", ag.vy), ("length", ag.length),
                     ("width", ag.width), ("conf", ag.conf)):
-        rows[name] = _lerp(t, lo, hi, at, a[order])
-    rows["heading"] = _wrap(_lerp(t, lo, hi, at, unwrapped))
+        rows[name] = _mix(w, lo, hi, a[order])
+    rows["heading"] = _wrap(_mix(w, lo, hi, unwrapped))
     rows["id"] = ag.id[order][lo]
     rows["cls"] = ag.cls[order][first][qa]
     by_frame = np.argsort(qg, kind="stable")
@@ -386,17 +391,18 @@ def build_frames(src: SourceDrive, fmt: str, opts: ImportOptions) -> Frames:
         raise ValueError("no frame: every grid time falls in a gap of the ego poses")
     n = grid.shape[0]
     t = ego.t_ns
-    ex, ey = _lerp(t, lo, hi, grid, ego.x), _lerp(t, lo, hi, grid, ego.y)
+    w = _weights(t, lo, hi, grid)  # the same for every ego column
+    ex, ey = _mix(w, lo, hi, ego.x), _mix(w, lo, hi, ego.y)
     uh = np.unwrap(ego.heading)
-    head = _lerp(t, lo, hi, grid, uh)
+    head = _mix(w, lo, hi, uh)
     dt = 1.0 / opts.rate_hz
     if ego.speed is not None:
-        speed = _lerp(t, lo, hi, grid, ego.speed)
+        speed = _mix(w, lo, hi, ego.speed)
     else:
         speed = np.hypot(np.gradient(ex, dt), np.gradient(ey, dt)) if n > 1 else np.zeros(n)
-    accel = _lerp(t, lo, hi, grid, ego.accel) if ego.accel is not None else (
+    accel = _mix(w, lo, hi, ego.accel) if ego.accel is not None else (
         np.gradient(speed, dt) if n > 1 else np.zeros(n))
-    yaw_rate = _lerp(t, lo, hi, grid, ego.yaw_rate) if ego.yaw_rate is not None else (
+    yaw_rate = _mix(w, lo, hi, ego.yaw_rate) if ego.yaw_rate is not None else (
         np.gradient(head, dt) if n > 1 else np.zeros(n))
     psi = _wrap(head)
     rows = _agents_on_grid(src.agents or AgentObs.empty(), grid, opts, dropped)
