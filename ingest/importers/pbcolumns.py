@@ -322,33 +322,35 @@ def _uniform(descriptor, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, 
         if skel is None or any(num in expected and wt != expected[num] for num, wt, _, _ in skel):
             rest.append(rows)
             continue
-        m = np.ndarray((max(buf.shape[0] - size + 1, 0), size), np.uint8, buffer=buf, strides=(1, 1))[starts[rows]]
+        at0 = starts[rows]
         ok = np.ones(rows.shape[0], bool)
         fixed = np.zeros(size, bool)  # bytes every message must share with the first: tags and lengths
         last: dict[int, tuple[int, int]] = {}
         prev = 0
         for num, wt, at, nbytes in skel:
             fixed[prev:at] = True
-            if wt == 0:
-                ok &= (m[:, at:at + nbytes - 1] >= 0x80).all(axis=1) & (m[:, at + nbytes - 1] < 0x80)
-            elif wt == 2:  # a skipped length-delimited field: its length bytes are before `at`; content free
-                pass
+            if wt == 0:  # the same varint length: continuation bits on all but its last byte
+                b = buf[at0[:, None] + np.arange(at, at + nbytes)]
+                ok &= (b[:, :-1] >= 0x80).all(axis=1) & (b[:, -1] < 0x80)
+            # (a skipped length-delimited field: its length bytes are among the fixed ones; its content is free)
             prev = at + nbytes
             last[num] = (at, nbytes)
-        ok &= (m[:, fixed] == np.frombuffer(first, np.uint8)[fixed]).all(axis=1)
-        good = rows[ok]
+        where = np.flatnonzero(fixed)
+        ok &= (buf[at0[:, None] + where] == np.frombuffer(first, np.uint8)[where]).all(axis=1)
+        good = rows if ok.all() else rows[ok]
         rest.append(rows[~ok])
-        mg = m[ok]
+        at0 = starts[good]
         for num, (at, nbytes) in last.items():
             fd = by_number.get(num)
             if fd is None:
                 continue
             if fd.type in _FIXED:
-                value = np.ascontiguousarray(mg[:, at:at + nbytes]).view(_FIXED[fd.type])[:, 0]
+                dt = np.dtype(_FIXED[fd.type])
+                value = np.ndarray((buf.shape[0] - dt.itemsize + 1,), dt, buffer=buf, strides=(1,))[at0 + at]
             else:
                 v = np.zeros(good.shape[0], np.uint64)
                 for i in range(nbytes):
-                    v |= (mg[:, at + i] & 0x7F).astype(np.uint64) << np.uint64(7 * i)
+                    v |= (buf[at0 + at + i] & 0x7F).astype(np.uint64) << np.uint64(7 * i)
                 value = _varint_value(fd, v)
             col = out.cols[fd.name]
             if col.dtype != value.dtype:
