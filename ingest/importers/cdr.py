@@ -34,6 +34,9 @@ _DTYPE = {"bool": "u1", "byte": "u1", "char": "i1", "int8": "i1", "uint8": "u1",
           "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8", "float32": "<f4", "float64": "<f8"}
 
 
+_MAX_DEPTH = 32
+
+
 class Unsupported(Exception):
     """The schema or the messages use what the columnar decoder does not handle: decode with mcap-ros2-support."""
 
@@ -66,9 +69,11 @@ def _msgdefs(schema_name: str, schema_text: str) -> dict:
     return defs
 
 
-def _fields(msgdef, defs: dict, prefix: str) -> list[tuple]:
+def _fields(msgdef, defs: dict, prefix: str, depth: int = 0) -> list[tuple]:
     """Flat field list of a message: ("prim", path, type, n) (n 1 for a scalar), ("str", path),
     ("pseq", path, type), ("cseq", path, element fields, fixed count or None)."""
+    if depth > _MAX_DEPTH:  # a type that holds itself (through a sequence): left to the reference decoder
+        raise Unsupported(f"types nested deeper than {_MAX_DEPTH} at {prefix}")
     if not msgdef.fields:
         return [("prim", f"{prefix}structure_needs_at_least_one_member", "uint8", 1)]
     out: list[tuple] = []
@@ -80,9 +85,9 @@ def _fields(msgdef, defs: dict, prefix: str) -> list[tuple]:
             if sub is None:
                 raise Unsupported(f"no definition of {t.pkg_name}/{t.type} for field {path}")
             if t.is_array:
-                out.append(("cseq", path, _fields(sub, defs, f"{path}[]."), fixed))
+                out.append(("cseq", path, _fields(sub, defs, f"{path}[].", depth + 1), fixed))
             else:
-                out.extend(_fields(sub, defs, f"{path}."))
+                out.extend(_fields(sub, defs, f"{path}.", depth + 1))
         elif t.type == "string":
             out.append(("cseq", path, [("str", f"{path}[]")], fixed) if t.is_array else ("str", path))
         elif t.type not in _DTYPE:

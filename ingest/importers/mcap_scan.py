@@ -49,6 +49,7 @@ class Batch:
 _MAGIC = b"\x89MCAP0\r\n"
 _OP_CHUNK, _OP_FOOTER, _OP_DATA_END = 0x06, 0x02, 0x0F
 _CHUNK = struct.Struct("<QQQI")
+_MAX_CHUNK = 4 << 30
 
 
 def _chunk(view: memoryview, body: int, end: int) -> tuple[int, int, str, memoryview]:
@@ -64,6 +65,8 @@ def _chunk(view: memoryview, body: int, end: int) -> tuple[int, int, str, memory
         raise McapError(f"unreadable chunk record ({exc})") from None
     if at + 8 + n > end:
         raise McapError("a chunk's records run past the chunk record")
+    if size > _MAX_CHUNK:  # mcap's own reader refuses records past 4 GiB
+        raise McapError(f"a chunk of {size} bytes uncompressed, more than {_MAX_CHUNK}")
     return size, crc, compression, view[at + 8:at + 8 + n]
 
 
@@ -100,7 +103,10 @@ class _Filler:
         elif compression == "lz4":
             import lz4.frame
 
-            out = lz4.frame.decompress(bytes(data))
+            try:
+                out = lz4.frame.decompress(bytes(data))
+            except RuntimeError as exc:  # a damaged frame
+                raise McapError(f"lz4: {exc}") from None
             if len(out) != size:
                 raise McapError(f"chunk decompresses to {len(out)} bytes, its header says {size}")
             dest[:] = out

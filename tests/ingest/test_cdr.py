@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mcap.exceptions import McapError
 from mcap.reader import make_reader
 from mcap.writer import CompressionType
 from mcap.writer import Writer as McapWriter
@@ -18,8 +19,8 @@ from mcap_ros2.decoder import DecoderFactory
 from mcap_ros2.writer import Writer
 
 from ingest.importers import ros2_samples, samples
-from ingest.importers.cdr import CdrError, Program, decode
-from ingest.importers.common import ImportOptions
+from ingest.importers.cdr import CdrError, Program, Unsupported, decode
+from ingest.importers.common import ImportFailed, ImportOptions
 from ingest.importers.mcap_scan import scan
 from ingest.importers.ros2 import OBJECTS, TRAJECTORY, read_columnar, read_reference
 from ingest.importers.run import import_sources
@@ -239,9 +240,34 @@ def test_scan_gives_the_messages_mcap_reads(tmp_path, chunked, compression):
             assert (np.diff(b.index) == 1).all()
     assert got == expect
     data = path.read_bytes()
+    if chunked and compression != CompressionType.NONE:  # a damaged compressed chunk
+        bad = bytearray(data)
+        bad[len(data) // 3] ^= 0xFF
+        (tmp_path / "bad.mcap").write_bytes(bytes(bad))
+        with pytest.raises((McapError, ValueError)), open(tmp_path / "bad.mcap", "rb") as fh:
+            list(scan(fh, lambda ch, _: True, {}, {}))
     for cut in (len(data) - 3, len(data) // 2, 20):
         (tmp_path / "cut.mcap").write_bytes(data[:cut])
         with pytest.raises(Exception, match="truncated|magic|past|ends"):
             with open(tmp_path / "cut.mcap", "rb") as fh:
                 list(scan(fh, lambda ch, _: True, {}, {}))
 
+
+
+def test_a_type_that_holds_itself_is_left_to_mcap_ros2_support():
+    with pytest.raises(Unsupported, match="nested deeper"):
+        Program("tree/msg/Node", "float64 value\nNode[] children")
+
+
+def test_scan_refuses_a_chunk_that_claims_too_much(tmp_path):
+    path = ros2_samples.write_ros2(tmp_path / "s.mcap", samples.scene(steps=10, agents=2, seed=1))
+    data = bytearray(path.read_bytes())
+    at = 8
+    while data[at] != 0x06:  # the first chunk record
+        at += 9 + int.from_bytes(data[at + 1:at + 9], "little")
+    data[at + 9 + 16:at + 9 + 24] = (1 << 40).to_bytes(8, "little")  # its uncompressed size: 1 TiB
+    (tmp_path / "big.mcap").write_bytes(bytes(data))
+    with pytest.raises(ImportFailed, match="big.mcap: .*unreadable MCAP.*more than"):
+        import_sources("ros2", [tmp_path / "big.mcap"], tmp_path / "drives")
+    with open(tmp_path / "big.mcap", "rb") as fh, pytest.raises(McapError):
+        list(scan(fh, lambda ch, _: True, {}, {}))
