@@ -51,7 +51,7 @@ def source_files(fmt: str, sources: list[Path]) -> list[Path]:
 
 
 def drive_tables(converted: list[tuple[SourceDrive, Frames]]) -> list[pa.Table]:
-    """FRAME_SCHEMA tables of one file's drives, the same as `frames_to_arrow` of each: one conversion of all their
+    """FRAME_SCHEMA tables of several drives, the same as `frames_to_arrow` of each: one conversion of all their
     frames at once (its fixed cost, about 2 ms, is as much as converting a 10 s scenario), then each drive's rows
     with its own drive id, vehicle id, seq 0..n-1 and plan_dt_s."""
     if len(converted) < 2:
