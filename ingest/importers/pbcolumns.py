@@ -139,15 +139,24 @@ def _last(rows: np.ndarray) -> np.ndarray:
 
 
 def _strings(buf: np.ndarray, offs: np.ndarray, sizes: np.ndarray, msg: np.ndarray, utf8: bool) -> list:
+    """The strings (or bytes) at buf[offs[i]:offs[i] + sizes[i]]: all their bytes gathered and decoded at once when
+    they are ASCII, one by one otherwise (a string that is not UTF-8 names its message)."""
+    ends = np.cumsum(sizes)
+    idx = np.repeat(offs - (ends - sizes), sizes) + np.arange(int(ends[-1]) if ends.size else 0)
+    raw = buf[idx]
+    cuts = zip((ends - sizes).tolist(), ends.tolist())
+    if not utf8:
+        data = raw.tobytes()
+        return [data[a:b] for a, b in cuts]
+    if not raw.size or raw.max() < 0x80:
+        text = raw.tobytes().decode("ascii")
+        return [text[a:b] for a, b in cuts]
     out = []
-    for o, s, m in zip(offs.tolist(), sizes.tolist(), msg.tolist()):
-        raw = buf[o:o + s].tobytes()
-        if utf8:
-            try:
-                raw = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise WireError(m, f"a string that is not UTF-8 ({exc})") from None
-        out.append(raw)
+    for (a, b), m in zip(cuts, msg.tolist()):
+        try:
+            out.append(raw[a:b].tobytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise WireError(m, f"a string that is not UTF-8 ({exc})") from None
     return out
 
 

@@ -193,3 +193,23 @@ def test_waymo_two_paths_and_the_fallback(tmp_path, caplog):
         got = list(waymo.read(Path(tmp_path / "o.tfrecord"), opts))
     assert "decoded record by record with upb" in caplog.text
     same(got, list(waymo.read_reference(tmp_path / "o.tfrecord", opts)))
+
+
+def test_bytes_and_repeated_strings_match_upb():
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    f = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="pbcolumns_test.proto", package="pbt", syntax="proto3")
+    m = fdp.message_type.add(name="T")
+    m.field.add(name="b", number=1, type=f.TYPE_BYTES, label=f.LABEL_OPTIONAL)
+    m.field.add(name="s", number=2, type=f.TYPE_STRING, label=f.LABEL_REPEATED)
+    m.field.add(name="k", number=3, type=f.TYPE_SINT64, label=f.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    desc = pool.FindMessageTypeByName("pbt.T")
+    cls = message_factory.GetMessageClass(desc)
+    datas = [cls(b=bytes([i, 0xFF, 0]) * (i % 3), s=["x" * (i % 4), "é"][: i % 3], k=-i * 1000).SerializeToString()
+             for i in range(20)]
+    _check(desc, cls, datas, pbcolumns.decode(desc, *_columns(datas)))
+    ascii_only = [cls(s=["ab", "c"]).SerializeToString()] * 3
+    _check(desc, cls, ascii_only, pbcolumns.decode(desc, *_columns(ascii_only)))
