@@ -431,20 +431,17 @@ def build_frames(src: SourceDrive, fmt: str, opts: ImportOptions) -> Frames:
 
 
 def with_source_tag(frames: Frames, fmt: str) -> Frames:
-    """Frames whose every frame carries a `source:` tag: `source:<fmt>` added where a frame has none."""
+    """Frames whose every frame carries a `source:` tag: `source:<fmt>` added where a frame has none (after its
+    own tags)."""
     c = frames.cols
     off = np.concatenate([[0], np.cumsum(c["tag_count"], dtype=np.int64)])
     tags = c["tag"]
-    counts, out = [], []
-    for i in range(frames.num_frames):
-        mine = list(tags[off[i]:off[i + 1]])
-        if not any(str(t).startswith(SOURCE_TAG_PREFIX) for t in mine):
-            mine.append(f"{SOURCE_TAG_PREFIX}{fmt}")
-        counts.append(len(mine))
-        out.extend(mine)
+    is_source = np.fromiter((str(t).startswith(SOURCE_TAG_PREFIX) for t in tags), bool, tags.shape[0])
+    sums = np.concatenate([[0], np.cumsum(is_source)])
+    lacking = sums[off[1:]] == sums[off[:-1]]
     cols = dict(c)
-    cols["tag_count"] = np.asarray(counts, np.uint32)
-    cols["tag"] = np.asarray(out, dtype=object)
+    cols["tag_count"] = (c["tag_count"] + lacking).astype(np.uint32)
+    cols["tag"] = np.insert(np.asarray(tags, dtype=object), off[1:][lacking], f"{SOURCE_TAG_PREFIX}{fmt}")
     return Frames(cols, frames.plan_dt_s)
 
 

@@ -20,7 +20,7 @@ from ingest.importers import samples
 from ingest.contract import frames_to_arrow
 from ingest.importers import waymo
 from ingest.importers.common import (ImportFailed, ImportOptions, ImportReport, PlanObs, SourceDrive, convert_file,
-                                     plans_on_grid)
+                                     plans_on_grid, with_source_tag)
 from ingest.importers.mcap import export_mcap
 from ingest.importers.ros2_samples import write_ros2
 from ingest.importers.run import TABLE_GROUP, drive_tables, import_sources
@@ -358,3 +358,25 @@ def test_a_bad_record_late_in_a_file_removes_what_its_file_had_written(tmp_path)
     # the drives of the bad file's first records were being written when it failed: none is left, not even hidden
     assert [p.name for p in list_drive_files(tmp_path / "drives")] == ["av2-first.drive.parquet"]
     assert not [p for p in (tmp_path / "drives").rglob("*") if p.name.startswith(".")]
+
+
+def test_with_source_tag_adds_the_tag_where_a_frame_has_none():
+    rng = np.random.default_rng(0)
+    pool = ["a", "source:fleet", "b", "source", "x-source:y"]
+    for _ in range(100):
+        n = int(rng.integers(2, 12))
+        counts = rng.integers(0, 4, n).astype(np.uint32)
+        tags = np.array([pool[int(k)] for k in rng.integers(0, len(pool), int(counts.sum()))], dtype=object)
+        frames = synthetic_frames(n, agents=1)
+        frames.cols["tag_count"], frames.cols["tag"] = counts, tags
+        got = with_source_tag(frames, "mcap")
+        want_counts, want_tags, at = [], [], 0
+        for k in counts.tolist():  # the rule frame by frame
+            mine = list(tags[at:at + k])
+            at += k
+            if not any(t.startswith("source:") for t in mine):
+                mine.append("source:mcap")
+            want_counts.append(len(mine))
+            want_tags += mine
+        assert got.cols["tag_count"].dtype == np.uint32 and got.cols["tag_count"].tolist() == want_counts
+        assert got.cols["tag"].dtype == object and got.cols["tag"].tolist() == want_tags
