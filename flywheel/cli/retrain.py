@@ -76,6 +76,8 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
                                                        "logged decisions where the frames have them), fleet or "
                                                        "emulation")] = None,
          max_per_drive: Annotated[Optional[int], typer.Option(help="windows per drive at most (by score)")] = None,
+         tail_quantile: Annotated[Optional[float], typer.Option(help="by score: mine only windows above this quantile "
+                                                                "of all the pair's window scores (0: off)")] = None,
          snapshots: Annotated[Path, typer.Option(help="snapshot directory")] = Path("data/snapshots"),
          seed: Annotated[int, typer.Option(help="seeds the drive split and the ordinary draw")] = 0,
          no_snapshot: Annotated[bool, typer.Option("--no-snapshot", help="only show what would be mined")] = False,
@@ -87,7 +89,8 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
 
     query = _query(sql, file, by_score)
     fields = {k: v for k, v in {"sql": query, "pair": pair, "max_windows": max_windows, "signal": signal,
-                                "max_per_drive": max_per_drive}.items() if v is not None}
+                                "max_per_drive": max_per_drive, "tail_quantile": tail_quantile}.items()
+              if v is not None}
     try:
         cfg = MiningConfig(**fields)
         result = run_mine(_lake(lake), cfg)
@@ -95,7 +98,9 @@ def mine(sql: SqlOpt = None, file: FileOpt = None,
         _fail(exc)
     Console().print(_counts_table(result))
     if result.threshold is not None:
-        console.print(f"threshold {result.threshold:.4g} (noise floor {result.noise_floor}); {result.eligible} "
+        tail = ", ".join(f"{k} {v:.4g}" for k, v in result.tail.items())
+        console.print(f"threshold {result.threshold:.4g} (noise floor {result.noise_floor})"
+                      + (f", tail p{cfg.tail_quantile * 100:g} {tail}" if tail else "") + f"; {result.eligible} "
                       f"windows above it, {len(result.items)} kept; judged by "
                       + ", ".join(f"{k}: {v}" for k, v in result.counts("signal").items()))
     if as_json:

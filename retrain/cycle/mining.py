@@ -15,7 +15,11 @@ refused, failing or ill-shaped query raises `MiningError` saying what is wrong.
 
 By score: scenario windows of the pair (teacher, current student) whose divergence lies above the noise floor: the
 `noise_quantile` of the teacher-against-itself score (`noise_floor` table) times `noise_margin` (and at least
-`min_score`). Among those, the selection is balanced and diverse: windows are taken best first in turns over the
+`min_score`), and in the tail of the pair's divergence: above the `tail_quantile` of the scores of all the pair's
+windows judged by the same signal. The noise floor alone admits every window where the teacher is deterministic (its
+score against itself is ~1e-5), and the balance then filled a stratum the student handles well (highway) with windows
+below the fleet's median divergence, which a fine-tune cannot and need not lower. Among those, the selection is
+balanced and diverse: windows are taken best first in turns over the
 strata (source x condition x scenario type, and the signal that judged them), so every stratum with divergent windows
 gets an equal share until it runs out, and no drive gives more than `max_per_drive` windows. A window's source is the
 name of its frames' `source:<name>` tag (`flywheel import` writes one per format), else `fleet`.
@@ -87,6 +91,9 @@ class MiningConfig(BaseModel):
     noise_margin: float = Field(3.0, ge=1, description="a window is divergent when its score exceeds the noise "
                                 "floor times this")
     min_score: float = Field(0.0, ge=0, description="and at least this score (absolute floor, score units)")
+    tail_quantile: float = Field(0.75, ge=0, lt=1, description="and above this quantile of the scores of all the "
+                                 "pair's windows judged by the same signal: only the tail of the fleet's divergence "
+                                 "is mined (0: any window above the noise floor)")
     require_noise_floor: bool = Field(True, description="refuse to mine by score when the lake holds no noise "
                                       "floor for the teacher (else only min_score applies)")
     window_statistic: Literal["mean_score", "max_score"] = Field(
@@ -148,6 +155,7 @@ class MiningResult:
     pair: str | None = None
     threshold: float | None = None
     noise_floor: dict = field(default_factory=dict)
+    tail: dict = field(default_factory=dict)  # by score: signal -> its tail_quantile of the pair's window scores
     eligible: int = 0
     config: dict = field(default_factory=dict)
 
@@ -169,7 +177,7 @@ class MiningResult:
 
     def to_dict(self) -> dict:
         return {"rule": self.rule, "sql": self.sql, "pair": self.pair, "threshold": self.threshold,
-                "noise_floor": self.noise_floor, "eligible": self.eligible, "config": self.config,
+                "noise_floor": self.noise_floor, "tail": self.tail, "eligible": self.eligible, "config": self.config,
                 "windows": len(self.items), "frames": sum(i.frames for i in self.items),
                 "by_condition": self.counts("condition"), "by_road_type": self.counts("road_type"),
                 "by_source": self.counts("source"), "signal": self.signal,
@@ -180,7 +188,7 @@ class MiningResult:
     def from_dict(cls, d: dict) -> "MiningResult":
         return cls(rule=d["rule"], items=[MinedItem(**i) for i in d["items"]], sql=d.get("sql"), pair=d.get("pair"),
                    threshold=d.get("threshold"), noise_floor=d.get("noise_floor", {}),
-                   eligible=d.get("eligible", 0), config=d.get("config", {}))
+                   tail=d.get("tail", {}), eligible=d.get("eligible", 0), config=d.get("config", {}))
 
 
 def condition_of(lighting: str | None, weather: str | None) -> str:
@@ -442,18 +450,25 @@ def mine_score(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
             log.info("mining by the emulation's divergence: %s", why)
             signal = "emulation"  # auto with nothing to join: the plain query
     stat = cfg.window_statistic
+    # every window of the pair (threshold below any score): the tail's quantile is taken over all of them
     t = _run(catalog, _score_sql(stat, signal),
-             {"pair": pair, "threshold": threshold, "min_frames": cfg.min_window_frames}, "score query")
-    cands = [{"drive_id": d, "start": int(a), "end": int(b), "score": float(s), "condition": condition_of(li, we),
+             {"pair": pair, "threshold": -1.0, "min_frames": cfg.min_window_frames}, "score query")
+    windows = [{"drive_id": d, "start": int(a), "end": int(b), "score": float(s), "condition": condition_of(li, we),
               "road_type": rt or "", "source": src, "signal": sig}
              for d, a, b, s, li, we, rt, src, sig in zip(*(t[c].to_pylist() for c in (
                  "drive_id", "start", "end", "score", "lighting", "weather", "road_type", "source", "signal")))]
+    tail = {sig: float(np.quantile([w["score"] for w in windows if w["signal"] == sig], cfg.tail_quantile))
+            for sig in sorted({w["signal"] for w in windows})} if cfg.tail_quantile > 0 else {}
+    cands = [w for w in windows if w["score"] > max(threshold, tail.get(w["signal"], threshold))]
     if not cands:
         what = {"fleet": f"judged by the fleet's logged decisions (at least {cfg.min_window_frames} frames of the "
                          "pair's student)", "emulation": "judged by the emulation",
                 "auto": "by either signal"}[signal]
+        tails = ", ".join(f"{k} {v:.4g}" for k, v in tail.items())
         raise MiningError(f"no window of pair {pair} {what} scores above the threshold {threshold:.4g} "
-                          f"(noise floor p{cfg.noise_quantile * 100:g} {floor['score_q']} x {cfg.noise_margin})")
+                          f"(noise floor p{cfg.noise_quantile * 100:g} {floor['score_q']} x {cfg.noise_margin})"
+                          + (f" and the tail's p{cfg.tail_quantile * 100:g} of its {len(windows)} windows ({tails})"
+                             if tail else ""))
     chosen = select_balanced(cands, cfg)
     bounds = drive_bounds(catalog, sorted({c["drive_id"] for c in chosen}))
     items = [_with_context(c["drive_id"], c["start"], c["end"], bounds[c["drive_id"]], cfg, score=c["score"],
@@ -461,10 +476,10 @@ def mine_score(catalog: Catalog, cfg: MiningConfig) -> MiningResult:
                            signal=c["signal"])
              for c in chosen if c["drive_id"] in bounds]
     items.sort(key=lambda i: (i.drive_id, i.start_seq))
-    res = MiningResult("score", items, pair=pair, threshold=threshold, noise_floor=floor, eligible=len(cands),
+    res = MiningResult("score", items, pair=pair, threshold=threshold, noise_floor=floor, tail=tail, eligible=len(cands),
                        config=cfg.model_dump(mode="json"))
-    log.info("mined %d of %d windows above %.4g (pair %s, signal %s -> %s: %s) over %d drives", len(items),
-             len(cands), threshold, pair, cfg.signal, res.signal,
+    log.info("mined %d of %d windows (%d in all) above %.4g and the tail %s (pair %s, signal %s -> %s: %s) over "
+             "%d drives", len(items), len(cands), len(windows), threshold, tail, pair, cfg.signal, res.signal,
              ", ".join(f"{n} by {k}" for k, n in res.counts("signal").items()), len({i.drive_id for i in items}))
     return res
 

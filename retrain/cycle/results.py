@@ -46,6 +46,8 @@ class MiningSummary(Record):
     pair: str | None = None
     threshold: float | None = None
     noise_floor: dict[str, Any] = Field(default_factory=dict)
+    tail: dict[str, float] = Field(default_factory=dict, description="by score: per signal, the tail quantile of the "
+                                   "pair's window scores a mined window exceeds; absent from older records")
     eligible: int = 0
     config: dict[str, Any] = Field(default_factory=dict)
     windows: int

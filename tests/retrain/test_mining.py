@@ -75,7 +75,7 @@ def lake(tmp_path_factory):
 
 
 def test_balanced_mining_holds_the_caps(lake):
-    res = mine(lake, MiningConfig(pair=PAIR, max_windows=20, max_per_drive=3))
+    res = mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, max_windows=20, max_per_drive=3))
     assert len(res.items) == 20 and res.eligible == sum(v[0] for v in SKEW.values())
     per_drive = res.counts("drive_id")
     assert max(per_drive.values()) <= 3 and per_drive["hot"] == 3  # one drive cannot dominate
@@ -84,7 +84,7 @@ def test_balanced_mining_holds_the_caps(lake):
     assert res.counts("condition") == {"glare": 3, "nominal": 11, "rain": 6}
     assert res.threshold == pytest.approx(3.0 * np.quantile(np.random.default_rng(0).uniform(0, 0.01, 200), 0.99),
                                           rel=1e-3)
-    unbalanced = mine(lake, MiningConfig(pair=PAIR, max_windows=20, max_per_drive=3, balance=False))
+    unbalanced = mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, max_windows=20, max_per_drive=3, balance=False))
     assert unbalanced.counts("condition") == {"glare": 3, "nominal": 17}  # best first: rain never makes it
     for it in res.items:  # context: 9 frames of history, 40 of horizon, clipped to the drive
         assert it.context_start == max(0, it.start_seq - 9)
@@ -92,12 +92,32 @@ def test_balanced_mining_holds_the_caps(lake):
         assert it.context_end == min(n - 1, it.end_seq + 40)
 
 
+def test_only_the_tail_of_the_pairs_divergence_is_mined(lake):
+    # the noise floor (~0.01) admits every window; the tail's quantile is taken over all the pair's windows
+    scores = np.concatenate([v[4] for v in SKEW.values()])
+    q = float(np.quantile(scores, 0.75))
+    res = mine(lake, MiningConfig(pair=PAIR, max_windows=500, max_per_drive=500))
+    assert res.tail == {"emulation": pytest.approx(q)} and res.eligible == int((scores > q).sum())
+    assert len(res.items) == res.eligible and all(i.score > q for i in res.items)
+    # the balance no longer fills a stratum with windows below the fleet's typical divergence: rain's (0.5-0.8)
+    # and the nominal drives' lower windows are out, though the caps leave room
+    assert "rain" not in res.counts("condition") and min(i.score for i in res.items) > np.median(scores)
+    off = mine(lake, MiningConfig(pair=PAIR, max_windows=500, max_per_drive=500, tail_quantile=0))
+    assert off.tail == {} and off.eligible == len(scores) and off.counts("condition")["rain"] == 6
+    assert mine(lake, MiningConfig(pair=PAIR, tail_quantile=0.5, max_windows=500,
+                                   max_per_drive=500)).eligible == int((scores > np.median(scores)).sum())
+    with pytest.raises(MiningError, match="tail's p75 of its 76 windows"):
+        mine(lake, MiningConfig(pair=PAIR, min_score=20, max_windows=500))
+    with pytest.raises(ValidationError, match="tail_quantile"):
+        MiningConfig(tail_quantile=1.0)
+
+
 def test_threshold_from_noise_floor_and_min_score(lake):
-    res = mine(lake, MiningConfig(pair=PAIR, min_score=1.5, max_windows=500, max_per_drive=500))
+    res = mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, min_score=1.5, max_windows=500, max_per_drive=500))
     assert res.threshold == 1.5 and all(i.score > 1.5 for i in res.items)
     assert res.counts("condition") == {"glare": 20, "nominal": 20}
     with pytest.raises(MiningError, match="no window"):
-        mine(lake, MiningConfig(pair=PAIR, min_score=100))
+        mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, min_score=100))
 
 
 def test_sql_mining_frames_and_windows(lake):
@@ -130,7 +150,7 @@ def test_bad_mining_queries(lake, sql, match):
 
 def test_bad_mining_requests(lake, tmp_path):
     with pytest.raises(MiningError, match="no scenario windows of pair"):
-        mine(lake, MiningConfig(pair="teacher-v1__nobody-v9"))
+        mine(lake, MiningConfig(tail_quantile=0, pair="teacher-v1__nobody-v9"))
     with pytest.raises(ValidationError, match="extra"):
         MiningConfig(sqll="SELECT 1")
     with pytest.raises(ValidationError, match="empty"):
@@ -144,7 +164,7 @@ def test_bad_mining_requests(lake, tmp_path):
 
 
 def test_snapshot_of_mined_windows(lake, tmp_path):
-    res = mine(lake, MiningConfig(pair=PAIR, max_windows=20, max_per_drive=3))
+    res = mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, max_windows=20, max_per_drive=3))
     snap = create_snapshot(lake, res, DatasetConfig(seed=1), tmp_path, {"pair": PAIR})
     m = snap.manifest
     assert m["rule"]["rule"] == "score" and m["rule"]["threshold"] == res.threshold and m["sources"]["pair"] == PAIR
@@ -187,7 +207,7 @@ def test_flywheel_mine_command(lake, tmp_path):
 
     run = CliRunner().invoke
     res = run(app, ["mine", "--by-score", "--pair", PAIR, "--lake", str(lake), "--max-windows", "20",
-                    "--max-per-drive", "3", "--snapshots", str(tmp_path)])
+                    "--max-per-drive", "3", "--tail-quantile", "0", "--snapshots", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "glare" in res.output and "rain" in res.output and "total" in res.output
     snap = load_snapshot(res.output.strip().splitlines()[-1])
@@ -253,7 +273,7 @@ def _picked(res) -> list[tuple[str, int, str]]:
 
 
 def test_auto_mines_the_fleet_divergence_where_the_decision_is_logged(shadow_lake):
-    cfg = dict(pair=FLEET_PAIR, balance=False, max_per_drive=10)
+    cfg = dict(pair=FLEET_PAIR, tail_quantile=0, balance=False, max_per_drive=10)
     fleet = mine(shadow_lake, MiningConfig(signal="fleet", max_windows=4, **cfg))
     emulation = mine(shadow_lake, MiningConfig(signal="emulation", max_windows=4, **cfg))
     # the ranking follows the signal: the fleet's logged decisions put b first, the emulation a
@@ -273,29 +293,29 @@ def test_auto_mines_the_fleet_divergence_where_the_decision_is_logged(shadow_lak
     assert got[("c0", 0)] == ("emulation", 3.0) and got[("p0", 0)] == ("emulation", 2.0)
     assert got[("o0", 50)] == ("emulation", 2.0)
     # balanced over the strata, the signal one of them: the two signals take turns, never ranked against each other
-    balanced = mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, max_windows=4, max_per_drive=10))
+    balanced = mine(shadow_lake, MiningConfig(tail_quantile=0, pair=FLEET_PAIR, max_windows=4, max_per_drive=10))
     assert balanced.counts("signal") == {"emulation": 2, "fleet": 2}
     assert {(i.drive_id, i.start_seq) for i in balanced.items} == {("b0", 0), ("b1", 0), ("c0", 0), ("c0", 50)}
     # the window statistic applies to the fleet score: b1's second window holds a spike frame
     top = mine(shadow_lake, MiningConfig(signal="fleet", window_statistic="max_score", max_windows=1, **cfg))
     assert _picked(top) == [("b1", 50, "fleet")] and top.items[0].score == 8.0
     # every window covered: auto is the fleet alone
-    covered = mine(shadow_lake, MiningConfig(pair=COVERED_PAIR, max_windows=4, balance=False, max_per_drive=10))
+    covered = mine(shadow_lake, MiningConfig(tail_quantile=0, pair=COVERED_PAIR, max_windows=4, balance=False, max_per_drive=10))
     assert covered.signal == "fleet" and {i.drive_id for i in covered.items} == {"b0", "b1"}
 
 
 def test_fleet_signal_needs_the_students_logged_decisions(lake, shadow_lake):
     # a lake without onboard rows: auto is the emulation, window for window; fleet is refused, saying why
-    auto, emulation = (mine(lake, MiningConfig(pair=PAIR, max_windows=20, max_per_drive=3, signal=s))
+    auto, emulation = (mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, max_windows=20, max_per_drive=3, signal=s))
                        for s in ("auto", "emulation"))
     assert auto.signal == "emulation" and auto.to_dict()["items"] == emulation.to_dict()["items"]
     with pytest.raises(MiningError, match="fleet's divergence: the lake holds no onboard rows of pair"):
-        mine(lake, MiningConfig(pair=PAIR, signal="fleet"))
+        mine(lake, MiningConfig(tail_quantile=0, pair=PAIR, signal="fleet"))
     with pytest.raises(MiningError, match="log decisions of student v9, not of the pair's student"):
-        mine(shadow_lake, MiningConfig(pair=OTHER_PAIR, signal="fleet"))
-    assert mine(shadow_lake, MiningConfig(pair=OTHER_PAIR)).signal == "emulation"
+        mine(shadow_lake, MiningConfig(tail_quantile=0, pair=OTHER_PAIR, signal="fleet"))
+    assert mine(shadow_lake, MiningConfig(tail_quantile=0, pair=OTHER_PAIR)).signal == "emulation"
     with pytest.raises(MiningError, match="judged by the fleet's logged decisions"):
-        mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, signal="fleet", min_score=6.0))
+        mine(shadow_lake, MiningConfig(tail_quantile=0, pair=FLEET_PAIR, signal="fleet", min_score=6.0))
     with pytest.raises(ValidationError, match="signal"):
         MiningConfig(signal="logged")
 
@@ -304,7 +324,7 @@ def test_mining_result_records_its_signal(shadow_lake):
     from retrain.cycle.mining import MiningResult
     from retrain.cycle.results import MiningSummary
 
-    res = mine(shadow_lake, MiningConfig(pair=FLEET_PAIR, max_windows=20, max_per_drive=10))
+    res = mine(shadow_lake, MiningConfig(tail_quantile=0, pair=FLEET_PAIR, max_windows=20, max_per_drive=10))
     d = res.to_dict()
     back = MiningResult.from_dict(d)
     assert back.signal == "fleet+emulation" and back.items == res.items and back.to_dict() == d
