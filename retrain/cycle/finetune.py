@@ -70,8 +70,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, dict], None]
 STATE_FILE = "state.pt"
 RESULT_FILE, CHECKPOINT_FILE = "result.json", "checkpoint.pt"
-STATE_FORMAT_VERSION = 2  # of state.pt (2: QAT phase and ranges, feature maps)
-RESULT_FORMAT_VERSION = 1  # of result.json
+STATE_FORMAT_VERSION, RESULT_FORMAT_VERSION = 2, 1  # of state.pt (2: QAT phase and ranges, feature maps), result
 
 
 class FinetuneError(RuntimeError):
@@ -100,9 +99,10 @@ class FinetuneConfig(BaseModel):
                                            "feature and attention-map distillation (off by default: on the "
                                            "reference fleet weights 1.0 and 0.1 did not lower the held-out "
                                            "divergence, -30.3% vs -32.8% where mined at 0.1)")
-    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(share=0.5), description="perturbed "
-                                   "copies of mined frames (perception noise), labelled by the teacher, from a bank "
-                                   "made before training (`retrain.models.augment`)")
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig(share=1.0), description="perturbed "
+                                   "copies of mined frames (perception noise) labelled by the teacher, from a bank "
+                                   "(`retrain.models.augment`); every mined frame a copy: reference fleet, held out, "
+                                   "FP32, mined -34.0%, ordinary -2.2% (share 0.5: -24.0%, +12.3%)")
     ema_decay: float | None = Field(0.99, gt=0, lt=1, description="keep an exponential moving average of the "
                                     "weights (this decay per step); evaluations and the kept state are the "
                                     "average's. None: the raw weights")

@@ -26,7 +26,8 @@ from ingest.lake import list_drive_files
 from ingest.versions import check_version
 from retrain.models.architectures import Planner, PlannerConfig, export_onnx, tensors
 from retrain.models.evaluate import split_drives
-from shadow.featurize import Features, featurize_drive_files
+from shadow.featurize import HORIZON_DT_S, Features, featurize_drive_files
+from shadow.log_replay import ComfortLimits
 from shadow.spec import MODEL_FILE, ModelSpec, read_spec, write_spec
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class DistillConfig(BaseModel):
     kl_weight: float = Field(1.0, ge=0, description="weight of T^2 * KL(teacher || student) on maneuver logits")
     hard_weight: float = Field(0.2, ge=0, description="weight of the behaviour-cloning loss against the expert")
     loss: LossConfig = Field(default_factory=LossConfig, description="yaw weight and Huber delta, as the teacher's")
+    comfort_weight: float = Field(0.0, ge=0, description="weight of the student's plan's excess over the comfort "
+                                  "limits the log-replay closed loop judges (`plan_comfort_excess`): a student "
+                                  "smoother than its teacher. Off in the cycle: on the reference fleet 0.02 kept more "
+                                  "of the log-replay score elsewhere (0.8951 -> 0.8902, 0.8802 without) but cost "
+                                  "divergence (where mined -46.7% against -50.3%, elsewhere +14.5% against -2.2%)")
 
 
 def dataset_hash(paths: list[Path]) -> str:
@@ -192,6 +198,22 @@ def torch_predict(model: Planner, feats: Features, batch_size: int = 1024) -> tu
     return torch.cat([o[0] for o in outs]).numpy(), torch.cat([o[1] for o in outs]).numpy()
 
 
+def plan_comfort_excess(traj: torch.Tensor, limits: ComfortLimits | None = None) -> torch.Tensor:
+    """Mean excess of a plan over the longitudinal comfort limits, along its waypoints: traj (B, T, 3) [m, m, rad] in
+    the ego frame at HORIZON_DT_S spacing, the ego at the origin. Speeds from the waypoint steps, accelerations and
+    jerks their differences; the excess is hinge (m/s^2 beyond the acceleration limits plus m/s^3 beyond the jerk
+    limit, averaged over the plan's steps) -> scalar. Coarser than the closed loop's track (0.5 s steps), but it
+    orders plans as the log replay's comfort does."""
+    lim = limits or ComfortLimits()
+    p = torch.cat([traj.new_zeros(traj.shape[0], 1, 2), traj[..., :2]], dim=1)
+    step = p[:, 1:] - p[:, :-1]
+    v = torch.sqrt((step * step).sum(-1) + 1e-6) / HORIZON_DT_S  # (B, T) m/s; eps: no NaN gradient at rest
+    a = (v[:, 1:] - v[:, :-1]) / HORIZON_DT_S
+    j = (a[:, 1:] - a[:, :-1]) / HORIZON_DT_S
+    return (F.relu(a - lim.max_lon_accel_mps2) + F.relu(lim.min_lon_accel_mps2 - a)).mean() \
+        + F.relu(j.abs() - lim.max_abs_lon_jerk_mps3).mean()
+
+
 def distill_loss(model: Planner, b: dict[str, np.ndarray], cfg: DistillConfig) -> torch.Tensor:
     """Soft targets (teacher trajectory and logits in `b["t_traj"]`, `b["t_logits"]`) plus the hard BC loss."""
     traj, logits = model(*tensors(b))
@@ -207,4 +229,6 @@ def distill_loss(model: Planner, b: dict[str, np.ndarray], cfg: DistillConfig) -
         loss = loss + cfg.hard_weight * planning_loss(traj, logits, torch.from_numpy(b["traj"]),
                                                       torch.from_numpy(b["traj_mask"]), torch.from_numpy(b["maneuver"]),
                                                       cfg.loss)
+    if cfg.comfort_weight:
+        loss = loss + cfg.comfort_weight * plan_comfort_excess(traj)
     return loss

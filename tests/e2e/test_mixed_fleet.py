@@ -67,7 +67,8 @@ def test_two_formats_and_the_fleet_in_one_lake_replayed_by_a_plugin_pair(kafka_c
                               "ORDER BY model").to_pylist()
         assert decisions == [{"model": "student-mixer-v0", "featurizer_version": "mix-v1", "n": total},
                              {"model": "teacher-v1", "featurizer_version": "feat-v1", "n": total}]
-    mined = mine(lake, MiningConfig(require_noise_floor=False, min_score=0.0, max_per_drive=1, min_window_frames=5))
+    mined = mine(lake, MiningConfig(require_noise_floor=False, min_score=0.0, tail_quantile=0,
+                                    max_per_drive=1, min_window_frames=5))
     sources = mined.to_dict()["by_source"]
     assert set(sources) == {"waymo", "av2", "fleet"}  # balanced over sources: each gets its windows
     assert all(it.source in sources for it in mined.items)

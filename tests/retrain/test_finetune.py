@@ -247,3 +247,40 @@ def test_stopped_copies_hold_the_ego_still_where_it_is():
     assert np.array_equal(y["ego_hist"][~stopped], x["ego_hist"][~stopped]) and np.array_equal(y["lane"], x["lane"])
     none = perturb(x, AugmentConfig(share=1.0, stop_prob=0.0), np.random.default_rng(3))
     assert np.array_equal(none["ego_hist"], x["ego_hist"])
+
+
+def test_plan_comfort_excess_against_a_hand_computation():
+    from retrain.models.training import plan_comfort_excess
+
+    steady = torch.zeros(2, 8, 3)
+    steady[..., 0] = torch.arange(1, 9) * 2.5  # 5 m/s straight ahead at 0.5 s waypoints
+    assert float(plan_comfort_excess(steady)) == pytest.approx(0.0, abs=1e-3)
+    # speeds 5, 5, 5, 10, 10, 10, 2, 2 m/s: one step of +10 m/s^2, one of -16 m/s^2, jerks to match
+    v = np.array([5, 5, 5, 10, 10, 10, 2, 2], np.float64)
+    x = np.cumsum(v * 0.5)
+    a = np.diff(v) / 0.5
+    j = np.diff(a) / 0.5
+    want = (np.maximum(a - 2.40, 0) + np.maximum(-4.05 - a, 0)).mean() + np.maximum(np.abs(j) - 4.13, 0).mean()
+    plan = torch.zeros(1, 8, 3)
+    plan[0, :, 1] = torch.tensor(x, dtype=torch.float32)  # along y: the direction does not matter
+    assert float(plan_comfort_excess(plan)) == pytest.approx(want, rel=1e-3)
+
+
+def test_comfort_weight_makes_the_candidates_plans_smoother(setup, tmp_path):
+    from retrain.models.training import DistillConfig, plan_comfort_excess
+
+    cfg = CFG.model_copy(update={"steps": 30, "lr": 3e-3, "ema_decay": None, "eval_every": 100,
+                                 "qat": CFG.qat.model_copy(update={"enabled": False})})
+    feats, meta = setup["snapshot"].features()
+
+    def excess(weight: float) -> float:
+        c = cfg.model_copy(update={"distill": DistillConfig(hard_weight=0.0, comfort_weight=weight)})
+        state = finetune(setup["start"], setup["teacher"], setup["snapshot"], c, tmp_path / str(weight))
+        # the last trained weights (the kept best may be step 0), run over every frame of the snapshot
+        model = load_checkpoint(setup["start"])
+        model.load_state_dict(torch.load(tmp_path / str(weight) / "state.pt", weights_only=False)["model"])
+        assert state.steps_run == 30
+        return float(plan_comfort_excess(torch.from_numpy(torch_predict(model.eval(), feats)[0])))
+
+    plain, smooth = excess(0.0), excess(5.0)
+    assert smooth < 0.7 * plain
