@@ -237,8 +237,7 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
     temporary file is removed and nothing is published. `compression`: a Parquet codec (zstd, lz4, snappy, none).
     """
     path = Path(path)
-    if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in metadata.items()}})
+    table = _with_metadata(table, metadata)
     if is_remote(path):
         # object storage has no rename: the file is PUT once under its final name (ingest.objstore)
         data = parquet_bytes(table, row_group_size=row_group_size, compression=compression,
@@ -259,6 +258,12 @@ def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int = 1 <<
         return write()
 
 
+def _with_metadata(table: pa.Table, metadata: dict[str, str] | None) -> pa.Table:
+    """`table` with `metadata` merged into its schema's key-value metadata (the Parquet footer)."""
+    extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), **extra}) if extra else table
+
+
 def _parquet(table: pa.Table, fh, row_group_size: int, compression: str) -> None:
     pq.write_table(table, fh, row_group_size=row_group_size, compression=compression,
                    use_dictionary=dictionary_columns(table.schema), write_statistics=statistics_columns(table.schema))
@@ -266,21 +271,30 @@ def _parquet(table: pa.Table, fh, row_group_size: int, compression: str) -> None
 
 def _write_atomic(path: Path, write: Callable, before_rename: Callable[[], None] | None = None) -> Path:
     """`write(fh)` into a hidden temporary file beside `path`, fsync, `before_rename()`, rename, fsync the directory."""
-    # writer's host and pid in the name: a restarted process can tell its dead predecessor's leftovers at once
+    tmp = _durable_temp(path, write)
+    try:
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def _durable_temp(path: Path, write: Callable) -> Path:
+    """`write(fh)` into a hidden temporary file beside `path`, fsynced; removed again if anything fails. The writer's
+    host and pid are in its name: a restarted process can tell its dead predecessor's leftovers at once."""
     tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
@@ -354,12 +368,11 @@ def list_drive_files(drives: Path) -> list[Path]:
 
 def write_drive(drives: Path, table: pa.Table) -> Path:
     """Store one drive (FRAME_SCHEMA rows of a single drive, seq 0..n-1) in the drive directory."""
-    table, path, meta = _drive_file(drives, table)
-    return write_parquet_atomic(table, path, metadata=meta)
+    return write_parquet_atomic(*_drive_file(drives, table))
 
 
-def _drive_file(drives: Path, table: pa.Table) -> tuple[pa.Table, Path, dict[str, str]]:
-    """A drive's rows checked and cast, its path and its footer: what `write_drive` stores."""
+def _drive_file(drives: Path, table: pa.Table) -> tuple[pa.Table, Path]:
+    """A drive's rows checked and cast, with its footer, and its path: what `write_drive` stores."""
     table = table.cast(FRAME_SCHEMA)
     drive_ids = table["drive_id"].unique().to_pylist()
     vehicle_ids = table["vehicle_id"].unique().to_pylist()
@@ -370,34 +383,24 @@ def _drive_file(drives: Path, table: pa.Table) -> tuple[pa.Table, Path, dict[str
         raise ValueError("a drive file's seq must run 0..n-1 in order")
     meta = {"flywheel.format": "drive", "flywheel.format_version": str(DRIVE_FORMAT_VERSION),
             "flywheel.drive_id": drive_ids[0], "flywheel.vehicle_id": vehicle_ids[0]}
-    return table, drive_path(drives, vehicle_ids[0], drive_ids[0]), meta
+    return _with_metadata(table, meta), drive_path(drives, vehicle_ids[0], drive_ids[0])
 
 
 class DriveBatch:
-    """Drives made durable, then visible together: `write` (any thread) stores a drive as `write_drive` does under
-    a hidden temporary name (host and pid in it) and fsyncs it; `commit_all` renames them and fsyncs each directory
-    once (n + directories fsyncs instead of 2n); `abort` removes them. Local drive directories only."""
+    """Drives made durable, then visible together: `write` (any thread) stores a drive as `write_drive` does (footer,
+    row groups, codec) under a hidden temporary name and fsyncs it; `commit_all` renames them and fsyncs each
+    directory once (n + directories fsyncs instead of 2n); `abort` removes them. Local drive directories only."""
 
     def __init__(self) -> None:
         self._done: list[tuple[Path, Path]] = []  # (temporary, final path)
         self._lock = threading.Lock()
 
     def write(self, drives: Path, table: pa.Table) -> Path:
-        table, path, meta = _drive_file(drives, table)
+        table, path = _drive_file(drives, table)
         if is_remote(path):
             raise ValueError(f"{path}: a DriveBatch writes local drive directories only")
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               **{k.encode(): v.encode() for k, v in meta.items()}})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                _parquet(table, fh, 1 << 17, PARQUET_COMPRESSION)  # write_parquet_atomic's defaults
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        tmp = _durable_temp(path, lambda fh: _parquet(table, fh, 1 << 17, PARQUET_COMPRESSION))
         with self._lock:
             self._done.append((tmp, path))
         return path

@@ -30,6 +30,8 @@ try:  # the msg-definition parser mcap-ros2-support decodes with, so both decode
 except ImportError:  # pragma: no cover - a release that moved them: every message goes through mcap-ros2-support
     TimeDefinition = _for_each_msgdef = None
 
+from ingest.importers.common import MessageError
+
 _DTYPE = {"bool": "u1", "byte": "u1", "char": "i1", "int8": "i1", "uint8": "u1", "int16": "<i2", "uint16": "<u2",
           "int32": "<i4", "uint32": "<u4", "int64": "<i8", "uint64": "<u8", "float32": "<f4", "float64": "<f8"}
 
@@ -41,13 +43,8 @@ class Unsupported(Exception):
     """The schema or the messages use what the columnar decoder does not handle: decode with mcap-ros2-support."""
 
 
-class CdrError(ValueError):
+class CdrError(MessageError):
     """Message `index` (of the batch) cannot be decoded: truncated, or a count larger than the message."""
-
-    def __init__(self, index: int, detail: str) -> None:
-        super().__init__(detail)
-        self.index = index
-        self.detail = detail
 
 
 # ------------------------------------------------------------------------------------------------- compiling

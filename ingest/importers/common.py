@@ -35,6 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ingest.contract import COLUMN_BY_NAME, COLUMNS, MAX_AGENTS_PER_FRAME, ChunkRejected, Frames, check_id, validate
 
+
+class MessageError(ValueError):
+    """Message `index` of a batch that a column decoder (`cdr`, `pbcolumns`) cannot decode; `detail` says why."""
+
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(detail)
+        self.index = index
+        self.detail = detail
+
+
 SOURCE_TAG_PREFIX = "source:"
 Progress = Callable[[int], None]
 """Called with the number of bytes of the current source file read so far."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.descriptor import FieldDescriptor as FD
 
+from ingest.importers.common import MessageError
+
 _FIXED = {FD.TYPE_DOUBLE: "<f8", FD.TYPE_FLOAT: "<f4", FD.TYPE_FIXED64: "<u8", FD.TYPE_SFIXED64: "<i8",
           FD.TYPE_FIXED32: "<u4", FD.TYPE_SFIXED32: "<i4"}
 _VARINT = {FD.TYPE_INT32, FD.TYPE_INT64, FD.TYPE_UINT32, FD.TYPE_UINT64, FD.TYPE_SINT32, FD.TYPE_SINT64,
@@ -30,13 +32,8 @@ class Unsupported(Exception):
     """Input this decoder leaves to upb (see the module docstring)."""
 
 
-class WireError(ValueError):
+class WireError(MessageError):
     """Message `index` is not valid protobuf wire format."""
-
-    def __init__(self, index: int, detail: str) -> None:
-        super().__init__(detail)
-        self.index = index
-        self.detail = detail
 
 
 def _fail(ok: np.ndarray, msg: np.ndarray, what: str) -> None:
