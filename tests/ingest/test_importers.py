@@ -346,6 +346,64 @@ def test_nuplan_nulls_are_invalid_states(tmp_path):
     assert report.dropped["agent_invalid_state"] == 1 and report.dropped["ego_invalid_state"] == 1
 
 
+def test_nuplan_column_types_from_every_row(tmp_path):
+    # more rows than the SQLite driver's default batch (1024), which it would infer the column types from
+    sc = samples.scene(steps=300, agents=5, seed=6, missing=0.0)
+    plain = samples.write_nuplan(tmp_path / "plain.db", sc, "log-t")
+    want = import_sources("nuplan", [plain], tmp_path / "want")
+    db = samples.write_nuplan(tmp_path / "src" / "t.db", sc, "log-t")
+    con = sqlite3.connect(db)
+    # integers in the first rows, reals after (the values the same): ego_pose's columns without a declared type
+    cols = [r[1] for r in con.execute("PRAGMA table_info(ego_pose)")]
+    con.execute("ALTER TABLE ego_pose RENAME TO e0")
+    con.execute(f"CREATE TABLE ego_pose ({', '.join(cols)})")
+    kinds = {"timestamp": "CASE WHEN rowid > 1100 THEN CAST(timestamp AS REAL) ELSE timestamp END",
+             "qx": "CASE WHEN rowid > 1100 THEN qx ELSE CAST(qx AS INTEGER) END"}
+    con.execute(f"INSERT INTO ego_pose SELECT {', '.join(kinds.get(c, c) for c in cols)} FROM e0")
+    con.execute("DROP TABLE e0")
+    # NULL in the first 1100 boxes, numbers after
+    con.execute("UPDATE lidar_box SET vx = NULL WHERE rowid <= 1100")
+    con.commit()
+    con.close()
+    assert sqlite3.connect(db).execute("SELECT typeof(timestamp), typeof(qx) FROM ego_pose WHERE rowid IN (1, 1200) "
+                                       "ORDER BY rowid").fetchall() == [("integer", "integer"), ("real", "real")]
+    before = (db.read_bytes(), db.stat().st_mtime_ns)
+    report = import_sources("nuplan", [db], tmp_path / "drives")
+    assert (db.read_bytes(), db.stat().st_mtime_ns) == before and [p.name for p in db.parent.iterdir()] == ["t.db"]
+    assert report.dropped["agent_invalid_state"] == 1100
+    got, w = _first(report)[1], _first(want)[1]
+    for k in ("timestamp_ns", "ego_x", "ego_y", "ego_heading", "ego_speed"):
+        np.testing.assert_array_equal(got[k], w[k])
+
+
+def test_nuplan_box_of_a_track_without_category_is_left_out(tmp_path):
+    db = _write("nuplan", tmp_path / "src")
+    _, whole = _first(import_sources("nuplan", [db], tmp_path / "whole"))
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM category WHERE name = 'bicycle'")
+    con.commit()
+    con.close()
+    _, c = _first(import_sources("nuplan", [db], tmp_path / "drives"))
+    bicycle = whole["agent_class"] == 4
+    assert bicycle.any() and not (c["agent_class"] == 4).any()
+    np.testing.assert_array_equal(c["agent_x"], whole["agent_x"][~bicycle])
+
+
+def test_nuplan_text_where_a_number_belongs(tmp_path):
+    sc = samples.scene(steps=300, agents=5, seed=6, missing=0.0)
+    for table, column, where in (("lidar_box", "yaw", "tables lidar_box, lidar_pc, track"),
+                                 ("ego_pose", "x", "table ego_pose")):
+        db = samples.write_nuplan(tmp_path / f"{table}.db", sc, "log-t")
+        con = sqlite3.connect(db)
+        con.execute(f"UPDATE {table} SET {column} = 'north' WHERE rowid = 1400")  # past the driver's default batch
+        con.commit()
+        con.close()
+        with pytest.raises(ImportFailed, match=f"{table}.db: {where}: column {table}.{column} holds text "
+                                               r"\('north'\), not a number"):
+            import_sources("nuplan", [db], tmp_path / "drives")
+    assert list_drive_files(tmp_path / "drives") == []
+
+
 def test_a_bad_record_late_in_a_file_removes_what_its_file_had_written(tmp_path):
     good = [(f"g{i}", samples.scene(steps=12, agents=1, seed=i)) for i in range(TABLE_GROUP + 4)]
     bad = samples.scene(steps=12, agents=1, seed=99)
