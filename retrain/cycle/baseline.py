@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,3 +119,16 @@ def chip_baselines(reg: Registry, parent: ModelEntry, checkpoint: Path, targets:
         if progress:
             progress(i + 1, len(targets), {"chip": chip, "baseline": base.ref})
     return out
+
+
+def int8_products(baselines: Iterable[ChipBaseline]) -> list[str] | None:
+    """The weight products (ONNX node names) the current student computes in INT8 on at least one chip, sorted: what
+    the fine-tune's quantization-aware phase fake-quantizes (`QatConfig.products`). None when an artifact does not
+    say (`extra.int8_nodes`): then every product is."""
+    found: set[str] = set()
+    for b in baselines:
+        nodes = read_spec(Path(b.path), verify=False).extra.get("int8_nodes")
+        if not isinstance(nodes, list):
+            return None
+        found.update(str(n) for n in nodes)
+    return sorted(found)

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ingest.lake import model_id, pair_id, write_json_atomic
 from ingest.versions import UnknownVersion, check_version
 from retrain.compress.workflow import CompressConfig, TargetResult, compress_for_target
-from retrain.cycle.baseline import ChipBaseline, chip_baselines
+from retrain.cycle.baseline import ChipBaseline, chip_baselines, int8_products
 from retrain.cycle.dataset import DatasetConfig, compress_frames, create_snapshot, load_snapshot
 from retrain.cycle.compress_plugin import compress_plugin_for_target
 from retrain.cycle.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -261,7 +261,11 @@ def run_cycle(config: CycleConfig, work_dir: Path, progress: Progress | None = N
 
     def do_finetune() -> dict:
         tune = (lambda *a, **k: finetune_plugin(*a, **k, stored=config.lake)) if plugin else finetune
-        res = tune(ckpt, teacher_dir, snap, config.finetune, work / "finetune",
+        ft_cfg, qat = config.finetune, config.finetune.qat
+        if qat.enabled and qat.products is None:  # fake INT8 only where the current student runs INT8 on a chip
+            ft_cfg = ft_cfg.model_copy(update={"qat": qat.model_copy(update={
+                "products": int8_products(baselines.values())})})
+        res = tune(ckpt, teacher_dir, snap, ft_cfg, work / "finetune",
                    progress=(lambda s, n, info: step.tell("finetune", s, n, info)) if progress else None)
         return res.model_dump(mode="json")
 

@@ -22,9 +22,11 @@ from retrain.cycle.dataset import load_snapshot, write_frames_lake
 from retrain.cycle.gates import GateConfig, evaluate_gates
 from retrain.cycle.verify import VerificationConfig
 from retrain.cycle.registry import Registry
+from retrain.models.qat import module_of_node
 from retrain.models.training import load_checkpoint, save_checkpoint
 from shadow.config import ReplayConfig
 from shadow.batch.replay import replay
+from shadow.spec import read_spec
 
 DRIVES, FRAMES = 12, 150
 TINY_T = PlannerConfig(width=16, depth=1, heads=2, head_dim=8, ffn=32)
@@ -164,6 +166,15 @@ def test_cycle_result_has_every_section(cycle_run, world):
         assert t["int8_matmul_share"] >= t["baseline"]["int8_matmul_share"] - 1e-9  # the bounded fallback
         for name in ("int8_share", "integer_share", "size", "latency"):
             assert f"{t['chip']}_compression_{name}" in {c["name"] for c in result.gate["checks"]}
+    # the quantization-aware phase fake-quantized exactly the products the current student runs in INT8 on a chip
+    ft = result.finetune
+    assert ft["qat_started_at"] is not None
+    int8 = set()
+    for t in result.targets:
+        nodes = read_spec(reg.version_dir(f"student-{t['chip']}", "v0"), verify=False).extra["int8_nodes"]
+        int8 |= {module_of_node(n) for n in nodes}
+    linears = {n for n, m in load_checkpoint(Path(ft["checkpoint"])).named_modules() if isinstance(m, torch.nn.Linear)}
+    assert int8 and int8 < linears and set(ft["qat_skipped"]) == linears - int8
     verify_rec = json.loads((work / "verify.json").read_text())["output"]
     assert "student-cpu" in json.dumps(verify_rec) or reg.version_dir("student-cpu", "v0").name in json.dumps(
         verify_rec)

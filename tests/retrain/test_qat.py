@@ -12,7 +12,8 @@ from retrain.compress.passes import Artifact, ExportConfig, ExportOnnx, Quantize
 from retrain.compress.targets import load_targets
 from retrain.models.architectures import Planner, PlannerConfig, tensors
 from retrain.models.evaluate import displacement, predict
-from retrain.models.qat import FakeQuant, QatConfig, activation_fake_quant, input_fed_linears, weight_fake_quant
+from retrain.models.qat import (FakeQuant, QatConfig, activation_fake_quant, input_fed_linears, module_of_node,
+                                weight_fake_quant)
 from retrain.models.training import DistillConfig, distill_loss, save_checkpoint, torch_predict
 from shadow.featurize import INPUT_NAMES, Features
 from shadow.models import session
@@ -99,6 +100,49 @@ def test_qat_student_beats_post_training_quantization(tmp_path):
     # measured here: 0.456 m against 0.517 m (another seed: 0.366 against 0.385)
     assert errors["qat"] < errors["ptq"], errors
     assert q.spec.precision == "int8" and q.path.stat().st_size < target.budget.size_bytes
+
+
+def test_qat_follows_the_products_the_current_student_runs_in_int8(tmp_path):
+    """Every weight product of an exported planner maps back to its Linear module (`module_of_node`); with
+    `products` only those are fake-quantized (forward changes there), the rest compute in float."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = Planner(TINY).eval()
+    art = Artifact.from_file(save_checkpoint(model, tmp_path / "m.pt"), "orin")
+    fp32 = ExportOnnx(load_targets(chips=["orin"])["orin"]).run(art, ExportConfig(name="m", version="t"),
+                                                                 tmp_path / "fp32")
+    graph = onnx.load(str(fp32.path)).graph
+    weights = {i.name for i in graph.initializer}
+    products = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {module_of_node(p) for p in products} == linears
+    assert module_of_node("/traj_head/traj_head.2/Gemm") == "traj_head.2"
+    assert module_of_node("/layers.0/attn/qkv/MatMul") == "layers.0.attn.qkv"
+    frames = _frames(1, 3).take(slice(0, 16))
+    example = tuple(tensors(frames.inputs()))
+    chosen = [p for p in products if module_of_node(p).startswith("layers.")]
+    fq = FakeQuant(model, QatConfig(products=chosen), example)
+    assert set(fq.names) == {module_of_node(p) for p in chosen} and set(fq.skipped) == linears - set(fq.names)
+    model.train()
+    with torch.no_grad(), fq.active(model):
+        model(*example)  # observe the ranges
+    model.eval()
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: seen.__setitem__(n, out.detach().clone()))
+             for n, m in model.named_modules() if n in linears]
+    with torch.no_grad():
+        model(*example)
+        plain = dict(seen)
+        with fq.active(model):
+            model(*example)
+    for h in hooks:
+        h.remove()
+    first = "layers.0.attn.qkv"  # its input is the same in both passes: only the fake quantization differs
+    assert not torch.equal(seen[first], plain[first])
+    assert torch.equal(seen["ego_embed.0"], plain["ego_embed.0"])  # before any quantized product: untouched
+    assert all(n not in fq.names for n in ("traj_head.2", "maneuver_head", "ego_embed.2"))
+    assert FakeQuant(model, QatConfig(products=[]), example).names == []
 
 
 def test_feature_and_attention_distillation_terms():
