@@ -70,9 +70,9 @@ class DistillConfig(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig, description="yaw weight and Huber delta, as the teacher's")
     comfort_weight: float = Field(0.0, ge=0, description="weight of the student's plan's excess over the comfort "
                                   "limits the log-replay closed loop judges (`plan_comfort_excess`): a student "
-                                  "smoother than its teacher. Off in the cycle: on the reference fleet 0.02 kept more "
-                                  "of the log-replay score elsewhere (0.8951 -> 0.8902, 0.8802 without) but cost "
-                                  "divergence (where mined -46.7% against -50.3%, elsewhere +14.5% against -2.2%)")
+                                  "smoother than its teacher. Off in the cycle: on the reference fleet (seed 0) 0.02 "
+                                  "raised the log-replay score elsewhere (0.8951 -> 0.8982; 0.8846 without) but cost "
+                                  "divergence (where mined -49.1% against -53.0%)")
 
 
 def dataset_hash(paths: list[Path]) -> str:

@@ -15,7 +15,7 @@ from retrain.models.evaluate import displacement, predict
 from retrain.models.qat import (FakeQuant, QatConfig, activation_fake_quant, input_fed_linears, module_of_node,
                                 weight_fake_quant)
 from retrain.models.training import DistillConfig, distill_loss, save_checkpoint, torch_predict
-from shadow.featurize import INPUT_NAMES, Features
+from shadow.featurize import Features
 from shadow.models import session
 
 
